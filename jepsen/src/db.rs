@@ -1,0 +1,129 @@
+//! The raftchat nodes under test: the shared [`raftchat::fixture::Cluster`] (the same one
+//! the integration tests and benchmarks use), with each node started inside its network
+//! namespace (`ip netns exec`) and, when available, under libfaketime: a per-node offset
+//! file the nemesis rewrites skews the wall clock while monotonic time stays real, as on a
+//! host whose NTP misbehaves. Faults a process suffers: kill -9 and restart, SIGSTOP/SIGCONT.
+
+use crate::net::Net;
+use anyhow::bail;
+use raftchat::fixture::{Cluster, Spec};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+const HTTP_PORT: u16 = 8080;
+const GRPC_PORT: u16 = 7070;
+
+pub struct Db {
+    pub net: Net,
+    pub cluster: Cluster,
+    dir: PathBuf,
+    pub faketime: bool,
+    pub shards: u32,
+}
+
+fn clock_file(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("node{}.faketime", i + 1))
+}
+
+/// Tighter timeouts than the defaults, and small snapshots so runs exercise snapshot
+/// install and log purge.
+fn harness_config(c: &mut raftchat::config::Config) {
+    c.request_timeout_ms = 5_000;
+    c.rpc_timeout_ms = 1_000;
+    c.snapshot_every = 300;
+    c.keep_logs = 50;
+}
+
+impl Db {
+    /// Writes every node's config and starts them all.
+    pub fn start(net: Net, bin: &Path, dir: &Path, shards: u32) -> anyhow::Result<Self> {
+        if !bin.exists() {
+            bail!("raftchat binary {} not found: build it first (cargo build --release)", bin.display());
+        }
+        std::fs::create_dir_all(dir)?;
+        let faketime = Path::new(LIBFAKETIME).exists();
+        for i in 0..net.nodes {
+            std::fs::write(clock_file(dir, i), "+0\n")?;
+        }
+        let namespaces: Vec<String> = (0..net.nodes).map(|i| net.ns(i)).collect();
+        let wrap = Arc::new(move |i: usize, dir: &Path| {
+            let mut v: Vec<String> = ["ip", "netns", "exec", &namespaces[i], "env"].map(String::from).to_vec();
+            if faketime {
+                v.push(format!("LD_PRELOAD={LIBFAKETIME}"));
+                v.push(format!("FAKETIME_TIMESTAMP_FILE={}", clock_file(dir, i).display()));
+                v.push("FAKETIME_CACHE_DURATION=1".into());
+                v.push("FAKETIME_DONT_FAKE_MONOTONIC=1".into());
+            }
+            v
+        });
+        let spec = Spec {
+            shards,
+            ports: Some(vec![(HTTP_PORT, GRPC_PORT); net.nodes]),
+            hosts: Some((0..net.nodes).map(|i| net.ip(i)).collect()),
+            tweak: harness_config,
+            wrap: Some(wrap),
+            ..Spec::new(net.nodes, dir)
+        };
+        let cluster = Cluster::start(bin, &spec)?;
+        Ok(Self { net, cluster, dir: dir.to_path_buf(), faketime, shards })
+    }
+
+    pub fn len(&self) -> usize {
+        self.cluster.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.cluster.is_empty()
+    }
+    pub fn url(&self, i: usize) -> String {
+        self.cluster.url(i)
+    }
+
+    pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.cluster.spawn(i)
+    }
+    pub fn running(&self, i: usize) -> bool {
+        self.cluster.is_running(i)
+    }
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.cluster.kill(i);
+    }
+    pub fn pause(&self, i: usize) {
+        let _ = self.cluster.pause(i);
+    }
+    pub fn resume(&self, i: usize) {
+        let _ = self.cluster.resume(i);
+    }
+
+    /// Sets node `i`'s wall clock to real time plus `offset_secs`.
+    pub fn set_clock(&self, i: usize, offset_secs: i64) -> anyhow::Result<()> {
+        std::fs::write(clock_file(&self.dir, i), format!("{offset_secs:+}\n"))?;
+        Ok(())
+    }
+
+    /// Stops every node (SIGCONT first, then SIGKILL).
+    pub fn kill_all(&mut self) {
+        for i in 0..self.len() {
+            self.resume(i);
+            self.kill(i);
+        }
+    }
+
+    pub async fn leader_of(&self, shard: u32) -> Option<usize> {
+        self.cluster.leader_of(shard).await
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.cluster.wait_all_ready(timeout).await
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        // Paused processes ignore SIGKILL until continued; the cluster kills the rest.
+        for i in 0..self.len() {
+            self.resume(i);
+        }
+    }
+}

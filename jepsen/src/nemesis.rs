@@ -1,0 +1,242 @@
+//! The nemesis: a schedule of faults over the run, recorded as a timeline of windows.
+//!
+//! Faults (`--nemesis` picks the families; they are mixed at random):
+//! - `partition`: isolate one node, isolate a shard's leader, majority/minority halves,
+//!   majorities ring, bridge (two halves joined only through one node);
+//! - `kill`: kill -9 one or two nodes, restart them when the window ends;
+//! - `pause`: SIGSTOP a node (often a leader), SIGCONT at the end;
+//! - `clock`: skew a node's wall clock by up to ±5 minutes, or jump it back and forth;
+//! - `restart`: kill -9 every node at once, then start them all.
+//!
+//! A third of the windows combine two families at once. Every window ends by undoing its
+//! faults; the run ends with a full heal.
+
+use crate::db::Db;
+use crate::net::majorities_ring;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::Rng;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Mutex as AsyncMutex;
+use tokio::time::Instant;
+
+pub const FAMILIES: &[&str] = &["partition", "kill", "pause", "clock", "restart"];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    pub start: f64,
+    pub end: f64,
+    pub family: String,
+    pub fault: String,
+}
+
+/// Shared state: the timeline and what is active now (for the progress line).
+#[derive(Clone, Default)]
+pub struct Timeline {
+    pub windows: Arc<Mutex<Vec<Window>>>,
+    pub active: Arc<Mutex<Option<String>>>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Timeline {
+    pub fn active(&self) -> Option<String> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+enum Undo {
+    Heal,
+    Restart(Vec<usize>),
+    Resume(Vec<usize>),
+    Clock(Vec<usize>),
+}
+
+/// Applies one random fault of `family`; returns its description and how to undo it.
+async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
+    let n = db.len();
+    let mut nodes: Vec<usize> = (0..n).collect();
+    nodes.shuffle(&mut rand::rng());
+    let pick = rand::rng().random_range(0..5u32);
+    match family {
+        "partition" => {
+            let desc = match pick {
+                0 => {
+                    db.net.partition(&[vec![nodes[0]], nodes[1..].to_vec()])?;
+                    format!("isolate n{}", nodes[0] + 1)
+                }
+                1 => {
+                    let shard = rand::rng().random_range(0..db.shards);
+                    let l = db.leader_of(shard).await.unwrap_or(nodes[0]);
+                    let rest: Vec<usize> = (0..n).filter(|i| *i != l).collect();
+                    db.net.partition(&[vec![l], rest])?;
+                    format!("isolate leader of shard {shard} (n{})", l + 1)
+                }
+                2 if n >= 5 => {
+                    let cuts = majorities_ring(&nodes);
+                    db.net.cut(&cuts)?;
+                    format!("majorities ring {:?}", nodes.iter().map(|i| i + 1).collect::<Vec<_>>())
+                }
+                3 if n >= 4 => {
+                    let bridge = nodes[0];
+                    let half = (n - 1) / 2;
+                    let (a, b) = nodes[1..].split_at(half);
+                    db.net.partition(&[a.to_vec(), b.to_vec()])?;
+                    format!("bridge via n{}", bridge + 1)
+                }
+                _ => {
+                    let (a, b) = nodes.split_at(n / 2);
+                    db.net.partition(&[a.to_vec(), b.to_vec()])?;
+                    format!(
+                        "halves {:?} | {:?}",
+                        a.iter().map(|i| i + 1).collect::<Vec<_>>(),
+                        b.iter().map(|i| i + 1).collect::<Vec<_>>()
+                    )
+                }
+            };
+            Ok((desc, Undo::Heal))
+        }
+        "kill" => {
+            let k = if n >= 5 && pick % 2 == 0 { 2 } else { 1 };
+            let victims = nodes[..k].to_vec();
+            for v in &victims {
+                db.kill(*v);
+            }
+            Ok((format!("kill -9 {:?}", victims.iter().map(|i| i + 1).collect::<Vec<_>>()), Undo::Restart(victims)))
+        }
+        "pause" => {
+            let shard = rand::rng().random_range(0..db.shards);
+            let v = if pick < 3 { db.leader_of(shard).await.unwrap_or(nodes[0]) } else { nodes[0] };
+            db.pause(v);
+            Ok((format!("SIGSTOP n{}", v + 1), Undo::Resume(vec![v])))
+        }
+        "clock" => {
+            let v = nodes[0];
+            let offset: i64 = rand::rng().random_range(-300..=300);
+            db.set_clock(v, offset)?;
+            if pick < 2 {
+                // A jump: forward now, back later in the window.
+                let w = nodes[1 % n];
+                db.set_clock(w, 120)?;
+                return Ok((format!("clock n{} {offset:+}s, jump n{} +120s", v + 1, w + 1), Undo::Clock(vec![v, w])));
+            }
+            Ok((format!("clock n{} {offset:+}s", v + 1), Undo::Clock(vec![v])))
+        }
+        "restart" => {
+            db.kill_all();
+            Ok(("kill -9 all nodes".into(), Undo::Restart((0..n).collect())))
+        }
+        other => anyhow::bail!("unknown nemesis {other:?}; known: {FAMILIES:?}"),
+    }
+}
+
+async fn undo(db: &mut Db, u: Undo) -> anyhow::Result<()> {
+    match u {
+        Undo::Heal => db.net.heal(),
+        Undo::Restart(v) => {
+            for i in v {
+                db.start_node(i)?;
+            }
+            Ok(())
+        }
+        Undo::Resume(v) => {
+            for i in v {
+                db.resume(i);
+            }
+            Ok(())
+        }
+        Undo::Clock(v) => {
+            for i in v {
+                db.set_clock(i, 0)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs faults from `families` until `until`: quiet 3–6 s, a fault held 5–12 s, repeat.
+pub async fn run(
+    db: Arc<AsyncMutex<Db>>,
+    families: Vec<String>,
+    timeline: Timeline,
+    start: std::time::Instant,
+    until: Instant,
+) -> anyhow::Result<()> {
+    if families.is_empty() {
+        return Ok(());
+    }
+    // Families come in shuffled rounds, so every chosen family gets its turn.
+    let mut round: Vec<String> = Vec::new();
+    loop {
+        if round.is_empty() {
+            round = families.clone();
+            round.shuffle(&mut rand::rng());
+        }
+        let quiet = Duration::from_millis(rand::rng().random_range(3000..6000));
+        if Instant::now() + quiet + Duration::from_secs(5) >= until {
+            return Ok(());
+        }
+        tokio::time::sleep(quiet).await;
+        let mut picked = vec![round.pop().expect("refilled above")];
+        // A third of the windows combine two families (e.g. a partition while a node is paused).
+        if families.len() > 1 && rand::rng().random_bool(1.0 / 3.0) {
+            let other: Vec<&String> = families.iter().filter(|f| !picked.contains(f) && *f != "restart").collect();
+            if let Some(f) = other.choose(&mut rand::rng()) {
+                picked.push((*f).clone());
+            }
+        }
+        let mut descs = Vec::new();
+        let mut undos = Vec::new();
+        {
+            let mut g = db.lock().await;
+            for family in &picked {
+                if family == "clock" && !g.faketime {
+                    continue;
+                }
+                let (d, u) = inject(&mut g, family).await?;
+                descs.push(d);
+                undos.push(u);
+            }
+        }
+        if descs.is_empty() {
+            continue;
+        }
+        let (family, desc) = (picked.join("+"), descs.join(" + "));
+        let t0 = start.elapsed().as_secs_f64();
+        *timeline.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(desc.clone());
+        let hold = Duration::from_millis(rand::rng().random_range(5000..12000))
+            .min(until.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(hold).await;
+        {
+            let mut g = db.lock().await;
+            for u in undos.into_iter().rev() {
+                undo(&mut g, u).await?;
+            }
+        }
+        *timeline.active.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let t1 = start.elapsed().as_secs_f64();
+        timeline.windows.lock().unwrap_or_else(|p| p.into_inner()).push(Window {
+            start: t0,
+            end: t1,
+            family,
+            fault: desc,
+        });
+        if timeline.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+    }
+}
+
+/// Undoes everything: heal the network, resume, restart dead nodes, reset clocks.
+pub fn heal_all(db: &mut Db) -> anyhow::Result<()> {
+    db.net.heal()?;
+    for i in 0..db.len() {
+        db.resume(i);
+        db.set_clock(i, 0)?;
+        if !db.running(i) {
+            db.start_node(i)?;
+        }
+    }
+    Ok(())
+}

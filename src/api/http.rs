@@ -1,0 +1,211 @@
+//! HTTP/JSON client API (axum). Every `/v1` call needs `Authorization: Bearer <token>`.
+//! See `docs/api.md` for the calls with curl examples.
+
+use super::ops::{self, MarkReadRequest, RegisterRequest, SendRequest};
+use super::ApiError;
+use crate::node::Node;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+type St = State<Arc<Node>>;
+
+pub fn router(node: Arc<Node>) -> Router {
+    let limit = node.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/messages", post(send))
+        .route("/v1/conversations", get(conversations))
+        .route("/v1/conversations/{id}/messages", get(history))
+        .route("/v1/conversations/{id}/read", post(mark_read))
+        .route("/v1/users", post(register))
+        .route("/v1/ws", get(super::ws::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .fallback(|| async { ApiError::not_found("no_route", "no such endpoint; see docs/api.md") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(node)
+}
+
+fn auth_header(h: &HeaderMap) -> Option<&str> {
+    h.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+/// Parses a JSON body, turning every failure into a 4xx with a JSON error.
+fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body exceeds max_body_bytes")
+        } else {
+            ApiError::bad_request("invalid_body", r.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
+}
+
+fn path_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(id)| id).map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t).map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+/// Counts the request by operation and outcome, then renders it.
+fn respond<T: Serialize>(node: &Node, op: &str, r: Result<T, ApiError>) -> Response {
+    match r {
+        Ok(v) => {
+            node.metrics.requests.with_label_values(&[op, "ok"]).inc();
+            Json(v).into_response()
+        }
+        Err(e) => {
+            node.metrics.requests.with_label_values(&[op, e.code]).inc();
+            if e.status.is_server_error() {
+                tracing::warn!(op, error = %e, "request failed");
+            }
+            e.into_response()
+        }
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn send(State(node): St, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let who = ops::authenticate(&node, auth_header(&headers)).await?;
+        let req: SendRequest = json_body(body)?;
+        ops::send(&node, &who, req).await
+    }
+    .await;
+    respond(&node, "send", r)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+#[tracing::instrument(skip_all)]
+async fn history(
+    State(node): St,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Response {
+    let r = async {
+        let who = ops::authenticate(&node, auth_header(&headers)).await?;
+        let (id, q) = (path_id(id)?, query(q)?);
+        ops::history(&node, &who, &id, q.before, q.after, q.limit).await
+    }
+    .await;
+    respond(&node, "history", r)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConversationsQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[tracing::instrument(skip_all)]
+async fn conversations(
+    State(node): St,
+    headers: HeaderMap,
+    q: Result<Query<ConversationsQuery>, QueryRejection>,
+) -> Response {
+    let r = async {
+        let who = ops::authenticate(&node, auth_header(&headers)).await?;
+        let q = query(q)?;
+        ops::conversations(&node, &who, q.limit, q.cursor.as_deref()).await
+    }
+    .await;
+    respond(&node, "conversations", r)
+}
+
+#[tracing::instrument(skip_all)]
+async fn mark_read(
+    State(node): St,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        let who = ops::authenticate(&node, auth_header(&headers)).await?;
+        let id = path_id(id)?;
+        let req: MarkReadRequest = json_body(body)?;
+        ops::mark_read(&node, &who, &id, req.seq).await
+    }
+    .await;
+    respond(&node, "mark_read", r)
+}
+
+#[tracing::instrument(skip_all)]
+async fn register(State(node): St, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let who = ops::authenticate(&node, auth_header(&headers)).await?;
+        let req: RegisterRequest = json_body(body)?;
+        ops::register(&node, &who, &req.user).await?;
+        Ok(serde_json::json!({ "user": req.user }))
+    }
+    .await;
+    respond(&node, "register", r)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(node): St) -> Response {
+    let missing = node.shards_without_leader();
+    if missing.is_empty() {
+        (StatusCode::OK, Json(serde_json::json!({ "ready": true }))).into_response()
+    } else {
+        let body = serde_json::json!({
+            "ready": false, "code": "no_leader",
+            "message": format!("shards without a leader: {missing:?}"), "shards": missing
+        });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(node): St) -> Response {
+    node.refresh_metrics();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render()).into_response()
+}
+
+/// This node's view of its shard groups, for operators and the test fixture.
+async fn status(State(node): St) -> Response {
+    let mut shards: Vec<serde_json::Value> = node
+        .groups
+        .values()
+        .map(|g| {
+            let m = g.raft.metrics().borrow().clone();
+            serde_json::json!({
+                "shard": g.shard,
+                "replicas": node.placement.replicas(g.shard),
+                "state": format!("{:?}", m.state),
+                "leader": m.current_leader,
+                "term": m.current_term,
+                "last_log_index": m.last_log_index,
+                "committed_index": g.committed(),
+                "applied_index": m.last_applied.map(|l| l.index),
+                "snapshot_index": m.snapshot.map(|l| l.index),
+                "purged_index": m.purged.map(|l| l.index),
+            })
+        })
+        .collect();
+    shards.sort_by_key(|v| v["shard"].as_u64());
+    Json(serde_json::json!({ "node": node.id, "shard_count": node.placement.shard_count(), "shards": shards }))
+        .into_response()
+}

@@ -1,0 +1,285 @@
+//! The client operations, shared by the HTTP and gRPC front ends: authenticate, check the
+//! request, authorize (users act as themselves and read only their own conversations),
+//! then route to the owning shard's leader.
+
+use super::ApiError;
+use crate::auth::Principal;
+use crate::chat::types::{validate_client_msg_id, validate_text};
+use crate::chat::{ConversationId, Message, ReceiptKind, UserId};
+use crate::node::router::{ShardOp, ShardReply};
+use crate::node::Node;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+pub const DEFAULT_PAGE: u32 = 50;
+pub const MAX_PAGE: u32 = 200;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub to: String,
+    pub client_msg_id: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResponse {
+    pub conversation_id: String,
+    pub seq: u64,
+    pub ts: u64,
+    /// True when this `client_msg_id` was already sent: nothing new was written.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    pub conversation_id: String,
+    pub last_seq: u64,
+    pub messages: Vec<Message>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationSummary {
+    pub conversation_id: String,
+    pub peer: String,
+    pub last_seq: u64,
+    pub last_ts: u64,
+    pub last_from: Option<String>,
+    pub preview: String,
+    pub read_seq: u64,
+    pub unread: u64,
+    /// Receipts from the peer: their devices received / read your messages up to here.
+    pub peer_delivered_seq: u64,
+    pub peer_read_seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationsResponse {
+    pub conversations: Vec<ConversationSummary>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkReadRequest {
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MarkReadResponse {
+    pub read_seq: u64,
+    pub unread: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub user: String,
+}
+
+/// Verifies the bearer token and registers its user on first sight.
+pub async fn authenticate(node: &Arc<Node>, header: Option<&str>) -> Result<Principal, ApiError> {
+    let who = node.keys.verify_header(header)?;
+    node.ensure_registered(&who.user, node.request_deadline()).await?;
+    Ok(who)
+}
+
+fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(l) if (1..=MAX_PAGE).contains(&l) => Ok(l),
+        Some(l) => Err(ApiError::bad_request("invalid_limit", format!("limit must be in 1..={MAX_PAGE}, got {l}"))),
+    }
+}
+
+/// Parses a conversation id and checks that `who` takes part in it.
+fn own_conversation(who: &Principal, id: &str) -> Result<ConversationId, ApiError> {
+    let c = ConversationId::parse(id)?;
+    if !c.has_participant(&who.user) {
+        return Err(ApiError::forbidden(format!("{} is not a participant of conversation {c}", who.user)));
+    }
+    Ok(c)
+}
+
+fn unexpected(r: ShardReply) -> ApiError {
+    ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected shard reply {r:?}"))
+}
+
+pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result<SendResponse, ApiError> {
+    let to = UserId::parse(&req.to)?;
+    validate_client_msg_id(&req.client_msg_id)?;
+    validate_text(&req.text, node.cfg.max_text_bytes)?;
+    let conversation = ConversationId::between(&who.user, &to)?;
+    let deadline = node.request_deadline();
+    if !node.user_exists(&to, deadline).await? {
+        return Err(ApiError::not_found("unknown_user", format!("no user {to}")));
+    }
+    let shard = node.placement.shard_of_conversation(&conversation);
+    let op = ShardOp::Send { from: who.user.clone(), to, client_msg_id: req.client_msg_id, text: req.text };
+    match node.call(shard, op, deadline).await? {
+        ShardReply::Sent { conversation, seq, ts, duplicate } => {
+            Ok(SendResponse { conversation_id: conversation.to_string(), seq, ts, duplicate })
+        }
+        r => Err(unexpected(r)),
+    }
+}
+
+pub async fn history(
+    node: &Arc<Node>,
+    who: &Principal,
+    conversation_id: &str,
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<u32>,
+) -> Result<HistoryResponse, ApiError> {
+    let conversation = own_conversation(who, conversation_id)?;
+    let limit = page_limit(limit)?;
+    if before.is_some() && after.is_some() {
+        return Err(ApiError::bad_request("invalid_range", "give at most one of before and after"));
+    }
+    let shard = node.placement.shard_of_conversation(&conversation);
+    let op = ShardOp::History { conversation: conversation.clone(), before, after, limit };
+    match node.call(shard, op, node.request_deadline()).await {
+        Ok(ShardReply::History { last_seq, messages }) => {
+            Ok(HistoryResponse { conversation_id: conversation.to_string(), last_seq, messages })
+        }
+        Ok(r) => Err(unexpected(r)),
+        Err(crate::node::router::ShardError::NotFound { .. }) => {
+            Err(ApiError::not_found("unknown_conversation", format!("conversation {conversation} has no messages")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn conversations(
+    node: &Arc<Node>,
+    who: &Principal,
+    limit: Option<u32>,
+    cursor: Option<&str>,
+) -> Result<ConversationsResponse, ApiError> {
+    let limit = page_limit(limit)?;
+    let cursor = match cursor {
+        None | Some("") => None,
+        Some(c) => Some(decode_cursor(c)?),
+    };
+    let shard = node.placement.shard_of_user(&who.user);
+    let op = ShardOp::Recent { user: who.user.clone(), cursor, limit };
+    match node.call(shard, op, node.request_deadline()).await? {
+        ShardReply::Recent { items, next } => Ok(ConversationsResponse {
+            conversations: items
+                .into_iter()
+                .map(|(c, e)| ConversationSummary {
+                    conversation_id: c.to_string(),
+                    peer: e.peer.to_string(),
+                    last_seq: e.last_seq,
+                    last_ts: e.last_ts,
+                    last_from: e.last_from.as_ref().map(|u| u.to_string()),
+                    preview: e.preview.clone(),
+                    read_seq: e.read_seq,
+                    unread: e.unread(),
+                    peer_delivered_seq: e.peer_delivered_seq,
+                    peer_read_seq: e.peer_read_seq,
+                })
+                .collect(),
+            next_cursor: next.map(|n| B64.encode(n)),
+        }),
+        r => Err(unexpected(r)),
+    }
+}
+
+/// A cursor is the opaque recency key of the last row: 8 bytes of inverted timestamp and a
+/// conversation id.
+fn decode_cursor(c: &str) -> Result<Vec<u8>, ApiError> {
+    let bad = || ApiError::bad_request("invalid_cursor", "cursor must be a next_cursor value returned by this API");
+    let raw = B64.decode(c).map_err(|_| bad())?;
+    if raw.len() <= 8 {
+        return Err(bad());
+    }
+    let conv = std::str::from_utf8(&raw[8..]).map_err(|_| bad())?;
+    ConversationId::parse(conv).map_err(|_| bad())?;
+    Ok(raw)
+}
+
+pub async fn mark_read(
+    node: &Arc<Node>,
+    who: &Principal,
+    conversation_id: &str,
+    seq: u64,
+) -> Result<MarkReadResponse, ApiError> {
+    let conversation = own_conversation(who, conversation_id)?;
+    if seq == 0 {
+        return Err(ApiError::bad_request("invalid_seq", "seq must be >= 1"));
+    }
+    let deadline = node.request_deadline();
+    let conv_shard = node.placement.shard_of_conversation(&conversation);
+    let last = match node.call(conv_shard, ShardOp::LastSeq { conversation: conversation.clone() }, deadline).await {
+        Ok(ShardReply::LastSeq(l)) => l,
+        Ok(r) => return Err(unexpected(r)),
+        Err(crate::node::router::ShardError::NotFound { .. }) => {
+            return Err(ApiError::not_found(
+                "unknown_conversation",
+                format!("conversation {conversation} has no messages"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if seq > last {
+        return Err(ApiError::bad_request(
+            "seq_out_of_range",
+            format!("seq {seq} is past the conversation's last message {last}"),
+        ));
+    }
+    let cmd = crate::chat::Command::MarkRead { user: who.user.clone(), conversation: conversation.clone(), seq };
+    let (read_seq, unread) =
+        match node.call(node.placement.shard_of_user(&who.user), ShardOp::Write(cmd), deadline).await? {
+            ShardReply::Written(crate::chat::Reply::ReadMarked { read_seq, unread }) => (read_seq, unread),
+            r => return Err(unexpected(r)),
+        };
+    // The read receipt goes to the peer's inbox (their devices show it).
+    send_receipt(node, who, &conversation, ReceiptKind::Read, read_seq, deadline).await?;
+    Ok(MarkReadResponse { read_seq, unread })
+}
+
+/// A delivered receipt: this user's device received the peer's messages up to `seq`.
+pub async fn ack_delivered(node: &Arc<Node>, who: &Principal, conversation_id: &str, seq: u64) -> Result<(), ApiError> {
+    let conversation = own_conversation(who, conversation_id)?;
+    if seq == 0 {
+        return Err(ApiError::bad_request("invalid_seq", "seq must be >= 1"));
+    }
+    send_receipt(node, who, &conversation, ReceiptKind::Delivered, seq, node.request_deadline()).await
+}
+
+async fn send_receipt(
+    node: &Arc<Node>,
+    who: &Principal,
+    conversation: &ConversationId,
+    receipt: ReceiptKind,
+    seq: u64,
+    deadline: tokio::time::Instant,
+) -> Result<(), ApiError> {
+    let Some(peer) = conversation.peer_of(&who.user) else {
+        return Err(ApiError::forbidden("not a participant"));
+    };
+    let cmd = crate::chat::Command::Receipt {
+        user: peer.clone(),
+        conversation: conversation.clone(),
+        by: who.user.clone(),
+        receipt,
+        seq,
+    };
+    node.call(node.placement.shard_of_user(peer), ShardOp::Write(cmd), deadline).await?;
+    Ok(())
+}
+
+/// Registers a user; operators only (tokens minted with `--admin`).
+pub async fn register(node: &Arc<Node>, who: &Principal, user: &str) -> Result<(), ApiError> {
+    if !who.admin {
+        return Err(ApiError::forbidden("registering users needs an operator token (raftchat token --admin)"));
+    }
+    let user = UserId::parse(user)?;
+    node.ensure_registered(&user, node.request_deadline()).await?;
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! One WebSocket connection.
+//!
+//! Three parts: a writer task that owns the socket's sending half and drains a bounded
+//! queue (and pings); the reader loop (this function) that handles incoming frames,
+//! keepalive and auth; and, once authenticated, the pusher ([`super::push`]). Requests run
+//! as tasks (at most [`MAX_IN_FLIGHT`] at once) and reply through the same queue. A frame
+//! that cannot be queued within `ws_slow_consumer_ms` closes the connection with 4008: the
+//! queue never grows past `ws_queue_frames`.
+
+use super::protocol::{self, close, ClientFrame, Cursor};
+use crate::api::{ops, ApiError};
+use crate::auth::Principal;
+use crate::node::Node;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+pub const MAX_IN_FLIGHT: usize = 16;
+const AUTH_WINDOW: Duration = Duration::from_secs(10);
+
+/// The sending side of a connection, shared by the pusher and request tasks.
+#[derive(Clone)]
+pub struct Conn {
+    pub node: Arc<Node>,
+    out: mpsc::Sender<Out>,
+    close: mpsc::Sender<(u16, String)>,
+    slow: Duration,
+}
+
+impl Conn {
+    /// Queues a frame; false if the connection is gone or was just closed as too slow.
+    pub async fn send(&self, text: String) -> bool {
+        match tokio::time::timeout(self.slow, self.out.send(Out::Text(text))).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                self.node.metrics.ws_slow_closes.inc();
+                self.close_now(close::SLOW_CONSUMER, "slow consumer: reconnect and resume from your last cursor");
+                false
+            }
+        }
+    }
+
+    /// Closes after the frames already queued (so an error frame before it is delivered).
+    pub fn close(&self, code: u16, reason: &str) {
+        let reason: String = reason.chars().take(120).collect();
+        if let Err(mpsc::error::TrySendError::Full(Out::Close(code, reason))) =
+            self.out.try_send(Out::Close(code, reason))
+        {
+            let _ = self.close.try_send((code, reason));
+        }
+    }
+
+    /// Closes ahead of the queue (the queue is what is stuck).
+    pub fn close_now(&self, code: u16, reason: &str) {
+        let reason: String = reason.chars().take(120).collect();
+        let _ = self.close.try_send((code, reason));
+    }
+
+    async fn error(&self, id: Option<Value>, e: &ApiError) {
+        self.send(protocol::error_frame(id, e)).await;
+    }
+}
+
+/// What the writer sends, in order.
+pub enum Out {
+    Text(String),
+    Close(u16, String),
+}
+
+struct ConnectionGauge(Arc<Node>);
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.metrics.ws_connections.dec();
+    }
+}
+
+pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>, cursor: Option<Cursor>) {
+    node.metrics.ws_connections.inc();
+    let _gauge = ConnectionGauge(node.clone());
+    let cfg = node.cfg.clone();
+    let ping = Duration::from_millis(cfg.ws_ping_ms);
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(cfg.ws_queue_frames);
+    let (close_tx, mut close_rx) = mpsc::channel::<(u16, String)>(1);
+    let conn =
+        Conn { node: node.clone(), out: out_tx, close: close_tx, slow: Duration::from_millis(cfg.ws_slow_consumer_ms) };
+
+    let mut writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(Instant::now() + ping, ping);
+        loop {
+            tokio::select! {
+                biased;
+                c = close_rx.recv() => {
+                    if let Some((code, reason)) = c {
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    }
+                    break;
+                }
+                m = out_rx.recv() => match m {
+                    Some(Out::Text(text)) => if sink.send(Message::Text(text.into())).await.is_err() { break },
+                    Some(Out::Close(code, reason)) => {
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                        break;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut tasks = JoinSet::new();
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    if let Some(w) = &who {
+        tasks.spawn(super::push::run(conn.clone(), w.user.clone(), cursor));
+    }
+    let opened = Instant::now();
+    let mut last_seen = Instant::now();
+    let mut close_asked: Option<Instant> = None;
+    let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+    let mut stopping = node.stopping.clone();
+    let mut stopping = Box::pin(async move {
+        let _ = stopping.wait_for(|s| *s).await.map(|_| ());
+    });
+    loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let Some(Ok(msg)) = msg else { break };
+                last_seen = Instant::now();
+                match msg {
+                    Message::Text(t) => {
+                        if t.len() > cfg.max_body_bytes {
+                            let e = ApiError::bad_request("frame_too_large", format!("frames are limited to {} bytes", cfg.max_body_bytes));
+                            conn.error(None, &e).await;
+                            continue;
+                        }
+                        handle_text(&conn, &mut who, &mut tasks, &permits, t.as_str()).await;
+                    }
+                    Message::Binary(_) => {
+                        let e = ApiError::bad_request("binary_not_supported", "raftchat carries text only: send JSON text frames");
+                        conn.error(None, &e).await;
+                    }
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            _ = watchdog.tick() => {
+                if who.is_none() && opened.elapsed() > AUTH_WINDOW {
+                    conn.close(close::UNAUTHORIZED, "no auth frame within 10 s");
+                    close_asked.get_or_insert_with(Instant::now);
+                }
+                if last_seen.elapsed() > ping * 3 {
+                    conn.close_now(close::IDLE, "no frame or pong for three ping intervals");
+                    close_asked.get_or_insert_with(Instant::now);
+                }
+                // A writer stuck on a client that never reads is cut off eventually.
+                if close_asked.is_some_and(|t| t.elapsed() > conn.slow * 2 + Duration::from_secs(10)) {
+                    writer.abort();
+                }
+            }
+            _ = &mut stopping => {
+                conn.close(close::GOING_AWAY, "server shutting down: reconnect with your last cursor");
+                close_asked.get_or_insert_with(Instant::now);
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+                break;
+            }
+            _ = &mut writer => break,
+        }
+    }
+    tasks.abort_all();
+    drop(conn);
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+    writer.abort();
+}
+
+async fn handle_text(
+    conn: &Conn,
+    who: &mut Option<Principal>,
+    tasks: &mut JoinSet<()>,
+    permits: &Arc<Semaphore>,
+    text: &str,
+) {
+    let frame = match protocol::parse(text) {
+        Ok(f) => f,
+        Err((id, e)) => return conn.error(id, &e).await,
+    };
+    if let ClientFrame::Auth { id, token, cursor } = frame {
+        if who.is_some() {
+            return conn
+                .error(id, &ApiError::bad_request("already_authenticated", "this connection is authenticated"))
+                .await;
+        }
+        let cursor = match cursor.as_deref().map(Cursor::parse).transpose() {
+            Ok(c) => c,
+            Err(e) => {
+                conn.error(id, &e).await;
+                return conn.close(close::INVALID_CURSOR, "invalid cursor");
+            }
+        };
+        match ops::authenticate(&conn.node, Some(&format!("Bearer {token}"))).await {
+            Ok(p) => {
+                conn.send(protocol::reply("authenticated", id, json!({ "user": p.user }))).await;
+                tasks.spawn(super::push::run(conn.clone(), p.user.clone(), cursor));
+                *who = Some(p);
+            }
+            Err(e) => {
+                conn.error(id, &e).await;
+                conn.close(close::UNAUTHORIZED, &e.message);
+            }
+        }
+        return;
+    }
+    let Some(p) = who.clone() else {
+        let e = ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthenticated", "send an auth frame first");
+        return conn.error(frame_id(&frame), &e).await;
+    };
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let e = ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            format!("at most {MAX_IN_FLIGHT} requests in flight per connection"),
+        );
+        return conn.error(frame_id(&frame), &e).await;
+    };
+    let conn = conn.clone();
+    tasks.spawn(async move {
+        let _permit = permit;
+        let id = frame_id(&frame);
+        let node = &conn.node;
+        let text = match frame {
+            ClientFrame::Send { id, to, client_msg_id, text } => {
+                ops::send(node, &p, ops::SendRequest { to, client_msg_id, text })
+                    .await
+                    .map(|r| protocol::reply("sent", id, r))
+            }
+            ClientFrame::History { id, conversation_id, before, after, limit } => {
+                ops::history(node, &p, &conversation_id, before, after, limit)
+                    .await
+                    .map(|r| protocol::reply("history", id, r))
+            }
+            ClientFrame::Conversations { id, limit, cursor } => ops::conversations(node, &p, limit, cursor.as_deref())
+                .await
+                .map(|r| protocol::reply("conversations", id, r)),
+            ClientFrame::MarkRead { id, conversation_id, seq } => {
+                ops::mark_read(node, &p, &conversation_id, seq).await.map(|r| protocol::reply("marked_read", id, r))
+            }
+            ClientFrame::Ack { id, conversation_id, seq } => ops::ack_delivered(node, &p, &conversation_id, seq)
+                .await
+                .map(|()| protocol::reply("acked", id, json!({ "conversation_id": conversation_id, "seq": seq }))),
+            ClientFrame::Auth { .. } => unreachable!("handled above"),
+        };
+        match text {
+            Ok(t) => {
+                conn.send(t).await;
+            }
+            Err(e) => conn.error(id, &e).await,
+        }
+    });
+}
+
+fn frame_id(f: &ClientFrame) -> Option<Value> {
+    match f {
+        ClientFrame::Auth { id, .. }
+        | ClientFrame::Send { id, .. }
+        | ClientFrame::History { id, .. }
+        | ClientFrame::Conversations { id, .. }
+        | ClientFrame::MarkRead { id, .. }
+        | ClientFrame::Ack { id, .. } => id.clone(),
+    }
+}

@@ -1,0 +1,69 @@
+//! Commands replicated through a shard's Raft log, and their replies.
+//!
+//! Every command is idempotent, so the router may retry one after a leader change or a
+//! lost reply without changing its effect: `Append` deduplicates on
+//! `(conversation, from, client_msg_id)`, index updates merge by max seq, read markers
+//! only move forward, registration and outbox completion are set operations.
+
+use super::types::{ConversationId, ReceiptKind, UserId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Append a message to a conversation (on the conversation's shard).
+    Append {
+        conversation: ConversationId,
+        from: UserId,
+        to: UserId,
+        client_msg_id: String,
+        text: String,
+        /// The proposing leader's clock, ms since the epoch; the applied ts never goes
+        /// backwards within a conversation.
+        ts: u64,
+    },
+    /// Merge a message into `user`'s recent-conversations index (on the user's shard).
+    IndexUpdate { user: UserId, conversation: ConversationId, from: UserId, seq: u64, ts: u64, preview: String },
+    /// Move `user`'s read marker in `conversation` forward to `seq` (on the user's shard).
+    MarkRead { user: UserId, conversation: ConversationId, seq: u64 },
+    /// The index updates of these messages are committed; drop them from the outbox.
+    OutboxDone { items: Vec<(ConversationId, u64)> },
+    /// Record that `user` exists (on the user's shard).
+    Register { user: UserId },
+    /// `by` received or read `user`'s messages in `conversation` up to `seq` (on `user`'s
+    /// shard, so it reaches `user`'s devices through their inbox).
+    Receipt { user: UserId, conversation: ConversationId, by: UserId, receipt: ReceiptKind, seq: u64 },
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Append { .. } => "append",
+            Command::IndexUpdate { .. } => "index_update",
+            Command::MarkRead { .. } => "mark_read",
+            Command::OutboxDone { .. } => "outbox_done",
+            Command::Register { .. } => "register",
+            Command::Receipt { .. } => "receipt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// `duplicate` is true when `client_msg_id` was seen before and nothing was written.
+    Appended {
+        seq: u64,
+        ts: u64,
+        duplicate: bool,
+    },
+    Indexed,
+    ReadMarked {
+        read_seq: u64,
+        unread: u64,
+    },
+    Registered {
+        new: bool,
+    },
+    /// Blank and membership entries, outbox completion.
+    Done,
+}

@@ -1,0 +1,428 @@
+//! The pure chat state machine: `apply(command, store) -> (changes, reply)`.
+//!
+//! It reads the current state through the [`Store`] trait and returns the writes to make as
+//! a list of [`Change`]s, which the storage layer commits atomically together with the
+//! applied log id. No I/O happens here, so every rule is unit-tested without a cluster.
+
+use super::command::{Command, Reply};
+use super::types::{
+    preview as make_preview, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, Pending, ReceiptKind, UserId,
+};
+
+/// Read access to one shard's state.
+pub trait Store {
+    type Error;
+    fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, Self::Error>;
+    /// The `(seq, ts)` an earlier send with this idempotency key got.
+    fn dedup(&self, c: &ConversationId, from: &UserId, client_msg_id: &str) -> Result<Option<(u64, u64)>, Self::Error>;
+    fn index_entry(&self, user: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, Self::Error>;
+    fn user_exists(&self, user: &UserId) -> Result<bool, Self::Error>;
+    /// Number of the user's last inbox event (0 if none).
+    fn inbox_last(&self, user: &UserId) -> Result<u64, Self::Error>;
+}
+
+/// One write the storage layer must make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    PutMessage {
+        conversation: ConversationId,
+        message: Message,
+    },
+    PutConvMeta {
+        conversation: ConversationId,
+        meta: ConvMeta,
+    },
+    PutDedup {
+        conversation: ConversationId,
+        from: UserId,
+        client_msg_id: String,
+        seq: u64,
+        ts: u64,
+    },
+    /// `previous_ts` is the entry's last_ts before this change (its recency key moves).
+    PutIndex {
+        user: UserId,
+        conversation: ConversationId,
+        entry: IndexEntry,
+        previous_ts: Option<u64>,
+    },
+    PutPending(Pending),
+    DeletePending {
+        conversation: ConversationId,
+        seq: u64,
+    },
+    PutUser(UserId),
+    /// Append event number `n` to the user's inbox (n = previous last + 1).
+    PutInbox {
+        user: UserId,
+        n: u64,
+        event: InboxEvent,
+    },
+}
+
+/// Applies one command to the state seen through `store`.
+pub fn apply<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Reply), S::Error> {
+    match cmd {
+        Command::Append { conversation, from, to, client_msg_id, text, ts } => {
+            if let Some((seq, ts)) = store.dedup(conversation, from, client_msg_id)? {
+                return Ok((vec![], Reply::Appended { seq, ts, duplicate: true }));
+            }
+            let meta = store.conv_meta(conversation)?.unwrap_or_default();
+            let seq = meta.last_seq + 1;
+            let ts = (*ts).max(meta.last_ts);
+            let message =
+                Message { seq, from: from.clone(), text: text.clone(), ts, client_msg_id: client_msg_id.clone() };
+            let changes = vec![
+                Change::PutMessage { conversation: conversation.clone(), message },
+                Change::PutConvMeta {
+                    conversation: conversation.clone(),
+                    meta: ConvMeta { last_seq: seq, last_ts: ts },
+                },
+                Change::PutDedup {
+                    conversation: conversation.clone(),
+                    from: from.clone(),
+                    client_msg_id: client_msg_id.clone(),
+                    seq,
+                    ts,
+                },
+                Change::PutPending(Pending {
+                    conversation: conversation.clone(),
+                    from: from.clone(),
+                    to: to.clone(),
+                    seq,
+                    ts,
+                    preview: make_preview(text),
+                }),
+            ];
+            Ok((changes, Reply::Appended { seq, ts, duplicate: false }))
+        }
+        Command::IndexUpdate { user, conversation, from, seq, ts, preview } => {
+            let Some(peer) = conversation.peer_of(user) else {
+                // Never proposed by the coordinator; ignore rather than corrupt the index.
+                return Ok((vec![], Reply::Indexed));
+            };
+            let old = store.index_entry(user, conversation)?;
+            let mut entry = old.clone().unwrap_or_else(|| IndexEntry::new(peer.clone()));
+            let mut changes = Vec::new();
+            if *seq > entry.last_seq {
+                // The user's devices learn of every message exactly once, through this range.
+                let event = InboxEvent::Messages {
+                    conversation: conversation.clone(),
+                    after_seq: entry.last_seq,
+                    to_seq: *seq,
+                };
+                changes.push(Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event });
+                entry.last_seq = *seq;
+                entry.last_ts = *ts;
+                entry.last_from = Some(from.clone());
+                entry.preview = preview.clone();
+            }
+            if from == user {
+                entry.read_seq = entry.read_seq.max(*seq);
+            }
+            if old.as_ref() == Some(&entry) {
+                return Ok((vec![], Reply::Indexed));
+            }
+            let previous_ts = old.filter(|o| o.last_seq > 0).map(|o| o.last_ts);
+            changes.push(Change::PutIndex {
+                user: user.clone(),
+                conversation: conversation.clone(),
+                entry,
+                previous_ts,
+            });
+            Ok((changes, Reply::Indexed))
+        }
+        Command::MarkRead { user, conversation, seq } => {
+            let Some(peer) = conversation.peer_of(user) else {
+                return Ok((vec![], Reply::ReadMarked { read_seq: 0, unread: 0 }));
+            };
+            let old = store.index_entry(user, conversation)?;
+            let mut entry = old.clone().unwrap_or_else(|| IndexEntry::new(peer.clone()));
+            entry.read_seq = entry.read_seq.max(*seq);
+            let reply = Reply::ReadMarked { read_seq: entry.read_seq, unread: entry.unread() };
+            if old.as_ref() == Some(&entry) {
+                return Ok((vec![], reply));
+            }
+            let previous_ts = old.filter(|o| o.last_seq > 0).map(|o| o.last_ts);
+            Ok((
+                vec![Change::PutIndex { user: user.clone(), conversation: conversation.clone(), entry, previous_ts }],
+                reply,
+            ))
+        }
+        Command::OutboxDone { items } => {
+            let changes =
+                items.iter().map(|(c, seq)| Change::DeletePending { conversation: c.clone(), seq: *seq }).collect();
+            Ok((changes, Reply::Done))
+        }
+        Command::Receipt { user, conversation, by, receipt, seq } => {
+            let Some(entry) = store.index_entry(user, conversation)? else {
+                return Ok((vec![], Reply::Done));
+            };
+            if conversation.peer_of(user) != Some(by) {
+                return Ok((vec![], Reply::Done));
+            }
+            // Receipts cover only messages that exist; read implies delivered.
+            let seq = (*seq).min(entry.last_seq);
+            let mut next = entry.clone();
+            next.peer_delivered_seq = next.peer_delivered_seq.max(seq);
+            if *receipt == ReceiptKind::Read {
+                next.peer_read_seq = next.peer_read_seq.max(seq);
+            }
+            let advanced = match receipt {
+                ReceiptKind::Delivered => next.peer_delivered_seq > entry.peer_delivered_seq,
+                ReceiptKind::Read => next.peer_read_seq > entry.peer_read_seq,
+            };
+            if !advanced {
+                return Ok((vec![], Reply::Done));
+            }
+            let event =
+                InboxEvent::Receipt { conversation: conversation.clone(), by: by.clone(), receipt: *receipt, seq };
+            let previous_ts = (entry.last_seq > 0).then_some(entry.last_ts);
+            let changes = vec![
+                Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event },
+                Change::PutIndex { user: user.clone(), conversation: conversation.clone(), entry: next, previous_ts },
+            ];
+            Ok((changes, Reply::Done))
+        }
+        Command::Register { user } => {
+            if store.user_exists(user)? {
+                Ok((vec![], Reply::Registered { new: false }))
+            } else {
+                Ok((vec![Change::PutUser(user.clone())], Reply::Registered { new: true }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::convert::Infallible;
+
+    /// An in-memory store that applies changes, to drive `apply` through sequences.
+    #[derive(Default)]
+    struct Mem {
+        meta: BTreeMap<ConversationId, ConvMeta>,
+        dedup: BTreeMap<(ConversationId, UserId, String), (u64, u64)>,
+        index: BTreeMap<(UserId, ConversationId), IndexEntry>,
+        users: BTreeSet<UserId>,
+        messages: BTreeMap<(ConversationId, u64), Message>,
+        pending: BTreeSet<(ConversationId, u64)>,
+        inbox: BTreeMap<(UserId, u64), InboxEvent>,
+    }
+
+    impl Store for Mem {
+        type Error = Infallible;
+        fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, Infallible> {
+            Ok(self.meta.get(c).cloned())
+        }
+        fn dedup(&self, c: &ConversationId, f: &UserId, id: &str) -> Result<Option<(u64, u64)>, Infallible> {
+            Ok(self.dedup.get(&(c.clone(), f.clone(), id.to_string())).copied())
+        }
+        fn index_entry(&self, u: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, Infallible> {
+            Ok(self.index.get(&(u.clone(), c.clone())).cloned())
+        }
+        fn user_exists(&self, u: &UserId) -> Result<bool, Infallible> {
+            Ok(self.users.contains(u))
+        }
+        fn inbox_last(&self, u: &UserId) -> Result<u64, Infallible> {
+            Ok(self.inbox.range((u.clone(), 0)..=(u.clone(), u64::MAX)).next_back().map(|((_, n), _)| *n).unwrap_or(0))
+        }
+    }
+
+    impl Mem {
+        fn run(&mut self, cmd: Command) -> Reply {
+            let (changes, reply) = apply(&cmd, self).unwrap();
+            for ch in changes {
+                match ch {
+                    Change::PutMessage { conversation, message } => {
+                        self.messages.insert((conversation, message.seq), message);
+                    }
+                    Change::PutConvMeta { conversation, meta } => {
+                        self.meta.insert(conversation, meta);
+                    }
+                    Change::PutDedup { conversation, from, client_msg_id, seq, ts } => {
+                        self.dedup.insert((conversation, from, client_msg_id), (seq, ts));
+                    }
+                    Change::PutIndex { user, conversation, entry, .. } => {
+                        self.index.insert((user, conversation), entry);
+                    }
+                    Change::PutPending(p) => {
+                        self.pending.insert((p.conversation, p.seq));
+                    }
+                    Change::DeletePending { conversation, seq } => {
+                        self.pending.remove(&(conversation, seq));
+                    }
+                    Change::PutUser(u) => {
+                        self.users.insert(u);
+                    }
+                    Change::PutInbox { user, n, event } => {
+                        assert_eq!(n, self.inbox_last(&user).unwrap() + 1, "inbox numbers are dense");
+                        self.inbox.insert((user, n), event);
+                    }
+                }
+            }
+            reply
+        }
+    }
+
+    fn u(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+    fn conv() -> ConversationId {
+        ConversationId::between(&u("alice"), &u("bob")).unwrap()
+    }
+    fn append(from: &str, to: &str, id: &str, ts: u64) -> Command {
+        Command::Append {
+            conversation: conv(),
+            from: u(from),
+            to: u(to),
+            client_msg_id: id.into(),
+            text: format!("text of {id}"),
+            ts,
+        }
+    }
+    fn index(user: &str, from: &str, seq: u64, ts: u64) -> Command {
+        Command::IndexUpdate { user: u(user), conversation: conv(), from: u(from), seq, ts, preview: format!("p{seq}") }
+    }
+
+    #[test]
+    fn seq_is_gap_free_from_one_and_ts_never_goes_back() {
+        let mut m = Mem::default();
+        assert_eq!(m.run(append("alice", "bob", "a1", 100)), Reply::Appended { seq: 1, ts: 100, duplicate: false });
+        assert_eq!(m.run(append("bob", "alice", "b1", 90)), Reply::Appended { seq: 2, ts: 100, duplicate: false });
+        assert_eq!(m.run(append("alice", "bob", "a2", 120)), Reply::Appended { seq: 3, ts: 120, duplicate: false });
+        let seqs: Vec<u64> = m.messages.keys().map(|(_, s)| *s).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(m.pending.len(), 3, "every new message enters the outbox");
+    }
+
+    #[test]
+    fn retried_client_msg_id_returns_the_original_seq_and_writes_nothing() {
+        let mut m = Mem::default();
+        m.run(append("alice", "bob", "k", 100));
+        m.run(append("alice", "bob", "other", 101));
+        let (changes, reply) = apply(&append("alice", "bob", "k", 500), &m).unwrap();
+        assert!(changes.is_empty());
+        assert_eq!(reply, Reply::Appended { seq: 1, ts: 100, duplicate: true });
+        // The same key from the other participant is a different message.
+        assert_eq!(m.run(append("bob", "alice", "k", 102)), Reply::Appended { seq: 3, ts: 102, duplicate: false });
+    }
+
+    #[test]
+    fn index_merge_is_idempotent_and_order_independent() {
+        let mut a = Mem::default();
+        a.run(index("bob", "alice", 1, 10));
+        a.run(index("bob", "alice", 3, 30));
+        a.run(index("bob", "alice", 2, 20));
+        a.run(index("bob", "alice", 3, 30));
+        let mut b = Mem::default();
+        b.run(index("bob", "alice", 3, 30));
+        b.run(index("bob", "alice", 1, 10));
+        let ea = a.index.values().next().unwrap();
+        assert_eq!(ea, b.index.values().next().unwrap());
+        assert_eq!((ea.last_seq, ea.last_ts, ea.preview.as_str()), (3, 30, "p3"));
+        assert_eq!(ea.peer, u("alice"));
+        assert_eq!(ea.unread(), 3);
+        // A replayed update changes nothing, so it writes nothing.
+        let (changes, _) = apply(&index("bob", "alice", 2, 20), &a).unwrap();
+        assert!(changes.is_empty());
+    }
+
+    fn inbox(m: &Mem, user: &str) -> Vec<InboxEvent> {
+        m.inbox.iter().filter(|((u, _), _)| u.as_str() == user).map(|(_, e)| e.clone()).collect()
+    }
+
+    #[test]
+    fn inbox_ranges_cover_every_message_once_whatever_the_update_order() {
+        let mut m = Mem::default();
+        m.run(index("bob", "alice", 2, 20));
+        m.run(index("bob", "alice", 1, 10)); // late and subsumed: no event
+        m.run(index("bob", "alice", 5, 50));
+        m.run(index("bob", "alice", 5, 50)); // replay: no event
+        let ranges: Vec<(u64, u64)> = inbox(&m, "bob")
+            .into_iter()
+            .map(|e| match e {
+                InboxEvent::Messages { after_seq, to_seq, .. } => (after_seq, to_seq),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ranges, vec![(0, 2), (2, 5)]);
+    }
+
+    #[test]
+    fn receipts_advance_once_are_clamped_and_reach_the_senders_inbox() {
+        let mut m = Mem::default();
+        for s in 1..=3 {
+            m.run(index("alice", "alice", s, s));
+        }
+        let receipt =
+            |kind, seq| Command::Receipt { user: u("alice"), conversation: conv(), by: u("bob"), receipt: kind, seq };
+        m.run(receipt(ReceiptKind::Delivered, 2));
+        m.run(receipt(ReceiptKind::Delivered, 1)); // backwards: nothing
+        m.run(receipt(ReceiptKind::Read, 99)); // clamped to last_seq 3
+        m.run(receipt(ReceiptKind::Read, 3)); // replay: nothing
+        let e = m.index.get(&(u("alice"), conv())).unwrap();
+        assert_eq!((e.peer_delivered_seq, e.peer_read_seq), (3, 3));
+        let receipts: Vec<(ReceiptKind, u64)> = inbox(&m, "alice")
+            .into_iter()
+            .filter_map(|e| match e {
+                InboxEvent::Receipt { receipt, seq, .. } => Some((receipt, seq)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(receipts, vec![(ReceiptKind::Delivered, 2), (ReceiptKind::Read, 3)]);
+        // Only the conversation's peer can issue receipts.
+        let forged = Command::Receipt {
+            user: u("alice"),
+            conversation: conv(),
+            by: u("alice"),
+            receipt: ReceiptKind::Read,
+            seq: 3,
+        };
+        assert!(apply(&forged, &m).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn sending_reads_everything_before_it() {
+        let mut m = Mem::default();
+        m.run(index("alice", "bob", 1, 10));
+        m.run(index("alice", "bob", 2, 20));
+        assert_eq!(m.index.values().next().unwrap().unread(), 2);
+        m.run(index("alice", "alice", 3, 30));
+        let e = m.index.values().next().unwrap();
+        assert_eq!((e.read_seq, e.unread()), (3, 0));
+    }
+
+    #[test]
+    fn read_marker_never_moves_backwards() {
+        let mut m = Mem::default();
+        for s in 1..=5 {
+            m.run(index("bob", "alice", s, s * 10));
+        }
+        let mark = |seq| Command::MarkRead { user: u("bob"), conversation: conv(), seq };
+        assert_eq!(m.run(mark(4)), Reply::ReadMarked { read_seq: 4, unread: 1 });
+        assert_eq!(m.run(mark(2)), Reply::ReadMarked { read_seq: 4, unread: 1 });
+        assert_eq!(m.run(mark(5)), Reply::ReadMarked { read_seq: 5, unread: 0 });
+    }
+
+    #[test]
+    fn outbox_done_clears_pending_and_registration_is_idempotent() {
+        let mut m = Mem::default();
+        m.run(append("alice", "bob", "a", 1));
+        m.run(append("alice", "bob", "b", 2));
+        m.run(Command::OutboxDone { items: vec![(conv(), 1)] });
+        assert_eq!(m.pending.iter().map(|(_, s)| *s).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(m.run(Command::Register { user: u("zoe") }), Reply::Registered { new: true });
+        assert_eq!(m.run(Command::Register { user: u("zoe") }), Reply::Registered { new: false });
+    }
+
+    #[test]
+    fn index_update_for_a_non_participant_is_ignored() {
+        let mut m = Mem::default();
+        let reply = m.run(index("mallory", "alice", 1, 1));
+        assert_eq!(reply, Reply::Indexed);
+        assert!(m.index.is_empty());
+    }
+}

@@ -1,0 +1,224 @@
+//! Client commands: they mint a token for `--as <user>` from the cluster secret (operator
+//! and demo convenience) or use `--token`, call a node's HTTP API and print JSON.
+
+use crate::api::ops::{ConversationsResponse, HistoryResponse, MarkReadResponse, SendResponse};
+use crate::auth::Keys;
+use crate::chat::{ConversationId, UserId};
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Where the cluster secret is looked for when no flag or env var names it.
+const SECRET_SEARCH: &[&str] = &["raftchat-data/secret", "raftchat-local/secret"];
+
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// File with the cluster secret (default: ./raftchat-data/secret, then ./raftchat-local/secret;
+    /// RAFTCHAT_SECRET overrides).
+    #[arg(long, env = "RAFTCHAT_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    fn keys(&self) -> anyhow::Result<Keys> {
+        if let Some(s) = crate::config::secret_from_env() {
+            return Ok(Keys::new(&s));
+        }
+        let candidates: Vec<PathBuf> = match &self.secret_file {
+            Some(p) => vec![p.clone()],
+            None => SECRET_SEARCH.iter().map(PathBuf::from).collect(),
+        };
+        for p in &candidates {
+            if let Ok(s) = crate::config::read_secret_file(p) {
+                return Ok(Keys::new(&s));
+            }
+        }
+        bail!("no cluster secret found (looked in {candidates:?}); pass --secret-file or set RAFTCHAT_SECRET")
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// A node's HTTP address.
+    #[arg(long, env = "RAFTCHAT_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Act as this user (a token is minted from the cluster secret).
+    #[arg(long = "as", value_name = "USER")]
+    pub as_user: Option<String>,
+    /// Bearer token to use instead of --as.
+    #[arg(long, env = "RAFTCHAT_TOKEN")]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+impl ClientArgs {
+    pub fn token(&self) -> anyhow::Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let Some(u) = &self.as_user else { bail!("pass --as <user> or --token <token>") };
+        Ok(self.secret.keys()?.mint(&UserId::parse(u)?, 3600, false))
+    }
+    pub fn user(&self) -> anyhow::Result<UserId> {
+        if let Some(u) = &self.as_user {
+            return Ok(UserId::parse(u)?);
+        }
+        let t = self.token.as_deref().unwrap_or_default();
+        let payload = t.split('.').nth(1).context("malformed token")?;
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+        let c: crate::auth::Claims = serde_json::from_slice(&bytes)?;
+        Ok(UserId::parse(&c.sub)?)
+    }
+}
+
+async fn call<T: serde::de::DeserializeOwned + serde::Serialize>(req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    let resp = req.send().await.context("request failed")?;
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    if !status.is_success() {
+        bail!("{status}: {}", String::from_utf8_lossy(&body));
+    }
+    let v: T = serde_json::from_slice(&body)
+        .with_context(|| format!("unexpected reply: {}", String::from_utf8_lossy(&body)))?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(v)
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    pub user: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+    /// Operator token (may register users).
+    #[arg(long)]
+    pub admin: bool,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+pub fn token(a: TokenArgs) -> anyhow::Result<()> {
+    let t = a.secret.keys()?.mint(&UserId::parse(&a.user)?, a.ttl, a.admin);
+    println!("{t}");
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub to: String,
+    /// Idempotency key; a retry with the same key never creates a second message.
+    #[arg(long)]
+    pub id: Option<String>,
+    pub text: String,
+}
+
+pub async fn send(a: SendArgs) -> anyhow::Result<()> {
+    let id = a.id.clone().unwrap_or_else(|| format!("cli-{}-{}", std::process::id(), crate::storage::sm::now_ms()));
+    let body = serde_json::json!({ "to": a.to, "client_msg_id": id, "text": a.text });
+    let req = reqwest::Client::new()
+        .post(format!("{}/v1/messages", a.client.server))
+        .bearer_auth(a.client.token()?)
+        .json(&body);
+    call::<SendResponse>(req).await.map(|_| ())
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The other participant.
+    #[arg(long)]
+    pub with: String,
+    #[arg(long)]
+    pub before: Option<u64>,
+    #[arg(long)]
+    pub after: Option<u64>,
+    #[arg(long)]
+    pub limit: Option<u32>,
+}
+
+pub async fn history(a: HistoryArgs) -> anyhow::Result<()> {
+    let conv = ConversationId::between(&a.client.user()?, &UserId::parse(&a.with)?)?;
+    let mut q = vec![];
+    if let Some(b) = a.before {
+        q.push(("before", b.to_string()));
+    }
+    if let Some(x) = a.after {
+        q.push(("after", x.to_string()));
+    }
+    if let Some(l) = a.limit {
+        q.push(("limit", l.to_string()));
+    }
+    let req = reqwest::Client::new()
+        .get(format!("{}/v1/conversations/{conv}/messages", a.client.server))
+        .bearer_auth(a.client.token()?)
+        .query(&q);
+    call::<HistoryResponse>(req).await.map(|_| ())
+}
+
+#[derive(Debug, Args)]
+pub struct ConversationsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub limit: Option<u32>,
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+pub async fn conversations(a: ConversationsArgs) -> anyhow::Result<()> {
+    let mut q = vec![];
+    if let Some(l) = a.limit {
+        q.push(("limit", l.to_string()));
+    }
+    if let Some(c) = &a.cursor {
+        q.push(("cursor", c.clone()));
+    }
+    let req = reqwest::Client::new()
+        .get(format!("{}/v1/conversations", a.client.server))
+        .bearer_auth(a.client.token()?)
+        .query(&q);
+    call::<ConversationsResponse>(req).await.map(|_| ())
+}
+
+#[derive(Debug, Args)]
+pub struct MarkReadArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub with: String,
+    #[arg(long)]
+    pub seq: u64,
+}
+
+pub async fn mark_read(a: MarkReadArgs) -> anyhow::Result<()> {
+    let conv = ConversationId::between(&a.client.user()?, &UserId::parse(&a.with)?)?;
+    let req = reqwest::Client::new()
+        .post(format!("{}/v1/conversations/{conv}/read", a.client.server))
+        .bearer_auth(a.client.token()?)
+        .json(&serde_json::json!({ "seq": a.seq }));
+    call::<MarkReadResponse>(req).await.map(|_| ())
+}
+
+#[derive(Debug, Args)]
+pub struct AddUserArgs {
+    pub user: String,
+    #[arg(long, env = "RAFTCHAT_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+pub async fn add_user(a: AddUserArgs) -> anyhow::Result<()> {
+    let admin = a.secret.keys()?.mint(&UserId::parse("operator")?, 300, true);
+    let req = reqwest::Client::new()
+        .post(format!("{}/v1/users", a.server))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({ "user": a.user }));
+    call::<serde_json::Value>(req).await.map(|_| ())
+}

@@ -1,0 +1,123 @@
+//! The `raftchat` command line: `serve` (one node), `local` (a 3-node cluster on loopback
+//! in one step) and client commands that talk to a node's HTTP API.
+
+mod chat;
+mod client;
+mod local;
+
+use crate::config::Config;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "raftchat", version, about = "A strongly consistent, sharded 1:1 chat cluster")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one node. With no config at all: a single-node cluster with data in ./raftchat-data.
+    Serve(ServeArgs),
+    /// Start a local cluster (3 nodes on loopback by default) in one step; Ctrl-C stops it.
+    Local(local::LocalArgs),
+    /// Mint a bearer token for a user (needs the cluster secret).
+    Token(client::TokenArgs),
+    /// Send a message.
+    Send(client::SendArgs),
+    /// Page through a conversation's history.
+    History(client::HistoryArgs),
+    /// List a user's recent conversations, most recent first.
+    Conversations(client::ConversationsArgs),
+    /// Move a user's read marker in a conversation.
+    MarkRead(client::MarkReadArgs),
+    /// Register a user so others can message them (operator token minted from the secret).
+    AddUser(client::AddUserArgs),
+    /// Chat interactively over the WebSocket: history, live messages, receipts.
+    Chat(chat::ChatArgs),
+}
+
+/// Flags of `serve`; each also reads `RAFTCHAT_<NAME>` from the environment and overrides
+/// the config file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see cluster/node1.toml).
+    #[arg(long, short, env = "RAFTCHAT_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "RAFTCHAT_NODE_ID")]
+    pub node_id: Option<u64>,
+    #[arg(long, env = "RAFTCHAT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "RAFTCHAT_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
+    #[arg(long, env = "RAFTCHAT_GRPC_ADDR")]
+    pub grpc_addr: Option<std::net::SocketAddr>,
+    /// Shard count; fixed when the cluster is created.
+    #[arg(long, env = "RAFTCHAT_SHARDS")]
+    pub shards: Option<u32>,
+    #[arg(long, env = "RAFTCHAT_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    #[arg(long, env = "RAFTCHAT_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+    #[arg(long, env = "RAFTCHAT_KEEP_LOGS")]
+    pub keep_logs: Option<u64>,
+    #[arg(long, env = "RAFTCHAT_MAX_TEXT_BYTES")]
+    pub max_text_bytes: Option<usize>,
+}
+
+impl ServeArgs {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(node_id, data_dir, http_addr, grpc_addr, shards, snapshot_every, keep_logs, max_text_bytes);
+        if self.secret_file.is_some() {
+            c.secret_file = self.secret_file.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
+pub async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot install SIGTERM handler; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => {
+                let cfg = a.load()?;
+                crate::node::run(cfg, terminated()).await?;
+                Ok(())
+            }
+            Command::Local(a) => local::run(a).await,
+            Command::Token(a) => client::token(a),
+            Command::Send(a) => client::send(a).await,
+            Command::History(a) => client::history(a).await,
+            Command::Conversations(a) => client::conversations(a).await,
+            Command::MarkRead(a) => client::mark_read(a).await,
+            Command::AddUser(a) => client::add_user(a).await,
+            Command::Chat(a) => chat::run(a).await,
+        }
+    })
+}

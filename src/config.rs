@@ -1,0 +1,262 @@
+//! Node configuration: a TOML file, overridden by flags and `RAFTCHAT_*` environment
+//! variables (clap handles both), checked by [`Config::validate`].
+//!
+//! With no file at all the defaults describe a working single-node cluster whose data lives
+//! under `./raftchat-data`.
+
+use crate::shard::NodeId;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML for raftchat: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("cannot read or create the cluster secret at {path}: {source}")]
+    Secret { path: PathBuf, source: std::io::Error },
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddr {
+    pub id: NodeId,
+    /// gRPC address peers use (Raft, forwarding).
+    pub grpc: String,
+    /// HTTP address clients use.
+    pub http: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    /// Fixed when the cluster is created; a node refuses to start with another value.
+    pub shards: u32,
+    /// Every member, this node included. Empty means a single-node cluster of this node.
+    pub nodes: Vec<NodeAddr>,
+    /// File holding the JWT signing secret; default `<data_dir>/secret`, created if missing.
+    pub secret_file: Option<PathBuf>,
+    pub max_text_bytes: usize,
+    /// How long a client request may wait for leaders, forwarding and commits.
+    pub request_timeout_ms: u64,
+    /// Bound on every node-to-node RPC.
+    pub rpc_timeout_ms: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Take a shard snapshot after this many log entries...
+    pub snapshot_every: u64,
+    /// ...and keep this many entries behind it for lagging followers.
+    pub keep_logs: u64,
+    /// Memory budget of the 24-hour recent-message cache, split over local shards.
+    pub cache_bytes: usize,
+    /// Largest HTTP request body, and largest WebSocket frame a client may send.
+    pub max_body_bytes: usize,
+    /// WebSocket: frames queued per connection before the consumer counts as slow.
+    pub ws_queue_frames: usize,
+    /// WebSocket: a consumer whose queue stays full this long is closed (code 4008).
+    pub ws_slow_consumer_ms: u64,
+    /// WebSocket: ping interval; a connection silent for 3 intervals is closed (code 4004).
+    pub ws_ping_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            data_dir: PathBuf::from("raftchat-data"),
+            http_addr: "127.0.0.1:8080".parse().expect("literal address"),
+            grpc_addr: "127.0.0.1:7070".parse().expect("literal address"),
+            shards: 8,
+            nodes: Vec::new(),
+            secret_file: None,
+            max_text_bytes: 4096,
+            request_timeout_ms: 10_000,
+            rpc_timeout_ms: 2_000,
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            snapshot_every: 5_000,
+            keep_logs: 1_000,
+            cache_bytes: 64 << 20,
+            max_body_bytes: 64 << 10,
+            ws_queue_frames: 256,
+            ws_slow_consumer_ms: 5_000,
+            ws_ping_ms: 15_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// The member list, with this node alone when `nodes` is empty.
+    pub fn members(&self) -> Vec<NodeAddr> {
+        if self.nodes.is_empty() {
+            vec![NodeAddr { id: self.node_id, grpc: self.grpc_addr.to_string(), http: self.http_addr.to_string() }]
+        } else {
+            self.nodes.clone()
+        }
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        self.secret_file.clone().unwrap_or_else(|| self.data_dir.join("secret"))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.shards == 0 || self.shards > 4096 {
+            return bad(format!("shards must be in 1..=4096, got {}", self.shards));
+        }
+        let members = self.members();
+        if !members.iter().any(|n| n.id == self.node_id) {
+            return bad(format!("node_id {} is not in the nodes list", self.node_id));
+        }
+        let mut ids: Vec<_> = members.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != members.len() {
+            return bad("node ids in the nodes list must be unique".into());
+        }
+        if ids.contains(&0) {
+            return bad("node id 0 is reserved; number nodes from 1".into());
+        }
+        if self.max_text_bytes == 0 || self.max_text_bytes > 1 << 20 {
+            return bad(format!("max_text_bytes must be in 1..=1048576, got {}", self.max_text_bytes));
+        }
+        if self.max_body_bytes < self.max_text_bytes + 1024 {
+            return bad("max_body_bytes must exceed max_text_bytes by at least 1024".into());
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_min_ms <= self.heartbeat_ms * 2 {
+            return bad("election_timeout_min_ms must be more than twice heartbeat_ms (> 0)".into());
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return bad("election_timeout_max_ms must exceed election_timeout_min_ms".into());
+        }
+        if self.request_timeout_ms < 100 || self.rpc_timeout_ms < 50 {
+            return bad("request_timeout_ms must be >= 100 and rpc_timeout_ms >= 50".into());
+        }
+        if self.ws_queue_frames == 0 || self.ws_slow_consumer_ms == 0 || self.ws_ping_ms < 100 {
+            return bad("ws_queue_frames and ws_slow_consumer_ms must be > 0, ws_ping_ms >= 100".into());
+        }
+        if self.snapshot_every == 0 {
+            return bad("snapshot_every must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Reads the cluster secret, creating a random one (mode 0600) if the file is missing.
+    pub fn load_or_create_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        if let Some(s) = secret_from_env() {
+            return Ok(s);
+        }
+        let path = self.secret_path();
+        let err = |source| ConfigError::Secret { path: path.clone(), source };
+        match read_secret_file(&path) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(err)?;
+                }
+                let secret = crate::auth::random_secret();
+                match write_private(&path, secret.as_bytes()) {
+                    Ok(()) => Ok(secret.into_bytes()),
+                    // Another node sharing the file created it first: use theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self.load_secret(),
+                    Err(e) => Err(err(e)),
+                }
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Reads the cluster secret without creating it.
+    pub fn load_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        if let Some(s) = secret_from_env() {
+            return Ok(s);
+        }
+        let path = self.secret_path();
+        read_secret_file(&path).map_err(|source| ConfigError::Secret { path, source })
+    }
+}
+
+/// `RAFTCHAT_SECRET`, when set and non-empty (it overrides every secret file).
+pub fn secret_from_env() -> Option<Vec<u8>> {
+    std::env::var("RAFTCHAT_SECRET").ok().filter(|s| !s.is_empty()).map(String::into_bytes)
+}
+
+/// A secret file's contents without surrounding whitespace; an empty file is an error.
+pub fn read_secret_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let s = std::fs::read_to_string(path)?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(std::io::Error::other("secret file is empty"));
+    }
+    Ok(s.as_bytes().to_vec())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_a_valid_single_node_cluster() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.members().len(), 1);
+        assert_eq!(c.shards, 8);
+    }
+
+    #[test]
+    fn shipped_cluster_configs_are_valid_and_agree() {
+        let files = [
+            include_str!("../cluster/node1.toml"),
+            include_str!("../cluster/node2.toml"),
+            include_str!("../cluster/node3.toml"),
+        ];
+        let cfgs: Vec<Config> = files.iter().map(|f| toml::from_str(f).unwrap()).collect();
+        for (i, c) in cfgs.iter().enumerate() {
+            c.validate().unwrap();
+            assert_eq!(c.node_id, i as u64 + 1);
+            assert_eq!(c.nodes, cfgs[0].nodes);
+            assert_eq!(c.secret_file, cfgs[0].secret_file);
+            assert_eq!(c.shards, 8);
+        }
+    }
+
+    #[test]
+    fn file_parses_and_unknown_keys_are_rejected() {
+        let ok: Config = toml::from_str(
+            "node_id = 2\nshards = 16\n[[nodes]]\nid = 2\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert!(toml::from_str::<Config>("shard = 3").is_err());
+        let mut c = Config { shards: 0, ..Config::default() };
+        assert!(c.validate().is_err());
+        c.shards = 8;
+        c.node_id = 9;
+        c.nodes = ok.nodes.clone();
+        assert!(c.validate().unwrap_err().to_string().contains("node_id 9"));
+    }
+}

@@ -1,0 +1,323 @@
+//! Real node processes for tests, benchmarks and the local cluster command: writes one
+//! config per node under one folder, starts `raftchat serve` processes, and kills
+//! (SIGKILL), stops (SIGTERM), pauses and restarts them.
+
+use crate::auth::Keys;
+use crate::chat::UserId;
+use crate::config::{Config, NodeAddr};
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A command prefix for node `i` (given the cluster folder), e.g. `ip netns exec ns env ...`.
+pub type Wrap = std::sync::Arc<dyn Fn(usize, &Path) -> Vec<String> + Send + Sync>;
+
+/// What cluster to create.
+#[derive(Clone)]
+pub struct Spec {
+    pub nodes: usize,
+    pub shards: u32,
+    pub dir: PathBuf,
+    /// HTTP and gRPC ports per node; `None` picks free ports.
+    pub ports: Option<Vec<(u16, u16)>>,
+    /// IP address per node; `None` is 127.0.0.1 for all.
+    pub hosts: Option<Vec<String>>,
+    /// Applied to every node's config (timeouts, snapshot policy...).
+    pub tweak: fn(&mut Config),
+    /// Runs each node through this prefix (network namespaces, LD_PRELOAD...).
+    pub wrap: Option<Wrap>,
+}
+
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spec")
+            .field("nodes", &self.nodes)
+            .field("shards", &self.shards)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl Spec {
+    pub fn new(nodes: usize, dir: &Path) -> Self {
+        Self { nodes, shards: 8, dir: dir.to_path_buf(), ports: None, hosts: None, tweak: |_| {}, wrap: None }
+    }
+}
+
+/// A free loopback port (bound once, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The per-node configs of a loopback cluster, data under `spec.dir/node<N>`.
+pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
+    let ports: Vec<(u16, u16)> = match &spec.ports {
+        Some(p) => p.clone(),
+        None => (0..spec.nodes).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?,
+    };
+    if ports.len() != spec.nodes {
+        bail!("need {} port pairs, got {}", spec.nodes, ports.len());
+    }
+    let host = |i: usize| spec.hosts.as_ref().and_then(|h| h.get(i).cloned()).unwrap_or_else(|| "127.0.0.1".into());
+    let members: Vec<NodeAddr> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (h, g))| NodeAddr {
+            id: i as u64 + 1,
+            http: format!("{}:{h}", host(i)),
+            grpc: format!("{}:{g}", host(i)),
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (i, (h, g)) in ports.iter().enumerate() {
+        let mut c = Config {
+            node_id: i as u64 + 1,
+            data_dir: spec.dir.join(format!("node{}", i + 1)),
+            http_addr: format!("{}:{h}", host(i)).parse()?,
+            grpc_addr: format!("{}:{g}", host(i)).parse()?,
+            shards: spec.shards,
+            nodes: members.clone(),
+            secret_file: Some(spec.dir.join("secret")),
+            ..Config::default()
+        };
+        (spec.tweak)(&mut c);
+        c.validate()?;
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// A running cluster of node processes. Dropping it kills every node.
+pub struct Cluster {
+    bin: PathBuf,
+    pub dir: PathBuf,
+    pub configs: Vec<Config>,
+    children: Vec<Option<Child>>,
+    /// Extra environment per node index (e.g. fault injection), used on every (re)start.
+    pub env: Vec<Vec<(String, String)>>,
+    keys: Keys,
+    wrap: Option<Wrap>,
+}
+
+impl Cluster {
+    /// Writes the configs and a shared secret, then starts every node.
+    pub fn start(bin: &Path, spec: &Spec) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&spec.dir)?;
+        let configs = configs(spec)?;
+        let secret_path = spec.dir.join("secret");
+        if !secret_path.exists() {
+            std::fs::write(&secret_path, crate::auth::random_secret())?;
+        }
+        let keys = Keys::new(std::fs::read_to_string(&secret_path)?.trim().as_bytes());
+        for (i, c) in configs.iter().enumerate() {
+            std::fs::write(spec.dir.join(format!("node{}.toml", i + 1)), toml::to_string(c)?)?;
+        }
+        let n = configs.len();
+        let mut cl = Self {
+            bin: bin.to_path_buf(),
+            dir: spec.dir.clone(),
+            wrap: spec.wrap.clone(),
+            configs,
+            children: (0..n).map(|_| None).collect(),
+            env: vec![vec![]; n],
+            keys,
+        };
+        for i in 0..n {
+            cl.spawn(i)?;
+        }
+        Ok(cl)
+    }
+
+    pub fn len(&self) -> usize {
+        self.configs.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.configs.is_empty()
+    }
+
+    /// Starts node `i` (0-based) if it is not running.
+    pub fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.children[i].is_some() {
+            return Ok(());
+        }
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("node{}.log", i + 1)))?;
+        let mut cmd = match &self.wrap {
+            Some(w) => {
+                let prefix = w(i, &self.dir);
+                let mut c = Command::new(&prefix[0]);
+                c.args(&prefix[1..]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.join(format!("node{}.toml", i + 1)))
+            .envs(self.env[i].iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", std::env::var("RAFTCHAT_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    fn signal(&self, i: usize, sig: i32) -> anyhow::Result<()> {
+        let Some(c) = &self.children[i] else { bail!("node {} is not running", i + 1) };
+        // SAFETY: kill(2) on the pid of a child we own; no memory is touched.
+        if unsafe { libc::kill(c.id() as i32, sig) } != 0 {
+            bail!("kill({}, {sig}) failed: {}", c.id(), std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// SIGKILL node `i` and reap it.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// SIGTERM node `i` and wait (up to `timeout`) for a clean exit; returns its status.
+    pub fn stop(&mut self, i: usize, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(i, libc::SIGTERM)?;
+        let mut c = self.children[i].take().context("not running")?;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("node {} did not stop within {timeout:?} after SIGTERM", i + 1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pause(&self, i: usize) -> anyhow::Result<()> {
+        self.signal(i, libc::SIGSTOP)
+    }
+    pub fn resume(&self, i: usize) -> anyhow::Result<()> {
+        self.signal(i, libc::SIGCONT)
+    }
+    pub fn is_running(&self, i: usize) -> bool {
+        self.children[i].is_some()
+    }
+
+    /// Whether node `i`'s process has exited on its own (e.g. an injected abort); reaps it.
+    pub fn exited(&mut self, i: usize) -> bool {
+        match self.children[i].as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(_))) => {
+                self.children[i] = None;
+                true
+            }
+            _ => self.children[i].is_none(),
+        }
+    }
+
+    /// `http://host:port` of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("http://{}", self.configs[i].http_addr)
+    }
+
+    /// A token valid for a week (long harness runs, skewed clocks).
+    pub fn token(&self, user: &str) -> String {
+        self.keys.mint(&UserId::parse(user).expect("valid user id"), 7 * 86_400, false)
+    }
+    /// The cluster's signing keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+    pub fn admin_token(&self) -> String {
+        self.keys.mint(&UserId::parse("operator").expect("valid"), 7 * 86_400, true)
+    }
+
+    /// Waits until node `i` answers `/readyz` with 200.
+    pub async fn wait_ready(&self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = http.get(format!("{}/readyz", self.url(i))).timeout(Duration::from_secs(2)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > end {
+                bail!("node {} not ready within {timeout:?} (see {}/node{}.log)", i + 1, self.dir.display(), i + 1);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_all_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        for i in 0..self.len() {
+            if self.is_running(i) {
+                self.wait_ready(i, timeout).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `/status` of node `i`.
+    pub async fn status(&self, i: usize) -> anyhow::Result<serde_json::Value> {
+        let r = reqwest::Client::new()
+            .get(format!("{}/status", self.url(i)))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await?;
+        Ok(r.json().await?)
+    }
+
+    /// The index of the node that currently leads `shard`, as a running node reports it.
+    pub async fn leader_of(&self, shard: u32) -> Option<usize> {
+        for i in 0..self.len() {
+            if !self.is_running(i) {
+                continue;
+            }
+            if let Ok(s) = self.status(i).await {
+                let shards = s["shards"].as_array().cloned().unwrap_or_default();
+                for sh in shards {
+                    if sh["shard"] == shard && sh["leader"] == (i as u64 + 1) {
+                        return Some(i);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `label: n=.. p50=.. p90=.. p99=.. max=..` for latencies in milliseconds (benchmarks).
+pub fn latency_report(label: &str, mut ms: Vec<f64>) -> String {
+    if ms.is_empty() {
+        return format!("{label}: no samples");
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
+    format!(
+        "{label}: n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms",
+        ms.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        ms[ms.len() - 1]
+    )
+}

@@ -1,0 +1,38 @@
+//! raftchat: a strongly consistent, sharded 1:1 chat cluster.
+//!
+//! Every shard is an openraft group whose log and state live in sled; conversations live
+//! on the shard of their id, each user's recent-conversations index on the shard of the
+//! user id. Any node accepts any request and forwards it to the shard's leader.
+//!
+//! Modules, roughly from the bottom up:
+//!
+//! - [`chat`]: ids, messages, the replicated commands and the pure state machine.
+//! - [`shard`]: the stable key-to-shard hash and replica placement.
+//! - [`storage`]: sled trees per shard, openraft log and state-machine storage, group commit.
+//! - [`cache`]: the write-through cache of the last 24 hours of messages.
+//! - [`raft`]: openraft type config, shard groups, the tonic network between nodes.
+//! - [`node`]: a running node: routing to leaders, leader-side operations, the outbox.
+//! - [`api`]: the client API over HTTP/JSON and gRPC.
+//! - [`auth`]: HS256 bearer tokens and the peer key.
+//! - [`config`]: the node configuration (TOML, flags, `RAFTCHAT_*` env).
+//! - [`metrics`]: Prometheus metrics.
+//! - [`cli`]: the `raftchat` command line (server, local cluster, client commands).
+//! - [`fixture`]: starting, killing and restarting real node processes (tests, benchmarks).
+
+pub mod api;
+pub mod auth;
+pub mod cache;
+pub mod chat;
+pub mod cli;
+pub mod config;
+pub mod fixture;
+pub mod metrics;
+pub mod node;
+pub mod raft;
+pub mod shard;
+pub mod storage;
+
+/// Code generated from `proto/raftchat.proto`.
+pub mod pb {
+    tonic::include_proto!("raftchat");
+}

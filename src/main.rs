@@ -1,0 +1,20 @@
+//! The `raftchat` binary: parse flags, set up logs, run the command.
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = raftchat::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match raftchat::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("raftchat: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

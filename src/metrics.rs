@@ -1,0 +1,150 @@
+//! Prometheus metrics of a node. Per-shard Raft gauges are refreshed at scrape time from
+//! openraft's metrics; latencies are histograms observed where the work happens.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub fsync_seconds: Histogram,
+    pub fsync_batch: Histogram,
+    pub proposal_seconds: HistogramVec,
+    pub send_seconds: Histogram,
+    pub requests: IntCounterVec,
+    pub forwards: IntCounterVec,
+    pub cache_hits: IntCounterVec,
+    pub cache_misses: IntCounterVec,
+    pub shard_leader: IntGaugeVec,
+    pub shard_term: IntGaugeVec,
+    pub shard_commit: IntGaugeVec,
+    pub shard_applied: IntGaugeVec,
+    pub shard_last_log: IntGaugeVec,
+    pub shard_snapshot: IntGaugeVec,
+    pub outbox_redriven: IntCounterVec,
+    pub ws_connections: prometheus::IntGauge,
+    pub ws_pushes: prometheus::IntCounter,
+    pub ws_resumes: prometheus::IntCounter,
+    pub ws_slow_closes: prometheus::IntCounter,
+    pub ws_push_lag_seconds: Histogram,
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("raftchat".into()), None).expect("valid prefix");
+        let h = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())).expect("valid")
+        };
+        let shard_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["shard"]).expect("valid");
+        let m = Self {
+            fsync_seconds: h("fsync_seconds", "Latency of one group-commit fsync of the node's sled log"),
+            fsync_batch: Histogram::with_opts(
+                HistogramOpts::new("fsync_batch_size", "Log flush completions served by one fsync")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            )
+            .expect("valid"),
+            proposal_seconds: HistogramVec::new(
+                HistogramOpts::new("proposal_seconds", "Raft proposal latency until applied, by command kind")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["kind"],
+            )
+            .expect("valid"),
+            send_seconds: h(
+                "send_seconds",
+                "End-to-end send latency on the coordinating leader (message + both index updates)",
+            ),
+            requests: IntCounterVec::new(
+                Opts::new("requests_total", "Client API requests by operation and outcome"),
+                &["op", "code"],
+            )
+            .expect("valid"),
+            forwards: IntCounterVec::new(
+                Opts::new("forwards_total", "Shard operations forwarded to another node, by outcome"),
+                &["result"],
+            )
+            .expect("valid"),
+            cache_hits: IntCounterVec::new(
+                Opts::new("cache_hits_total", "History pages served from the 24h cache"),
+                &["shard"],
+            )
+            .expect("valid"),
+            cache_misses: IntCounterVec::new(
+                Opts::new("cache_misses_total", "History pages read from sled"),
+                &["shard"],
+            )
+            .expect("valid"),
+            shard_leader: shard_gauge("shard_is_leader", "1 if this node leads the shard"),
+            shard_term: shard_gauge("shard_term", "Current Raft term of the shard on this node"),
+            shard_commit: shard_gauge("shard_commit_index", "Committed log index of the shard on this node"),
+            shard_applied: shard_gauge("shard_applied_index", "Applied log index of the shard on this node"),
+            shard_last_log: shard_gauge("shard_last_log_index", "Last log index of the shard on this node"),
+            shard_snapshot: shard_gauge("shard_snapshot_index", "Last snapshot index of the shard on this node"),
+            outbox_redriven: IntCounterVec::new(
+                Opts::new(
+                    "outbox_redriven_total",
+                    "Index updates re-driven from the outbox after a coordinator failure",
+                ),
+                &["shard"],
+            )
+            .expect("valid"),
+            ws_connections: prometheus::IntGauge::new("ws_connections", "Open WebSocket connections").expect("valid"),
+            ws_pushes: prometheus::IntCounter::new("ws_pushes_total", "Messages and receipts pushed over WebSockets")
+                .expect("valid"),
+            ws_resumes: prometheus::IntCounter::new("ws_resumes_total", "WebSocket connections resumed from a cursor")
+                .expect("valid"),
+            ws_slow_closes: prometheus::IntCounter::new(
+                "ws_slow_consumer_closes_total",
+                "WebSocket connections closed because the client fell too far behind (4008)",
+            )
+            .expect("valid"),
+            ws_push_lag_seconds: h(
+                "ws_push_lag_seconds",
+                "Time from a message's commit timestamp to its push on this node's WebSocket",
+            ),
+            registry: Registry::new(),
+        };
+        let reg = registry;
+        macro_rules! register {
+            ($($f:ident),*) => { $( reg.register(Box::new(m.$f.clone())).expect("unique metric"); )* };
+        }
+        register!(
+            fsync_seconds,
+            fsync_batch,
+            proposal_seconds,
+            send_seconds,
+            requests,
+            forwards,
+            cache_hits,
+            cache_misses,
+            shard_leader,
+            shard_term,
+            shard_commit,
+            shard_applied,
+            shard_last_log,
+            shard_snapshot,
+            outbox_redriven,
+            ws_connections,
+            ws_pushes,
+            ws_resumes,
+            ws_slow_closes,
+            ws_push_lag_seconds
+        );
+        Self { registry: reg, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

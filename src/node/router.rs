@@ -1,0 +1,236 @@
+//! Routing shard operations to the shard's leader, wherever it is.
+//!
+//! [`Node::call`] runs an operation on the leader of its shard: locally when this node
+//! leads, otherwise forwarded over gRPC. A "not leader" answer with a hint is followed at
+//! once; no hint, an unreachable peer or a shard without a leader is retried on the next
+//! replica with a capped backoff until the request's deadline. A forwarded attempt gets at
+//! most twice `rpc_timeout`, so a frozen or partitioned node costs one attempt, not the whole
+//! request. Every operation is idempotent (see [`crate::chat::command`]), so a retry after a
+//! lost or late reply is safe.
+
+use super::Node;
+use crate::chat::{Command, ConversationId, IndexEntry, Message, Reply, UserId};
+use crate::pb;
+use crate::shard::{NodeId, ShardId};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// An operation on one shard, executed by its leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShardOp {
+    /// Propose a command as is.
+    Write(Command),
+    /// The coordinated send, run by the conversation shard's leader.
+    Send {
+        from: UserId,
+        to: UserId,
+        client_msg_id: String,
+        text: String,
+    },
+    /// Linearizable reads.
+    History {
+        conversation: ConversationId,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: u32,
+    },
+    Recent {
+        user: UserId,
+        cursor: Option<Vec<u8>>,
+        limit: u32,
+    },
+    LastSeq {
+        conversation: ConversationId,
+    },
+    UserExists {
+        user: UserId,
+    },
+    /// Number of the user's last inbox event (delivery starts after it).
+    InboxLast {
+        user: UserId,
+    },
+}
+
+impl ShardOp {
+    /// Reads change nothing and are served after a leadership check.
+    pub fn is_read(&self) -> bool {
+        !matches!(self, ShardOp::Write(_) | ShardOp::Send { .. })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ShardOp::Write(c) => c.kind(),
+            ShardOp::Send { .. } => "send",
+            ShardOp::History { .. } => "history",
+            ShardOp::Recent { .. } => "recent",
+            ShardOp::LastSeq { .. } => "last_seq",
+            ShardOp::UserExists { .. } => "user_exists",
+            ShardOp::InboxLast { .. } => "inbox_last",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShardReply {
+    Written(Reply),
+    Sent { conversation: ConversationId, seq: u64, ts: u64, duplicate: bool },
+    History { last_seq: u64, messages: Vec<Message> },
+    Recent { items: Vec<(ConversationId, IndexEntry)>, next: Option<Vec<u8>> },
+    LastSeq(u64),
+    Exists(bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ShardError {
+    #[error("this node does not lead shard {shard}")]
+    NotLeader { shard: ShardId, leader: Option<NodeId> },
+    #[error("this node does not replicate shard {shard}")]
+    NotReplica { shard: ShardId },
+    #[error("shard {shard} is unavailable: {reason}")]
+    Unavailable { shard: ShardId, reason: String },
+    #[error("shard {shard} did not answer before the deadline; the outcome is unknown")]
+    Timeout { shard: ShardId },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+impl ShardError {
+    fn retryable(&self) -> bool {
+        matches!(self, ShardError::NotLeader { .. } | ShardError::NotReplica { .. } | ShardError::Unavailable { .. })
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_millis(400);
+
+impl Node {
+    /// Runs `op` on the leader of `shard`, following leader changes until `deadline`.
+    pub fn call(
+        self: &Arc<Self>,
+        shard: ShardId,
+        op: ShardOp,
+        deadline: Instant,
+    ) -> BoxFuture<'static, Result<ShardReply, ShardError>> {
+        let node = self.clone();
+        Box::pin(async move {
+            #[cfg(feature = "fault-stale-reads")]
+            if op.is_read() {
+                if let Some(group) = node.groups.get(&shard) {
+                    return node.read_local(group, op);
+                }
+            }
+            let replicas = node.placement.replicas(shard);
+            let mut target = node.pick_target(&replicas, node.leader_hint(shard), 0);
+            let mut backoff = Duration::from_millis(10);
+            let mut attempt = 0usize;
+            let mut hops = 0usize;
+            loop {
+                if Instant::now() >= deadline {
+                    return Err(ShardError::Timeout { shard });
+                }
+                let res = if target == node.id {
+                    node.execute_local(shard, op.clone(), deadline).await
+                } else {
+                    node.forward(target, shard, &op, deadline).await
+                };
+                match res {
+                    Ok(r) => {
+                        node.set_leader_hint(shard, Some(target));
+                        return Ok(r);
+                    }
+                    Err(ShardError::NotLeader { leader: Some(l), .. })
+                        if l != target && hops < 4 && (l == node.id || !node.peers.suspect(l)) =>
+                    {
+                        hops += 1;
+                        target = l;
+                    }
+                    Err(e)
+                        if e.retryable() || (matches!(e, ShardError::Timeout { .. }) && Instant::now() < deadline) =>
+                    {
+                        tracing::debug!(shard, target, cause = %e, "retrying shard operation");
+                        node.set_leader_hint(shard, None);
+                        hops = 0;
+                        attempt += 1;
+                        target = node.pick_target(&replicas, None, attempt);
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        tokio::time::sleep(backoff.min(left)).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+
+    /// `preferred` unless it is a peer that recently stopped answering; otherwise the first
+    /// healthy replica counting from `attempt`.
+    fn pick_target(&self, replicas: &[NodeId], preferred: Option<NodeId>, attempt: usize) -> NodeId {
+        let healthy = |n: NodeId| n == self.id || !self.peers.suspect(n);
+        if let Some(p) = preferred.filter(|p| healthy(*p)) {
+            return p;
+        }
+        let n = replicas.len();
+        (0..n).map(|i| replicas[(attempt + i) % n]).find(|r| healthy(*r)).unwrap_or(replicas[attempt % n])
+    }
+
+    async fn forward(
+        &self,
+        target: NodeId,
+        shard: ShardId,
+        op: &ShardOp,
+        deadline: Instant,
+    ) -> Result<ShardReply, ShardError> {
+        let unavailable = |reason: String| ShardError::Unavailable { shard, reason };
+        // One attempt may not use the whole budget: a frozen or cut-off node keeps its TCP
+        // connection open and would hold the request until the deadline, while another
+        // replica could already be leading.
+        let budget = deadline.saturating_duration_since(Instant::now()).min(self.peers.rpc_timeout() * 2);
+        let msg = pb::ForwardRequest {
+            shard,
+            op: serde_json::to_vec(op).map_err(|e| ShardError::Invalid(e.to_string()))?,
+            budget_ms: budget.as_millis() as u64,
+        };
+        let mut client = self.peers.client(target).map_err(|e| unavailable(e.to_string()))?;
+        let mark = self.peers.mark();
+        let rpc = tokio::time::timeout(budget, client.forward(self.peers.request(msg, budget)));
+        // Give up early when Raft traffic shows the peer stopped answering meanwhile.
+        let stopped = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self.peers.failed_since(target, mark) {
+                    return;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = rpc => r,
+            _ = stopped => {
+                self.metrics.forwards.with_label_values(&["peer_stopped"]).inc();
+                return Err(unavailable(format!("node {target} stopped answering")));
+            }
+        };
+        let reply = match outcome {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                self.metrics.forwards.with_label_values(&["transport_error"]).inc();
+                self.peers.note(target, false);
+                return Err(unavailable(format!("node {target}: {}", status.message())));
+            }
+            Err(_) => {
+                self.metrics.forwards.with_label_values(&["timeout"]).inc();
+                self.peers.note(target, false);
+                return Err(unavailable(format!("node {target} did not answer within {budget:?}")));
+            }
+        };
+        self.peers.note(target, true);
+        self.metrics.forwards.with_label_values(&["ok"]).inc();
+        serde_json::from_slice::<Result<ShardReply, ShardError>>(&reply.payload)
+            .map_err(|e| unavailable(format!("node {target} sent an undecodable reply: {e}")))?
+    }
+}

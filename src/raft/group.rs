@@ -1,0 +1,97 @@
+//! One shard's Raft group on this node: storage, state machine, cache and the openraft
+//! instance, created and (on a fresh cluster) initialized by the shard's preferred leader.
+
+use super::network::{NetworkFactory, Peers};
+use super::Raft;
+use crate::cache::RecentCache;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::shard::{NodeId, ShardId};
+use crate::storage::flusher::Flusher;
+use crate::storage::log::LogStore;
+use crate::storage::sm::StateMachine;
+use crate::storage::Storage;
+use openraft::{BasicNode, SnapshotPolicy};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("storage: {0}")]
+    Store(#[from] crate::storage::StoreError),
+    #[error("openraft config: {0}")]
+    Config(String),
+    #[error("openraft: {0}")]
+    Raft(String),
+}
+
+/// A shard group as the node uses it.
+#[derive(Clone)]
+pub struct Group {
+    pub shard: ShardId,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub committed_index: Arc<AtomicU64>,
+}
+
+impl Group {
+    pub fn committed(&self) -> u64 {
+        self.committed_index.load(Ordering::Relaxed)
+    }
+}
+
+pub fn raft_config(cfg: &Config, shard: ShardId) -> Result<Arc<openraft::Config>, GroupError> {
+    let c = openraft::Config {
+        cluster_name: format!("raftchat-shard-{shard}"),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_timeout_min_ms,
+        election_timeout_max: cfg.election_timeout_max_ms,
+        install_snapshot_timeout: cfg.rpc_timeout_ms.max(1_000) * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: cfg.keep_logs,
+        snapshot_max_chunk_size: 1 << 20,
+        ..Default::default()
+    };
+    Ok(Arc::new(c.validate().map_err(|e| GroupError::Config(e.to_string()))?))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn start(
+    cfg: &Config,
+    shard: ShardId,
+    replicas: &[NodeId],
+    storage: &Storage,
+    flusher: &Flusher,
+    peers: &Peers,
+    metrics: &Metrics,
+    cache_budget: usize,
+) -> Result<Group, GroupError> {
+    let (log_tree, meta_tree, sm_tree) = storage.shard_trees(shard)?;
+    let log = LogStore::new(log_tree, meta_tree.clone(), flusher.clone());
+    let committed_index = log.committed_index.clone();
+    let label = shard.to_string();
+    let cache = Arc::new(RecentCache::new(
+        cache_budget,
+        metrics.cache_hits.with_label_values(&[&label]),
+        metrics.cache_misses.with_label_values(&[&label]),
+    ));
+    let sm = StateMachine::new(sm_tree, meta_tree, flusher.clone(), cache);
+    let network = NetworkFactory::new(shard, peers.clone());
+    let raft = Raft::new(cfg.node_id, raft_config(cfg, shard)?, network, log, sm.clone())
+        .await
+        .map_err(|e| GroupError::Raft(e.to_string()))?;
+
+    // The preferred leader (first replica) creates the group once, on a fresh cluster.
+    if replicas.first() == Some(&cfg.node_id)
+        && !raft.is_initialized().await.map_err(|e| GroupError::Raft(e.to_string()))?
+    {
+        let members: BTreeMap<NodeId, BasicNode> =
+            replicas.iter().map(|id| (*id, BasicNode::new(peers.addr(*id).unwrap_or_default()))).collect();
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!(shard, ?replicas, "initialized shard group"),
+            Err(e) => tracing::warn!(shard, cause = %e, "initialize skipped"),
+        }
+    }
+    Ok(Group { shard, raft, sm, committed_index })
+}

@@ -1,0 +1,233 @@
+//! openraft's network over tonic. [`Peers`] holds one lazily connected channel per peer
+//! node; every shard group's [`NetworkFactory`] shares it and names its group in each RPC.
+//! Payloads are openraft's own serde types as JSON; snapshot chunks travel as raw bytes.
+//! Every RPC is bounded by a timeout and carries the cluster's peer key.
+
+use super::TypeConfig;
+use crate::pb;
+use crate::pb::peer_client::PeerClient;
+use crate::shard::{NodeId, ShardId};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+pub const PEER_KEY_HEADER: &str = "x-raftchat-peer";
+
+#[derive(Clone)]
+pub struct Peers {
+    inner: Arc<PeersInner>,
+}
+
+struct PeersInner {
+    channels: HashMap<NodeId, (String, Channel)>,
+    key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    rpc_timeout: Duration,
+    health: HashMap<NodeId, Health>,
+    epoch: std::time::Instant,
+}
+
+/// When a peer last answered and last failed to (ms since `epoch`, 0 = never).
+#[derive(Default)]
+struct Health {
+    ok: AtomicU64,
+    err: AtomicU64,
+}
+
+/// A peer that failed more recently than it answered, within this window, is suspect.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("node {0} is not a cluster member")]
+    UnknownNode(NodeId),
+    #[error("invalid peer address {addr:?}: {reason}")]
+    BadAddress { addr: String, reason: String },
+}
+
+impl Peers {
+    /// `members` maps node ids to gRPC addresses (`host:port`).
+    pub fn new(members: &[(NodeId, String)], peer_key: &str, rpc_timeout: Duration) -> Result<Self, PeerError> {
+        let mut channels = HashMap::new();
+        for (id, addr) in members {
+            let ep = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| PeerError::BadAddress { addr: addr.clone(), reason: e.to_string() })?
+                .connect_timeout(rpc_timeout.min(Duration::from_secs(1)))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5));
+            channels.insert(*id, (addr.clone(), ep.connect_lazy()));
+        }
+        let key = peer_key
+            .parse()
+            .map_err(|_| PeerError::BadAddress { addr: "-".into(), reason: "peer key is not ASCII".into() })?;
+        let health = channels.keys().map(|id| (*id, Health::default())).collect();
+        let epoch = std::time::Instant::now();
+        Ok(Self { inner: Arc::new(PeersInner { channels, key, rpc_timeout, health, epoch }) })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Records the outcome of an RPC to `id` (Raft or forwarded).
+    pub fn note(&self, id: NodeId, ok: bool) {
+        if let Some(h) = self.inner.health.get(&id) {
+            let slot = if ok { &h.ok } else { &h.err };
+            slot.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A timestamp to pass to [`Peers::failed_since`].
+    pub fn mark(&self) -> u64 {
+        self.now_ms()
+    }
+
+    /// Whether an RPC to `id` failed after `mark` with no success since.
+    pub fn failed_since(&self, id: NodeId, mark: u64) -> bool {
+        let Some(h) = self.inner.health.get(&id) else { return false };
+        let (ok, err) = (h.ok.load(Ordering::Relaxed), h.err.load(Ordering::Relaxed));
+        err > ok && err >= mark
+    }
+
+    /// Whether `id` recently stopped answering (timeouts, refused connections): the router
+    /// then prefers other replicas. Raft heartbeats keep this fresh within milliseconds.
+    pub fn suspect(&self, id: NodeId) -> bool {
+        let Some(h) = self.inner.health.get(&id) else { return false };
+        let (ok, err) = (h.ok.load(Ordering::Relaxed), h.err.load(Ordering::Relaxed));
+        err > ok && self.now_ms().saturating_sub(err) < SUSPECT_FOR.as_millis() as u64
+    }
+
+    pub fn addr(&self, id: NodeId) -> Option<String> {
+        self.inner.channels.get(&id).map(|(a, _)| a.clone())
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        self.inner.rpc_timeout
+    }
+
+    pub fn client(&self, id: NodeId) -> Result<PeerClient<Channel>, PeerError> {
+        let (_, ch) = self.inner.channels.get(&id).ok_or(PeerError::UnknownNode(id))?;
+        Ok(PeerClient::new(ch.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    }
+
+    /// Wraps `msg` with the peer key and a deadline.
+    pub fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut().insert(PEER_KEY_HEADER, self.inner.key.clone());
+        req.set_timeout(timeout);
+        req
+    }
+}
+
+pub struct NetworkFactory {
+    group: ShardId,
+    peers: Peers,
+}
+
+impl NetworkFactory {
+    pub fn new(group: ShardId, peers: Peers) -> Self {
+        Self { group, peers }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Conn;
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Conn {
+        Conn { group: self.group, target, peers: self.peers.clone() }
+    }
+}
+
+pub struct Conn {
+    group: ShardId,
+    target: NodeId,
+    peers: Peers,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RpcErr<E> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&s)),
+        _ => RPCError::Network(NetworkError::new(&s)),
+    }
+}
+
+impl Conn {
+    fn ttl(&self, option: &RPCOption) -> Duration {
+        option.hard_ttl().min(self.peers.rpc_timeout()).max(Duration::from_millis(50))
+    }
+
+    async fn call<Req, Resp>(&self, kind: pb::RaftKind, rpc: &Req, ttl: Duration) -> Result<Resp, RpcErr>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+    {
+        let payload = serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let msg = pb::RaftRequest { group: self.group, kind: kind as i32, payload };
+        let mut client = self.peers.client(self.target).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let reply = match tokio::time::timeout(ttl, client.raft(self.peers.request(msg, ttl))).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                self.peers.note(self.target, false);
+                return Err(status_to_rpc(status));
+            }
+            Err(e) => {
+                self.peers.note(self.target, false);
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+        };
+        self.peers.note(self.target, true);
+        let res: Result<Resp, RaftError<NodeId>> =
+            serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call(pb::RaftKind::AppendEntries, &rpc, self.ttl(&option)).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call(pb::RaftKind::Vote, &rpc, self.ttl(&option)).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        let ttl = option.hard_ttl().max(Duration::from_millis(500));
+        let enc = |e: serde_json::Error| RPCError::Network(NetworkError::new(&e));
+        let msg = pb::SnapshotChunk {
+            group: self.group,
+            vote: serde_json::to_vec(&rpc.vote).map_err(enc)?,
+            meta: serde_json::to_vec(&rpc.meta).map_err(enc)?,
+            offset: rpc.offset,
+            data: rpc.data,
+            done: rpc.done,
+        };
+        let mut client = self.peers.client(self.target).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let reply = tokio::time::timeout(ttl, client.snapshot(self.peers.request(msg, ttl)))
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+            .map_err(status_to_rpc)?
+            .into_inner();
+        let res: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
+            serde_json::from_slice(&reply.payload).map_err(enc)?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}

@@ -1,0 +1,221 @@
+//! Key layout of a shard's state-machine tree, the [`Store`] view the pure state machine
+//! reads through, and the read queries served to clients.
+//!
+//! | key | value |
+//! |---|---|
+//! | `c/<conv>` | conversation meta (last seq, last ts) |
+//! | `m/<conv>\0<seq BE>` | message |
+//! | `d/<conv>\0<from>\0<client_msg_id>` | `(seq, ts)` of the first send with that key |
+//! | `x/<conv>\0<seq BE>` | outbox: index updates not yet confirmed |
+//! | `i/<user>\0<conv>` | recent-conversations entry |
+//! | `o/<user>\0<!last_ts BE><conv>` | recency order of a user's entries (newest first) |
+//! | `u/<user>` | the user exists |
+//! | `e/<user>\0<n BE>` | inbox event number n of the user (the delivery stream) |
+//! | `n/<user>` | number of the user's last inbox event |
+//! | `\0applied`, `\0membership` | openraft's applied log id and membership |
+//!
+//! Ids never contain `\0`, so prefix scans cannot run into a neighbouring id.
+
+use super::{decode, encode, StoreError};
+use crate::chat::state::{Change, Store};
+use crate::chat::types::{ConvMeta, Pending};
+use crate::chat::{ConversationId, InboxEvent, IndexEntry, Message, UserId};
+
+pub const APPLIED: &[u8] = b"\0applied";
+pub const MEMBERSHIP: &[u8] = b"\0membership";
+
+fn k(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+pub fn conv_meta(c: &ConversationId) -> Vec<u8> {
+    k(&[b"c/", c.to_string().as_bytes()])
+}
+pub fn message_prefix(c: &ConversationId) -> Vec<u8> {
+    k(&[b"m/", c.to_string().as_bytes(), b"\0"])
+}
+pub fn message(c: &ConversationId, seq: u64) -> Vec<u8> {
+    k(&[&message_prefix(c), &seq.to_be_bytes()])
+}
+pub fn dedup(c: &ConversationId, from: &UserId, id: &str) -> Vec<u8> {
+    k(&[b"d/", c.to_string().as_bytes(), b"\0", from.as_str().as_bytes(), b"\0", id.as_bytes()])
+}
+pub fn pending(c: &ConversationId, seq: u64) -> Vec<u8> {
+    k(&[b"x/", c.to_string().as_bytes(), b"\0", &seq.to_be_bytes()])
+}
+pub const PENDING_PREFIX: &[u8] = b"x/";
+pub fn index(u: &UserId, c: &ConversationId) -> Vec<u8> {
+    k(&[b"i/", u.as_str().as_bytes(), b"\0", c.to_string().as_bytes()])
+}
+pub fn order_prefix(u: &UserId) -> Vec<u8> {
+    k(&[b"o/", u.as_str().as_bytes(), b"\0"])
+}
+pub fn order(u: &UserId, ts: u64, c: &ConversationId) -> Vec<u8> {
+    k(&[&order_prefix(u), &(!ts).to_be_bytes(), c.to_string().as_bytes()])
+}
+pub fn user(u: &UserId) -> Vec<u8> {
+    k(&[b"u/", u.as_str().as_bytes()])
+}
+pub fn inbox_prefix(u: &UserId) -> Vec<u8> {
+    k(&[b"e/", u.as_str().as_bytes(), b"\0"])
+}
+pub fn inbox(u: &UserId, n: u64) -> Vec<u8> {
+    k(&[&inbox_prefix(u), &n.to_be_bytes()])
+}
+pub fn inbox_last(u: &UserId) -> Vec<u8> {
+    k(&[b"n/", u.as_str().as_bytes()])
+}
+
+/// What one applied entry added that live readers care about.
+#[derive(Default)]
+pub struct Staged {
+    pub messages: Vec<(ConversationId, Message)>,
+    pub inbox: Vec<(UserId, u64, InboxEvent)>,
+}
+
+/// The state of one shard as the state machine and readers see it.
+#[derive(Clone)]
+pub struct ShardView {
+    pub tree: sled::Tree,
+}
+
+impl ShardView {
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.tree.get(key)? {
+            Some(v) => Ok(Some(decode(key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds `changes` to `batch`; `PutMessage` values are also returned for the cache.
+    pub fn stage(&self, changes: Vec<Change>, batch: &mut sled::Batch) -> Staged {
+        let mut staged = Staged::default();
+        for ch in changes {
+            match ch {
+                Change::PutMessage { conversation, message: m } => {
+                    batch.insert(message(&conversation, m.seq), encode(&m));
+                    staged.messages.push((conversation, m));
+                }
+                Change::PutConvMeta { conversation, meta } => batch.insert(conv_meta(&conversation), encode(&meta)),
+                Change::PutDedup { conversation, from, client_msg_id, seq, ts } => {
+                    batch.insert(dedup(&conversation, &from, &client_msg_id), encode(&(seq, ts)))
+                }
+                Change::PutIndex { user, conversation, entry, previous_ts } => {
+                    if let Some(old) = previous_ts {
+                        batch.remove(order(&user, old, &conversation));
+                    }
+                    if entry.last_seq > 0 {
+                        batch.insert(order(&user, entry.last_ts, &conversation), &[]);
+                    }
+                    batch.insert(index(&user, &conversation), encode(&entry));
+                }
+                Change::PutPending(p) => batch.insert(pending(&p.conversation, p.seq), encode(&p)),
+                Change::DeletePending { conversation, seq } => batch.remove(pending(&conversation, seq)),
+                Change::PutUser(u) => batch.insert(user(&u), &[]),
+                Change::PutInbox { user: u, n, event } => {
+                    batch.insert(inbox(&u, n), encode(&event));
+                    batch.insert(inbox_last(&u), &n.to_be_bytes());
+                    staged.inbox.push((u, n, event));
+                }
+            }
+        }
+        staged
+    }
+
+    /// Up to `limit` inbox events of `u` numbered after `after`, ascending.
+    pub fn inbox_page(&self, u: &UserId, after: u64, limit: usize) -> Result<Vec<(u64, InboxEvent)>, StoreError> {
+        let start = inbox(u, after.saturating_add(1));
+        let end = inbox(u, u64::MAX);
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..=end).take(limit) {
+            let (k, v) = kv?;
+            let n = u64::from_be_bytes(k[k.len() - 8..].try_into().map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into(),
+                reason: "short inbox key".into(),
+            })?);
+            out.push((n, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Messages with `lo <= seq <= hi`, ascending.
+    pub fn messages(&self, c: &ConversationId, lo: u64, hi: u64) -> Result<Vec<Message>, StoreError> {
+        let mut out = Vec::new();
+        if lo > hi {
+            return Ok(out);
+        }
+        for kv in self.tree.range(message(c, lo)..=message(c, hi)) {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// A user's entries, newest first, starting after `after` (an order key), at most `limit`.
+    /// Returns the entries and the order key of the last one.
+    pub fn recent(
+        &self,
+        u: &UserId,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(ConversationId, IndexEntry, Vec<u8>)>, StoreError> {
+        let prefix = order_prefix(u);
+        let iter = match after {
+            Some(a) => self.tree.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.tree.range(prefix.clone()..),
+        };
+        let mut out = Vec::new();
+        for kv in iter {
+            let (key, _) = kv?;
+            if !key.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let conv_bytes = &key[prefix.len() + 8..];
+            let conv =
+                std::str::from_utf8(conv_bytes).ok().and_then(|s| ConversationId::parse(s).ok()).ok_or_else(|| {
+                    StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&key).into(),
+                        reason: "bad conversation id".into(),
+                    }
+                })?;
+            if let Some(e) = self.index_entry(u, &conv)? {
+                out.push((conv, e, key.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn pending_all(&self) -> Result<Vec<Pending>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(PENDING_PREFIX) {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+}
+
+impl Store for ShardView {
+    type Error = StoreError;
+    fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, StoreError> {
+        self.get(&conv_meta(c))
+    }
+    fn dedup(&self, c: &ConversationId, from: &UserId, id: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        self.get(&dedup(c, from, id))
+    }
+    fn index_entry(&self, u: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, StoreError> {
+        self.get(&index(u, c))
+    }
+    fn user_exists(&self, u: &UserId) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(user(u))?)
+    }
+    fn inbox_last(&self, u: &UserId) -> Result<u64, StoreError> {
+        match self.tree.get(inbox_last(u))? {
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt { key: format!("n/{u}"), reason: "not 8 bytes".into() })?,
+            )),
+            None => Ok(0),
+        }
+    }
+}

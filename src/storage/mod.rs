@@ -1,0 +1,90 @@
+//! Storage on sled: one `sled::Db` per node, three trees per shard.
+//!
+//! - [`flusher`]: the node's one group-commit task; log appends and votes of every shard
+//!   wait on a shared fsync.
+//! - [`log`]: openraft's `RaftLogStorage` on the `s<N>.log` and `s<N>.meta` trees.
+//! - [`sm`]: openraft's `RaftStateMachine` on the `s<N>.sm` tree, driving the pure
+//!   [`crate::chat::state`] machine, plus snapshots.
+//! - [`keys`]: the key layout of the state-machine tree and the read queries over it.
+//!
+//! The rest of the code sees sled only through these types (the storage seam).
+
+pub mod flusher;
+pub mod keys;
+pub mod log;
+pub mod sm;
+
+use crate::shard::ShardId;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record under key {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("data directory was created with {found} shards but the config says {configured}; the shard count is fixed at cluster creation")]
+    ShardCountMismatch { found: u32, configured: u32 },
+}
+
+/// The node's database.
+#[derive(Clone)]
+pub struct Storage {
+    db: sled::Db,
+}
+
+impl Storage {
+    /// Opens (or creates) the database under `dir` and pins the shard count.
+    pub fn open(dir: &Path, shards: u32) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir.join("db")).cache_capacity(256 << 20).open()?;
+        let cluster = db.open_tree("cluster")?;
+        match cluster.get("shards")? {
+            Some(v) => {
+                let found =
+                    u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                        key: "cluster/shards".into(),
+                        reason: "not 4 bytes".into(),
+                    })?);
+                if found != shards {
+                    return Err(StoreError::ShardCountMismatch { found, configured: shards });
+                }
+            }
+            None => {
+                cluster.insert("shards", &shards.to_be_bytes())?;
+                db.flush()?;
+            }
+        }
+        Ok(Self { db })
+    }
+
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub fn shard_trees(&self, shard: ShardId) -> Result<(sled::Tree, sled::Tree, sled::Tree), StoreError> {
+        Ok((
+            self.db.open_tree(format!("s{shard}.log"))?,
+            self.db.open_tree(format!("s{shard}.meta"))?,
+            self.db.open_tree(format!("s{shard}.sm"))?,
+        ))
+    }
+
+    /// Blocking fsync of everything written so far.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt { key: "-".into(), reason: format!("flush task failed: {e}") })??;
+        Ok(())
+    }
+}
+
+/// Decodes a JSON record, naming the key on failure.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
+}
+
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize to JSON")
+}
