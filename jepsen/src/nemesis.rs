@@ -3,6 +3,9 @@
 //! Faults (`--nemesis` picks the families; they are mixed at random):
 //! - `partition`: isolate one node, isolate a shard's leader, majority/minority halves,
 //!   majorities ring, bridge (two halves joined only through one node);
+//! - `isolate`: only the first two kinds of `partition` (one node, or a shard's leader,
+//!   cut off from all others): the rest of the cluster keeps a working majority, so the cut
+//!   off replicas fall behind while acknowledged writes continue around them;
 //! - `kill`: kill -9 one or two nodes, restart them when the window ends;
 //! - `pause`: SIGSTOP a node (often a leader), SIGCONT at the end;
 //! - `clock`: skew a node's wall clock by up to ±5 minutes, or jump it back and forth;
@@ -22,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
-pub const FAMILIES: &[&str] = &["partition", "kill", "pause", "clock", "restart"];
+pub const FAMILIES: &[&str] = &["partition", "isolate", "kill", "pause", "clock", "restart"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
@@ -60,7 +63,8 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
     nodes.shuffle(&mut rand::rng());
     let pick = rand::rng().random_range(0..5u32);
     match family {
-        "partition" => {
+        "partition" | "isolate" => {
+            let pick = if family == "isolate" { pick % 2 } else { pick };
             let desc = match pick {
                 0 => {
                     db.net.partition(&[vec![nodes[0]], nodes[1..].to_vec()])?;
@@ -181,7 +185,11 @@ pub async fn run(
         let mut picked = vec![round.pop().expect("refilled above")];
         // A third of the windows combine two families (e.g. a partition while a node is paused).
         if families.len() > 1 && rand::rng().random_bool(1.0 / 3.0) {
-            let other: Vec<&String> = families.iter().filter(|f| !picked.contains(f) && *f != "restart").collect();
+            let other: Vec<&String> = families
+                .iter()
+                .filter(|f| !picked.contains(f) && *f != "restart")
+                .filter(|f| !(picked.iter().any(|p| is_partition(p)) && is_partition(f)))
+                .collect();
             if let Some(f) = other.choose(&mut rand::rng()) {
                 picked.push((*f).clone());
             }
@@ -226,6 +234,10 @@ pub async fn run(
             return Ok(());
         }
     }
+}
+
+fn is_partition(family: &str) -> bool {
+    family == "partition" || family == "isolate"
 }
 
 /// Undoes everything: heal the network, resume, restart dead nodes, reset clocks.

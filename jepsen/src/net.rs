@@ -31,6 +31,11 @@ pub fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The root-namespace end of node `i`'s veth pair.
+fn veth(i: usize) -> String {
+    format!("rcj-v{}", i + 1)
+}
+
 #[derive(Debug, Clone)]
 pub struct Net {
     pub nodes: usize,
@@ -54,7 +59,7 @@ impl Net {
         sh(&["iptables", "-I", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT"])?;
         for i in 0..self.nodes {
             let ns = self.ns(i);
-            let veth = format!("rcj-v{}", i + 1);
+            let veth = veth(i);
             sh(&["ip", "netns", "add", &ns])?;
             sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             sh(&["ip", "link", "set", &veth, "master", BRIDGE, "up"])?;
@@ -66,12 +71,26 @@ impl Net {
     }
 
     /// Removes everything `setup` made; ignores what is already gone.
+    ///
+    /// The kernel destroys a deleted namespace (and the veth end inside it) asynchronously,
+    /// so the root-side veth ends are deleted explicitly and waited for: otherwise the next
+    /// `setup` can find `rcj-v<i>` still there ("File exists").
     pub fn teardown(&self) {
-        for i in 0..self.nodes.max(9) {
+        let all = self.nodes.max(9);
+        for i in 0..all {
+            let _ = sh(&["ip", "link", "del", &veth(i)]);
             let _ = sh(&["ip", "netns", "del", &self.ns(i)]);
         }
         let _ = sh(&["ip", "link", "del", BRIDGE]);
         while sh(&["iptables", "-D", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT"]).is_ok() {}
+        let gone = |name: &str| sh(&["ip", "link", "show", name]).is_err();
+        for _ in 0..100 {
+            if (0..all).all(|i| gone(&veth(i))) && gone(BRIDGE) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("warning: test network links still present after teardown (ip link show rcj-v*)");
     }
 
     /// Cuts every link between nodes of different groups (nodes in no group keep all links).
