@@ -9,6 +9,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: log files (`raftchat local`, systemd, the harness) stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match raftchat::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
