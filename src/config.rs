@@ -67,6 +67,19 @@ pub struct Config {
     pub ws_slow_consumer_ms: u64,
     /// WebSocket: ping interval; a connection silent for 3 intervals is closed (code 4004).
     pub ws_ping_ms: u64,
+    /// Write path: most commands carried by one Raft log entry.
+    pub max_batch: usize,
+    /// Write path: log entries a shard leader keeps proposed and not yet applied.
+    pub batches_in_flight: usize,
+    /// Admission: new messages queued or in flight per shard before more are refused (503).
+    pub shard_max_queued: usize,
+    /// Admission: bytes of new messages queued or in flight per shard before more are refused.
+    pub shard_max_queued_bytes: usize,
+    /// Admission: sends this node's client listeners handle at once before refusing more.
+    pub node_max_inflight_sends: usize,
+    /// The `Retry-After` given with a 503 `overloaded`, in milliseconds (rounded up to seconds
+    /// in the HTTP header).
+    pub overload_retry_after_ms: u64,
 }
 
 impl Default for Config {
@@ -92,6 +105,12 @@ impl Default for Config {
             ws_queue_frames: 256,
             ws_slow_consumer_ms: 5_000,
             ws_ping_ms: 15_000,
+            max_batch: 512,
+            batches_in_flight: 2,
+            shard_max_queued: 1024,
+            shard_max_queued_bytes: 4 << 20,
+            node_max_inflight_sends: 4096,
+            overload_retry_after_ms: 1_000,
         }
     }
 }
@@ -153,6 +172,15 @@ impl Config {
         }
         if self.snapshot_every == 0 {
             return bad("snapshot_every must be > 0".into());
+        }
+        if self.max_batch == 0 || self.batches_in_flight == 0 {
+            return bad("max_batch and batches_in_flight must be > 0".into());
+        }
+        if self.shard_max_queued == 0 || self.node_max_inflight_sends == 0 {
+            return bad("shard_max_queued and node_max_inflight_sends must be > 0".into());
+        }
+        if self.shard_max_queued_bytes < 2 * self.max_body_bytes {
+            return bad("shard_max_queued_bytes must be at least twice max_body_bytes".into());
         }
         Ok(())
     }

@@ -10,6 +10,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub fsync_seconds: Histogram,
     pub fsync_batch: Histogram,
+    pub proposal_batch: Histogram,
+    pub shed: IntCounterVec,
     pub proposal_seconds: HistogramVec,
     pub send_seconds: Histogram,
     pub requests: IntCounterVec,
@@ -51,6 +53,16 @@ impl Metrics {
             fsync_batch: Histogram::with_opts(
                 HistogramOpts::new("fsync_batch_size", "Log flush completions served by one fsync")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            )
+            .expect("valid"),
+            proposal_batch: Histogram::with_opts(
+                HistogramOpts::new("proposal_batch_size", "Commands carried by one proposed Raft log entry")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+            )
+            .expect("valid"),
+            shed: IntCounterVec::new(
+                Opts::new("shed_total", "Sends refused with 503 overloaded, by the bound that was reached"),
+                &["bound"],
             )
             .expect("valid"),
             proposal_seconds: HistogramVec::new(
@@ -120,6 +132,8 @@ impl Metrics {
         register!(
             fsync_seconds,
             fsync_batch,
+            proposal_batch,
+            shed,
             proposal_seconds,
             send_seconds,
             requests,

@@ -14,6 +14,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// For `503 overloaded`: when to try again, in milliseconds (HTTP: a `Retry-After`
+    /// header in whole seconds; WebSocket: `retry_after_ms` in the error frame).
+    pub retry_after_ms: Option<u64>,
 }
 
 /// The JSON body of every error response.
@@ -25,7 +28,12 @@ pub struct ErrorBody {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), retry_after_ms: None }
+    }
+    /// `503 overloaded`: refused at once because a bound on in-flight work was reached;
+    /// nothing was written, so a retry after `retry_after_ms` is safe.
+    pub fn overloaded(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self { retry_after_ms: Some(retry_after_ms), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message) }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -84,6 +92,9 @@ impl From<ShardError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
             }
             ShardError::Storage(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+            ShardError::Overloaded { retry_after_ms, .. } => {
+                ApiError::overloaded(format!("{e}; nothing was written"), *retry_after_ms)
+            }
         }
     }
 }
@@ -91,7 +102,12 @@ impl From<ShardError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody { code: self.code.to_string(), message: self.message };
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let secs = ms.div_ceil(1000).max(1);
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+        }
+        resp
     }
 }
 

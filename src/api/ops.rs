@@ -113,12 +113,23 @@ pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result
     validate_client_msg_id(&req.client_msg_id)?;
     validate_text(&req.text, node.cfg.max_text_bytes)?;
     let conversation = ConversationId::between(&who.user, &to)?;
+    // Node-wide admission: refuse at once rather than queue without bound.
+    let Ok(_slot) = node.send_slots.clone().try_acquire_owned() else {
+        node.metrics.shed.with_label_values(&["node"]).inc();
+        return Err(ApiError::overloaded(
+            format!("this node is handling {} sends already; nothing was written", node.cfg.node_max_inflight_sends),
+            node.cfg.overload_retry_after_ms,
+        ));
+    };
     let deadline = node.request_deadline();
     if !node.user_exists(&to, deadline).await? {
         return Err(ApiError::not_found("unknown_user", format!("no user {to}")));
     }
     let shard = node.placement.shard_of_conversation(&conversation);
-    let op = ShardOp::Send { from: who.user.clone(), to, client_msg_id: req.client_msg_id, text: req.text };
+    // One id per client request: the router's retries of this request carry it, so a retry
+    // that finds the message already stored is not reported as the client's duplicate.
+    let attempt = rand::random::<u64>().max(1);
+    let op = ShardOp::Send { from: who.user.clone(), to, client_msg_id: req.client_msg_id, text: req.text, attempt };
     match node.call(shard, op, deadline).await? {
         ShardReply::Sent { conversation, seq, ts, duplicate } => {
             Ok(SendResponse { conversation_id: conversation.to_string(), seq, ts, duplicate })

@@ -20,6 +20,12 @@ pub enum Command {
         /// The proposing leader's clock, ms since the epoch; the applied ts never goes
         /// backwards within a conversation.
         ts: u64,
+        /// Random id of the client request this proposal serves, the same for every
+        /// internal retry of that request (router retries, re-forwarding). A repeated
+        /// `client_msg_id` is reported as `duplicate` only when its attempt differs, i.e.
+        /// when the client itself sent it again.
+        #[serde(default)]
+        attempt: u64,
     },
     /// Merge a message into `user`'s recent-conversations index (on the user's shard).
     IndexUpdate { user: UserId, conversation: ConversationId, from: UserId, seq: u64, ts: u64, preview: String },
@@ -29,6 +35,9 @@ pub enum Command {
     OutboxDone { items: Vec<(ConversationId, u64)> },
     /// Record that `user` exists (on the user's shard).
     Register { user: UserId },
+    /// Several commands in one log entry, applied in order (the shard handle's batching);
+    /// answered by [`Reply::Batch`] with one reply per command.
+    Batch(Vec<Command>),
     /// `by` received or read `user`'s messages in `conversation` up to `seq` (on `user`'s
     /// shard, so it reaches `user`'s devices through their inbox).
     Receipt { user: UserId, conversation: ConversationId, by: UserId, receipt: ReceiptKind, seq: u64 },
@@ -44,6 +53,18 @@ impl Command {
             Command::OutboxDone { .. } => "outbox_done",
             Command::Register { .. } => "register",
             Command::Receipt { .. } => "receipt",
+            Command::Batch(_) => "batch",
+        }
+    }
+
+    /// Rough size in memory and in the log, for admission control.
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            Command::Append { text, client_msg_id, .. } => 96 + text.len() + client_msg_id.len(),
+            Command::IndexUpdate { preview, .. } => 96 + preview.len(),
+            Command::OutboxDone { items } => 16 + items.len() * 48,
+            Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
+            _ => 96,
         }
     }
 }
@@ -66,4 +87,6 @@ pub enum Reply {
     },
     /// Blank and membership entries, outbox completion.
     Done,
+    /// The replies of a [`Command::Batch`], in order.
+    Batch(Vec<Reply>),
 }

@@ -5,6 +5,7 @@
 //! applied log id. No I/O happens here, so every rule is unit-tested without a cluster.
 
 use super::command::{Command, Reply};
+use std::collections::{HashMap, HashSet};
 use super::types::{
     preview as make_preview, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, Pending, ReceiptKind, UserId,
 };
@@ -13,8 +14,9 @@ use super::types::{
 pub trait Store {
     type Error;
     fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, Self::Error>;
-    /// The `(seq, ts)` an earlier send with this idempotency key got.
-    fn dedup(&self, c: &ConversationId, from: &UserId, client_msg_id: &str) -> Result<Option<(u64, u64)>, Self::Error>;
+    /// The `(seq, ts, attempt)` an earlier send with this idempotency key got.
+    fn dedup(&self, c: &ConversationId, from: &UserId, client_msg_id: &str)
+        -> Result<Option<(u64, u64, u64)>, Self::Error>;
     fn index_entry(&self, user: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, Self::Error>;
     fn user_exists(&self, user: &UserId) -> Result<bool, Self::Error>;
     /// Number of the user's last inbox event (0 if none).
@@ -38,6 +40,7 @@ pub enum Change {
         client_msg_id: String,
         seq: u64,
         ts: u64,
+        attempt: u64,
     },
     /// `previous_ts` is the entry's last_ts before this change (its recency key moves).
     PutIndex {
@@ -60,12 +63,35 @@ pub enum Change {
     },
 }
 
-/// Applies one command to the state seen through `store`.
+/// Applies one command (a batch: each of its commands in order) to the state seen through
+/// `store`.
 pub fn apply<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Reply), S::Error> {
+    let Command::Batch(cmds) = cmd else {
+        return apply_single(cmd, store);
+    };
+    // Each command sees the changes of the ones before it, as if they had been separate
+    // entries; all changes are committed together.
+    let mut overlay = Overlay::new(store);
+    let mut changes = Vec::new();
+    let mut replies = Vec::with_capacity(cmds.len());
+    for c in cmds {
+        let (ch, reply) = apply_single(c, &overlay)?;
+        for change in &ch {
+            overlay.record(change);
+        }
+        changes.extend(ch);
+        replies.push(reply);
+    }
+    Ok((changes, Reply::Batch(replies)))
+}
+
+fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Reply), S::Error> {
     match cmd {
-        Command::Append { conversation, from, to, client_msg_id, text, ts } => {
-            if let Some((seq, ts)) = store.dedup(conversation, from, client_msg_id)? {
-                return Ok((vec![], Reply::Appended { seq, ts, duplicate: true }));
+        Command::Append { conversation, from, to, client_msg_id, text, ts, attempt } => {
+            if let Some((seq, ts, first)) = store.dedup(conversation, from, client_msg_id)? {
+                // The same attempt again is the node's own retry of one client request.
+                let duplicate = *attempt == 0 || first != *attempt;
+                return Ok((vec![], Reply::Appended { seq, ts, duplicate }));
             }
             let meta = store.conv_meta(conversation)?.unwrap_or_default();
             let seq = meta.last_seq + 1;
@@ -84,6 +110,7 @@ pub fn apply<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Reply),
                     client_msg_id: client_msg_id.clone(),
                     seq,
                     ts,
+                    attempt: *attempt,
                 },
                 Change::PutPending(Pending {
                     conversation: conversation.clone(),
@@ -191,6 +218,86 @@ pub fn apply<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Reply),
                 Ok((vec![Change::PutUser(user.clone())], Reply::Registered { new: true }))
             }
         }
+        // Batches are built by the shard handle and never nested.
+        Command::Batch(_) => Ok((vec![], Reply::Done)),
+    }
+}
+
+/// `base` as it will be once `changes` recorded so far are committed.
+struct Overlay<'a, S> {
+    base: &'a S,
+    meta: HashMap<ConversationId, ConvMeta>,
+    dedup: HashMap<(ConversationId, UserId, String), (u64, u64, u64)>,
+    index: HashMap<(UserId, ConversationId), IndexEntry>,
+    users: HashSet<UserId>,
+    inbox_last: HashMap<UserId, u64>,
+}
+
+impl<'a, S: Store> Overlay<'a, S> {
+    fn new(base: &'a S) -> Self {
+        Self {
+            base,
+            meta: HashMap::new(),
+            dedup: HashMap::new(),
+            index: HashMap::new(),
+            users: HashSet::new(),
+            inbox_last: HashMap::new(),
+        }
+    }
+
+    fn record(&mut self, ch: &Change) {
+        match ch {
+            Change::PutConvMeta { conversation, meta } => {
+                self.meta.insert(conversation.clone(), meta.clone());
+            }
+            Change::PutDedup { conversation, from, client_msg_id, seq, ts, attempt } => {
+                self.dedup.insert((conversation.clone(), from.clone(), client_msg_id.clone()), (*seq, *ts, *attempt));
+            }
+            Change::PutIndex { user, conversation, entry, .. } => {
+                self.index.insert((user.clone(), conversation.clone()), entry.clone());
+            }
+            Change::PutUser(u) => {
+                self.users.insert(u.clone());
+            }
+            Change::PutInbox { user, n, .. } => {
+                self.inbox_last.insert(user.clone(), *n);
+            }
+            Change::PutMessage { .. } | Change::PutPending(_) | Change::DeletePending { .. } => {}
+        }
+    }
+}
+
+impl<S: Store> Store for Overlay<'_, S> {
+    type Error = S::Error;
+    fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, S::Error> {
+        match self.meta.get(c) {
+            Some(m) => Ok(Some(m.clone())),
+            None => self.base.conv_meta(c),
+        }
+    }
+    fn dedup(&self, c: &ConversationId, from: &UserId, id: &str) -> Result<Option<(u64, u64, u64)>, S::Error> {
+        match self.dedup.get(&(c.clone(), from.clone(), id.to_string())) {
+            Some(d) => Ok(Some(*d)),
+            None => self.base.dedup(c, from, id),
+        }
+    }
+    fn index_entry(&self, user: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, S::Error> {
+        match self.index.get(&(user.clone(), c.clone())) {
+            Some(e) => Ok(Some(e.clone())),
+            None => self.base.index_entry(user, c),
+        }
+    }
+    fn user_exists(&self, user: &UserId) -> Result<bool, S::Error> {
+        if self.users.contains(user) {
+            return Ok(true);
+        }
+        self.base.user_exists(user)
+    }
+    fn inbox_last(&self, user: &UserId) -> Result<u64, S::Error> {
+        match self.inbox_last.get(user) {
+            Some(n) => Ok(*n),
+            None => self.base.inbox_last(user),
+        }
     }
 }
 
@@ -204,7 +311,7 @@ mod tests {
     #[derive(Default)]
     struct Mem {
         meta: BTreeMap<ConversationId, ConvMeta>,
-        dedup: BTreeMap<(ConversationId, UserId, String), (u64, u64)>,
+        dedup: BTreeMap<(ConversationId, UserId, String), (u64, u64, u64)>,
         index: BTreeMap<(UserId, ConversationId), IndexEntry>,
         users: BTreeSet<UserId>,
         messages: BTreeMap<(ConversationId, u64), Message>,
@@ -217,7 +324,7 @@ mod tests {
         fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, Infallible> {
             Ok(self.meta.get(c).cloned())
         }
-        fn dedup(&self, c: &ConversationId, f: &UserId, id: &str) -> Result<Option<(u64, u64)>, Infallible> {
+        fn dedup(&self, c: &ConversationId, f: &UserId, id: &str) -> Result<Option<(u64, u64, u64)>, Infallible> {
             Ok(self.dedup.get(&(c.clone(), f.clone(), id.to_string())).copied())
         }
         fn index_entry(&self, u: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, Infallible> {
@@ -242,8 +349,8 @@ mod tests {
                     Change::PutConvMeta { conversation, meta } => {
                         self.meta.insert(conversation, meta);
                     }
-                    Change::PutDedup { conversation, from, client_msg_id, seq, ts } => {
-                        self.dedup.insert((conversation, from, client_msg_id), (seq, ts));
+                    Change::PutDedup { conversation, from, client_msg_id, seq, ts, attempt } => {
+                        self.dedup.insert((conversation, from, client_msg_id), (seq, ts, attempt));
                     }
                     Change::PutIndex { user, conversation, entry, .. } => {
                         self.index.insert((user, conversation), entry);
@@ -281,6 +388,7 @@ mod tests {
             client_msg_id: id.into(),
             text: format!("text of {id}"),
             ts,
+            attempt: 0,
         }
     }
     fn index(user: &str, from: &str, seq: u64, ts: u64) -> Command {
@@ -416,6 +524,50 @@ mod tests {
         assert_eq!(m.pending.iter().map(|(_, s)| *s).collect::<Vec<_>>(), vec![2]);
         assert_eq!(m.run(Command::Register { user: u("zoe") }), Reply::Registered { new: true });
         assert_eq!(m.run(Command::Register { user: u("zoe") }), Reply::Registered { new: false });
+    }
+
+    /// A batch must have exactly the effect of its commands applied one by one.
+    #[test]
+    fn a_batch_equals_its_commands_applied_in_order() {
+        let cmds = vec![
+            append("alice", "bob", "a1", 100),
+            append("bob", "alice", "b1", 90),
+            append("alice", "bob", "a1", 130),
+            index("alice", "alice", 1, 100),
+            index("bob", "alice", 1, 100),
+            index("bob", "bob", 2, 100),
+            index("bob", "alice", 1, 100),
+            Command::Register { user: u("zoe") },
+            Command::Register { user: u("zoe") },
+            Command::MarkRead { user: u("bob"), conversation: conv(), seq: 1 },
+            Command::OutboxDone { items: vec![(conv(), 1)] },
+        ];
+        let mut one_by_one = Mem::default();
+        let singles: Vec<Reply> = cmds.iter().cloned().map(|c| one_by_one.run(c)).collect();
+        let mut batched = Mem::default();
+        assert_eq!(batched.run(Command::Batch(cmds)), Reply::Batch(singles.clone()));
+        assert_eq!(singles[2], Reply::Appended { seq: 1, ts: 100, duplicate: true });
+        assert_eq!(batched.messages, one_by_one.messages);
+        assert_eq!(batched.index, one_by_one.index);
+        assert_eq!(batched.inbox, one_by_one.inbox);
+        assert_eq!(batched.pending, one_by_one.pending);
+        assert_eq!(batched.users, one_by_one.users);
+    }
+
+    #[test]
+    fn only_a_different_attempt_is_a_duplicate() {
+        let mut m = Mem::default();
+        let mut first = append("alice", "bob", "a1", 100);
+        let Command::Append { attempt, .. } = &mut first else { unreachable!() };
+        *attempt = 7;
+        assert_eq!(m.run(first.clone()), Reply::Appended { seq: 1, ts: 100, duplicate: false });
+        // The node retrying the same client request internally: not a duplicate.
+        assert_eq!(m.run(first.clone()), Reply::Appended { seq: 1, ts: 100, duplicate: false });
+        // The client sending the same client_msg_id again (a new request): a duplicate.
+        let Command::Append { attempt, .. } = &mut first else { unreachable!() };
+        *attempt = 8;
+        assert_eq!(m.run(first), Reply::Appended { seq: 1, ts: 100, duplicate: true });
+        assert_eq!(m.messages.len(), 1);
     }
 
     #[test]

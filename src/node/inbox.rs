@@ -98,7 +98,7 @@ impl Node {
                         }
                         _ = quorum_check.tick() => {
                             let deadline = tokio::time::Instant::now() + QUORUM_CHECK;
-                            if let Err(e) = node.linearize(&group, deadline).await {
+                            if let Err(e) = node.linearize(shard, deadline).await {
                                 let _ = tx.send(Err(e)).await;
                                 return;
                             }

@@ -4,14 +4,16 @@
 //! - [`router`]: [`ShardOp`](router::ShardOp)s and [`Node::call`], which runs one on the
 //!   shard's leader (locally or forwarded).
 //! - [`ops`]: what a leader does with an op: propose, linearizable read, coordinated send.
-//! - [`outbox`]: confirms finished sends and re-drives unfinished ones after a crash.
+//! - [`send`]: the coordinated send and its outbox (confirmation, re-drive after a crash).
+//! - [`shard_handle`]: per local shard: proposing, batching, admission, linearizable reads.
 //! - [`peer_service`]: the gRPC service peers call (Raft RPCs, forwarded ops).
 
 pub mod inbox;
 pub mod ops;
-pub mod outbox;
 pub mod peer_service;
 pub mod router;
+pub mod send;
+pub mod shard_handle;
 
 use crate::auth::Keys;
 use crate::chat::{Command, ConversationId, UserId};
@@ -57,7 +59,10 @@ pub struct Node {
     pub peers: Peers,
     pub metrics: Metrics,
     pub groups: HashMap<ShardId, Group>,
-    pub(crate) barriers: HashMap<ShardId, ops::ReadBarrier>,
+    /// Proposing, batching, admission and linearizable reads of each local shard.
+    pub shards: HashMap<ShardId, shard_handle::ShardHandle>,
+    /// Node-wide admission of client sends (see `node_max_inflight_sends`).
+    pub send_slots: Arc<tokio::sync::Semaphore>,
     leader_hints: Mutex<HashMap<ShardId, NodeId>>,
     known_users: Mutex<HashSet<UserId>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,
@@ -168,7 +173,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let keys = Keys::new(&cfg.load_or_create_secret()?);
     let storage = Storage::open(&cfg.data_dir, cfg.shards)?;
     let metrics = Metrics::new();
-    let flusher = Flusher::start(storage.db().clone(), metrics.clone());
+    let flusher = Flusher::start(storage.clone(), metrics.clone());
     let members = cfg.members();
     let placement = Placement::new(cfg.shards, members.iter().map(|m| m.id).collect());
     let peers = Peers::new(
@@ -196,13 +201,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     }
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let limits = shard_handle::Limits {
+        max_batch: cfg.max_batch,
+        batches_in_flight: cfg.batches_in_flight,
+        max_queued: cfg.shard_max_queued,
+        max_queued_bytes: cfg.shard_max_queued_bytes,
+        retry_after_ms: cfg.overload_retry_after_ms,
+    };
+    let shards = groups
+        .iter()
+        .map(|(s, g)| (*s, shard_handle::ShardHandle::start(g.clone(), limits, metrics.clone())))
+        .collect();
     let node = Arc::new(Node {
         id: cfg.node_id,
         placement,
         keys,
         peers,
         metrics,
-        barriers: local.iter().map(|s| (*s, ops::ReadBarrier::default())).collect(),
+        shards,
+        send_slots: Arc::new(tokio::sync::Semaphore::new(cfg.node_max_inflight_sends)),
         groups,
         leader_hints: Mutex::new(HashMap::new()),
         known_users: Mutex::new(HashSet::new()),
@@ -223,7 +240,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let tasks = outbox::spawn(node.clone(), outbox_rx, stop_rx.clone());
+    let tasks = send::spawn(node.clone(), outbox_rx, stop_rx.clone());
 
     let grpc = {
         let svc = peer_service::PeerService::new(node.clone());

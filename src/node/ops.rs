@@ -1,35 +1,19 @@
-//! Shard operations executed on this node when it leads the shard: proposals, batched
-//! linearizable reads, and the coordinated cross-shard send.
+//! Shard operations executed on this node when it leads the shard: proposals (through the
+//! shard's [`ShardHandle`](super::shard_handle::ShardHandle)), linearizable reads served from
+//! local state, and the entry into the coordinated send ([`super::send`]).
 
 use super::router::{ShardError, ShardOp, ShardReply};
+use super::shard_handle::Admission;
 use super::Node;
-use crate::chat::types::preview;
-use crate::chat::{Command, ConversationId, Reply, UserId};
+use crate::chat::{Command, Reply};
 use crate::raft::group::Group;
 use crate::shard::ShardId;
 use crate::storage::keys;
 use crate::storage::sm::now_ms;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// Fault injection for tests (`RAFTCHAT_FAULT=crash-after-append`): the coordinator aborts
-/// between the message commit and the index updates of a message whose text contains
-/// [`CRASH_MARKER`]. Off unless the variable is set.
-pub const CRASH_AFTER_APPEND: &str = "crash-after-append";
-pub const CRASH_MARKER: &str = "[crash-after-append]";
-
-/// Batches linearizable reads: every read waits for one leadership check that *started*
-/// after the read arrived; concurrent reads share it (openraft 0.9 sends a heartbeat round
-/// per `ensure_linearizable` call).
-#[derive(Default)]
-pub struct ReadBarrier {
-    started: AtomicU64,
-    last_ok: tokio::sync::Mutex<u64>,
-}
-
-fn storage_err(e: impl std::fmt::Display) -> ShardError {
+pub(crate) fn storage_err(e: impl std::fmt::Display) -> ShardError {
     ShardError::Storage(e.to_string())
 }
 
@@ -40,64 +24,38 @@ impl Node {
         op: ShardOp,
         deadline: Instant,
     ) -> Result<ShardReply, ShardError> {
-        let Some(group) = self.groups.get(&shard) else {
+        let Some(handle) = self.shards.get(&shard) else {
             return Err(ShardError::NotReplica { shard });
         };
         match op {
-            ShardOp::Write(cmd) => self.propose(group, cmd, deadline).await.map(ShardReply::Written),
-            ShardOp::Send { from, to, client_msg_id, text } => {
-                self.coordinate_send(group, from, to, client_msg_id, text, deadline).await
+            ShardOp::Write(cmd) => handle.propose(cmd, Admission::Internal, deadline).await.map(ShardReply::Written),
+            ShardOp::Send { from, to, client_msg_id, text, attempt } => {
+                self.coordinate_send(handle, from, to, client_msg_id, text, attempt, deadline).await
             }
             read => {
-                self.linearize(group, deadline).await?;
-                self.read_local(group, read)
+                handle.linearize(deadline).await?;
+                self.read_local(&handle.group, read)
             }
         }
     }
 
-    /// Proposes `cmd` through the shard's Raft log and waits until it is applied here.
-    pub(crate) async fn propose(&self, group: &Group, cmd: Command, deadline: Instant) -> Result<Reply, ShardError> {
-        let shard = group.shard;
-        let kind = cmd.kind();
-        let start = std::time::Instant::now();
-        let res = tokio::time::timeout_at(deadline, group.raft.client_write(cmd)).await;
-        match res {
-            Err(_) => Err(ShardError::Timeout { shard }),
-            Ok(Ok(resp)) => {
-                self.metrics.proposal_seconds.with_label_values(&[kind]).observe(start.elapsed().as_secs_f64());
-                Ok(resp.data)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ShardError::NotLeader { shard, leader: f.leader_id })
-            }
-            Ok(Err(e)) => Err(ShardError::Unavailable { shard, reason: e.to_string() }),
-        }
+    /// Proposes `cmd` on local shard `shard` (which this node must lead) and waits until it
+    /// is applied here.
+    pub(crate) async fn propose(
+        &self,
+        shard: ShardId,
+        cmd: Command,
+        admission: Admission,
+        deadline: Instant,
+    ) -> Result<Reply, ShardError> {
+        let handle = self.shards.get(&shard).ok_or(ShardError::NotReplica { shard })?;
+        handle.propose(cmd, admission, deadline).await
     }
 
-    /// Returns once this node is confirmed leader by a quorum after the call began and has
-    /// applied everything committed before it.
-    pub(crate) async fn linearize(&self, group: &Group, deadline: Instant) -> Result<(), ShardError> {
-        let shard = group.shard;
-        let barrier = &self.barriers[&shard];
-        let arrival = barrier.started.load(Ordering::SeqCst);
-        let fut = async {
-            let mut last_ok = barrier.last_ok.lock().await;
-            if *last_ok > arrival {
-                return Ok(());
-            }
-            let id = barrier.started.fetch_add(1, Ordering::SeqCst) + 1;
-            match group.raft.ensure_linearizable().await {
-                Ok(_) => {
-                    *last_ok = id;
-                    Ok(())
-                }
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    Err(ShardError::NotLeader { shard, leader: f.leader_id })
-                }
-                Err(e) => Err(ShardError::Unavailable { shard, reason: e.to_string() }),
-            }
-        };
-        tokio::time::timeout_at(deadline, fut).await.map_err(|_| ShardError::Timeout { shard })?
+    /// See [`ShardHandle::linearize`](super::shard_handle::ShardHandle::linearize).
+    pub(crate) async fn linearize(&self, shard: ShardId, deadline: Instant) -> Result<(), ShardError> {
+        let handle = self.shards.get(&shard).ok_or(ShardError::NotReplica { shard })?;
+        handle.linearize(deadline).await
     }
 
     pub(crate) fn read_local(&self, group: &Group, op: ShardOp) -> Result<ShardReply, ShardError> {
@@ -143,76 +101,5 @@ impl Node {
             ShardOp::InboxLast { user } => Ok(ShardReply::LastSeq(view.inbox_last(&user).map_err(storage_err)?)),
             ShardOp::Write(_) | ShardOp::Send { .. } => Err(ShardError::Invalid("not a read".into())),
         }
-    }
-
-    /// The send protocol: commit the message on the conversation shard, then both users'
-    /// index updates on their shards; only then acknowledge. A crash in between leaves an
-    /// outbox entry that the shard's next leader re-drives.
-    async fn coordinate_send(
-        self: &Arc<Self>,
-        group: &Group,
-        from: UserId,
-        to: UserId,
-        client_msg_id: String,
-        text: String,
-        deadline: Instant,
-    ) -> Result<ShardReply, ShardError> {
-        let start = std::time::Instant::now();
-        let conversation = ConversationId::between(&from, &to).map_err(|e| ShardError::Invalid(e.to_string()))?;
-        let cmd = Command::Append {
-            conversation: conversation.clone(),
-            from: from.clone(),
-            to: to.clone(),
-            client_msg_id,
-            text: text.clone(),
-            ts: now_ms(),
-        };
-        let Reply::Appended { seq, ts, duplicate } = self.propose(group, cmd, deadline).await? else {
-            return Err(ShardError::Storage("append produced an unexpected reply".into()));
-        };
-        if self.fault.as_deref() == Some(CRASH_AFTER_APPEND) && !duplicate && text.contains(CRASH_MARKER) {
-            tracing::error!(%conversation, seq, "fault injection: aborting between message commit and index updates");
-            std::process::abort();
-        }
-        let preview = if duplicate {
-            // The original's text, not the retry's.
-            let m = group.sm.view.messages(&conversation, seq, seq).map_err(storage_err)?;
-            m.first().map(|m| preview(&m.text)).unwrap_or_default()
-        } else {
-            preview(&text)
-        };
-        self.update_indexes(&conversation, &from, &to, seq, ts, &preview, deadline).await?;
-        let _ = self.outbox_done.send((group.shard, conversation.clone(), seq));
-        self.metrics.send_seconds.observe(start.elapsed().as_secs_f64());
-        Ok(ShardReply::Sent { conversation, seq, ts, duplicate })
-    }
-
-    /// Commits the index updates of both participants (idempotent, safe to repeat).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn update_indexes(
-        self: &Arc<Self>,
-        conversation: &ConversationId,
-        from: &UserId,
-        to: &UserId,
-        seq: u64,
-        ts: u64,
-        preview: &str,
-        deadline: Instant,
-    ) -> Result<(), ShardError> {
-        let update = |user: &UserId| {
-            let cmd = Command::IndexUpdate {
-                user: user.clone(),
-                conversation: conversation.clone(),
-                from: from.clone(),
-                seq,
-                ts,
-                preview: preview.to_string(),
-            };
-            self.call(self.placement.shard_of_user(user), ShardOp::Write(cmd), deadline)
-        };
-        let (a, b) = futures::join!(update(from), update(to));
-        a?;
-        b?;
-        Ok(())
     }
 }

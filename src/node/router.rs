@@ -29,6 +29,9 @@ pub enum ShardOp {
         to: UserId,
         client_msg_id: String,
         text: String,
+        /// Random id of the client request, kept across the router's retries (see
+        /// `Command::Append::attempt`).
+        attempt: u64,
     },
     /// Linearizable reads.
     History {
@@ -99,6 +102,8 @@ pub enum ShardError {
     Invalid(String),
     #[error("storage failure: {0}")]
     Storage(String),
+    #[error("shard {shard} is overloaded: retry after {retry_after_ms} ms")]
+    Overloaded { shard: ShardId, retry_after_ms: u64 },
 }
 
 impl ShardError {

@@ -1,9 +1,11 @@
 //! Group commit: one task per node makes log writes durable for every shard at once.
 //!
 //! Appenders write into sled (buffered) and hand a completion to this task; it drains all
-//! completions waiting, runs one `Db::flush` (write + fsync of sled's log), then completes
-//! them all. Under load many shards' appends share each fsync.
+//! completions waiting, runs one [`Storage::sync_blocking`] (sled's flush, then `fdatasync`
+//! of its data file), then completes them all. Under load many shards' appends share each
+//! fsync (group commit).
 
+use super::Storage;
 use crate::metrics::Metrics;
 use crate::raft::TypeConfig;
 use openraft::storage::LogFlushed;
@@ -22,7 +24,7 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn start(db: sled::Db, metrics: Metrics) -> Self {
+    pub fn start(db: Storage, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(db, rx, metrics));
         Self { tx }
@@ -43,7 +45,7 @@ impl Flusher {
     }
 }
 
-async fn run(db: sled::Db, mut rx: mpsc::UnboundedReceiver<FlushJob>, metrics: Metrics) {
+async fn run(db: Storage, mut rx: mpsc::UnboundedReceiver<FlushJob>, metrics: Metrics) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(job) = rx.try_recv() {
@@ -51,7 +53,7 @@ async fn run(db: sled::Db, mut rx: mpsc::UnboundedReceiver<FlushJob>, metrics: M
         }
         let start = Instant::now();
         let db2 = db.clone();
-        let res = match tokio::task::spawn_blocking(move || db2.flush()).await {
+        let res = match tokio::task::spawn_blocking(move || db2.sync_blocking()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("flush task: {e}")),

@@ -96,8 +96,8 @@ impl ShardView {
                     staged.messages.push((conversation, m));
                 }
                 Change::PutConvMeta { conversation, meta } => batch.insert(conv_meta(&conversation), encode(&meta)),
-                Change::PutDedup { conversation, from, client_msg_id, seq, ts } => {
-                    batch.insert(dedup(&conversation, &from, &client_msg_id), encode(&(seq, ts)))
+                Change::PutDedup { conversation, from, client_msg_id, seq, ts, attempt } => {
+                    batch.insert(dedup(&conversation, &from, &client_msg_id), encode(&(seq, ts, attempt)))
                 }
                 Change::PutIndex { user, conversation, entry, previous_ts } => {
                     if let Some(old) = previous_ts {
@@ -199,7 +199,7 @@ impl Store for ShardView {
     fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, StoreError> {
         self.get(&conv_meta(c))
     }
-    fn dedup(&self, c: &ConversationId, from: &UserId, id: &str) -> Result<Option<(u64, u64)>, StoreError> {
+    fn dedup(&self, c: &ConversationId, from: &UserId, id: &str) -> Result<Option<(u64, u64, u64)>, StoreError> {
         self.get(&dedup(c, from, id))
     }
     fn index_entry(&self, u: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, StoreError> {

@@ -8,6 +8,11 @@
 //! - [`keys`]: the key layout of the state-machine tree and the read queries over it.
 //!
 //! The rest of the code sees sled only through these types (the storage seam).
+//!
+//! **Durable means fsynced.** sled's `Db::flush` ends in `sync_file_range` on Linux, which
+//! neither persists the file's size nor flushes the device's write cache. [`Storage::sync`]
+//! therefore follows every flush with an `fdatasync` of sled's data file (`<data>/db/db`), and
+//! every Raft log append and vote is reported durable only after such a sync covers it.
 
 pub mod flusher;
 pub mod keys;
@@ -23,6 +28,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt record under key {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("I/O on {path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("data directory was created with {found} shards but the config says {configured}; the shard count is fixed at cluster creation")]
     ShardCountMismatch { found: u32, configured: u32 },
 }
@@ -31,12 +38,18 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Storage {
     db: sled::Db,
+    /// sled's one data file, kept open so every sync can `fdatasync` it.
+    data_file: std::sync::Arc<std::fs::File>,
 }
 
 impl Storage {
     /// Opens (or creates) the database under `dir` and pins the shard count.
     pub fn open(dir: &Path, shards: u32) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir.join("db")).cache_capacity(256 << 20).open()?;
+        let io = |e: std::io::Error| StoreError::Io { path: dir.join("db"), source: e };
+        let data_file = std::fs::File::open(dir.join("db").join("db")).map_err(io)?;
+        // The directory entries of sled's files must survive a power loss too.
+        std::fs::File::open(dir.join("db")).and_then(|d| d.sync_all()).map_err(io)?;
         let cluster = db.open_tree("cluster")?;
         match cluster.get("shards")? {
             Some(v) => {
@@ -52,9 +65,18 @@ impl Storage {
             None => {
                 cluster.insert("shards", &shards.to_be_bytes())?;
                 db.flush()?;
+                data_file.sync_data().map_err(io)?;
             }
         }
-        Ok(Self { db })
+        Ok(Self { db, data_file: std::sync::Arc::new(data_file) })
+    }
+
+    /// Blocking: writes everything sled holds in memory and `fdatasync`s it. When this
+    /// returns Ok, every write made before the call is on stable storage.
+    pub fn sync_blocking(&self) -> std::io::Result<usize> {
+        let bytes = self.db.flush().map_err(std::io::Error::other)?;
+        self.data_file.sync_data()?;
+        Ok(bytes)
     }
 
     pub fn db(&self) -> &sled::Db {
@@ -69,12 +91,13 @@ impl Storage {
         ))
     }
 
-    /// Blocking fsync of everything written so far.
+    /// [`Storage::sync_blocking`] off the async threads.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.sync_blocking())
             .await
-            .map_err(|e| StoreError::Corrupt { key: "-".into(), reason: format!("flush task failed: {e}") })??;
+            .map_err(|e| StoreError::Corrupt { key: "-".into(), reason: format!("flush task failed: {e}") })?
+            .map_err(|source| StoreError::Io { path: "db".into(), source })?;
         Ok(())
     }
 }

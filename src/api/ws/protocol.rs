@@ -106,6 +106,9 @@ pub fn parse(text: &str) -> Result<ClientFrame, (Option<Value>, ApiError)> {
 
 pub fn error_frame(id: Option<Value>, e: &ApiError) -> String {
     let mut v = json!({ "type": "error", "code": e.code, "message": e.message });
+    if let Some(ms) = e.retry_after_ms {
+        v["retry_after_ms"] = json!(ms);
+    }
     if let Some(id) = id {
         v["id"] = id;
     }
