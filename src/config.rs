@@ -75,8 +75,12 @@ pub struct Config {
     pub shard_max_queued: usize,
     /// Admission: bytes of new messages queued or in flight per shard before more are refused.
     pub shard_max_queued_bytes: usize,
-    /// Admission: sends this node's client listeners handle at once before refusing more.
+    /// Admission: most sends this node's client listeners handle at once; the actual limit
+    /// adapts below it (see `admission_target_ms`).
     pub node_max_inflight_sends: usize,
+    /// Admission: the send latency the node's adaptive limit aims for; sends slower than this
+    /// shrink the limit, faster ones grow it.
+    pub admission_target_ms: u64,
     /// The `Retry-After` given with a 503 `overloaded`, in milliseconds (rounded up to seconds
     /// in the HTTP header).
     pub overload_retry_after_ms: u64,
@@ -95,7 +99,7 @@ impl Default for Config {
             max_text_bytes: 4096,
             request_timeout_ms: 10_000,
             rpc_timeout_ms: 2_000,
-            heartbeat_ms: 150,
+            heartbeat_ms: 250,
             election_timeout_min_ms: 1_000,
             election_timeout_max_ms: 2_000,
             snapshot_every: 5_000,
@@ -106,10 +110,11 @@ impl Default for Config {
             ws_slow_consumer_ms: 5_000,
             ws_ping_ms: 15_000,
             max_batch: 512,
-            batches_in_flight: 2,
+            batches_in_flight: 1,
             shard_max_queued: 1024,
             shard_max_queued_bytes: 4 << 20,
             node_max_inflight_sends: 4096,
+            admission_target_ms: 100,
             overload_retry_after_ms: 1_000,
         }
     }
@@ -176,8 +181,11 @@ impl Config {
         if self.max_batch == 0 || self.batches_in_flight == 0 {
             return bad("max_batch and batches_in_flight must be > 0".into());
         }
-        if self.shard_max_queued == 0 || self.node_max_inflight_sends == 0 {
-            return bad("shard_max_queued and node_max_inflight_sends must be > 0".into());
+        if self.shard_max_queued == 0 || self.node_max_inflight_sends < 8 {
+            return bad("shard_max_queued must be > 0 and node_max_inflight_sends >= 8".into());
+        }
+        if self.admission_target_ms == 0 || self.admission_target_ms > self.request_timeout_ms {
+            return bad("admission_target_ms must be in 1..=request_timeout_ms".into());
         }
         if self.shard_max_queued_bytes < 2 * self.max_body_bytes {
             return bad("shard_max_queued_bytes must be at least twice max_body_bytes".into());

@@ -17,10 +17,12 @@
 //! - [`config`]: the node configuration (TOML, flags, `RAFTCHAT_*` env).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the `raftchat` command line (server, local cluster, client commands).
+//! - [`bench`]: `raftchat bench`, the open-loop load tool (raftchat and an etcd peer).
 //! - [`fixture`]: starting, killing and restarting real node processes (tests, benchmarks).
 
 pub mod api;
 pub mod auth;
+pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod cli;
@@ -35,4 +37,9 @@ pub mod storage;
 /// Code generated from `proto/raftchat.proto`.
 pub mod pb {
     tonic::include_proto!("raftchat");
+}
+
+/// Client code generated from `proto/etcd_kv.proto` (the benchmark's etcd peer).
+pub mod etcdpb {
+    tonic::include_proto!("etcdserverpb");
 }

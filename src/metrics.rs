@@ -10,8 +10,11 @@ pub struct Metrics {
     pub registry: Registry,
     pub fsync_seconds: Histogram,
     pub fsync_batch: Histogram,
+    pub sled_sync_seconds: Histogram,
     pub proposal_batch: Histogram,
     pub shed: IntCounterVec,
+    pub admission_limit: prometheus::IntGauge,
+    pub admission_inflight: prometheus::IntGauge,
     pub proposal_seconds: HistogramVec,
     pub send_seconds: Histogram,
     pub requests: IntCounterVec,
@@ -49,17 +52,28 @@ impl Metrics {
         };
         let shard_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["shard"]).expect("valid");
         let m = Self {
-            fsync_seconds: h("fsync_seconds", "Latency of one group-commit fsync of the node's sled log"),
+            fsync_seconds: h("fsync_seconds", "Write-ahead log group commit: one write and fdatasync covering every queued record"),
             fsync_batch: Histogram::with_opts(
-                HistogramOpts::new("fsync_batch_size", "Log flush completions served by one fsync")
+                HistogramOpts::new("fsync_batch_size", "Records (appends, votes, commit marks) covered by one write-ahead log fdatasync")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )
             .expect("valid"),
+            sled_sync_seconds: h(
+                "sled_sync_seconds",
+                "State-machine checkpoint latency: sled flush plus fdatasync (before purges, after snapshots)",
+            ),
             proposal_batch: Histogram::with_opts(
                 HistogramOpts::new("proposal_batch_size", "Commands carried by one proposed Raft log entry")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
             )
             .expect("valid"),
+            admission_limit: prometheus::IntGauge::new(
+                "admission_limit",
+                "The node's current adaptive limit on client sends in flight",
+            )
+            .expect("valid"),
+            admission_inflight: prometheus::IntGauge::new("admission_inflight", "Client sends in flight on this node")
+                .expect("valid"),
             shed: IntCounterVec::new(
                 Opts::new("shed_total", "Sends refused with 503 overloaded, by the bound that was reached"),
                 &["bound"],
@@ -132,8 +146,11 @@ impl Metrics {
         register!(
             fsync_seconds,
             fsync_batch,
+            sled_sync_seconds,
             proposal_batch,
             shed,
+            admission_limit,
+            admission_inflight,
             proposal_seconds,
             send_seconds,
             requests,

@@ -114,13 +114,28 @@ pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result
     validate_text(&req.text, node.cfg.max_text_bytes)?;
     let conversation = ConversationId::between(&who.user, &to)?;
     // Node-wide admission: refuse at once rather than queue without bound.
-    let Ok(_slot) = node.send_slots.clone().try_acquire_owned() else {
+    let Some(permit) = node.admission.try_acquire() else {
         node.metrics.shed.with_label_values(&["node"]).inc();
         return Err(ApiError::overloaded(
-            format!("this node is handling {} sends already; nothing was written", node.cfg.node_max_inflight_sends),
+            format!(
+                "this node is at its limit of {} sends in flight; nothing was written",
+                node.admission.limit()
+            ),
             node.cfg.overload_retry_after_ms,
         ));
     };
+    let res = send_admitted(node, who, req, to, conversation).await;
+    permit.finish(matches!(&res, Err(e) if e.code == "timeout"));
+    res
+}
+
+async fn send_admitted(
+    node: &Arc<Node>,
+    who: &Principal,
+    req: SendRequest,
+    to: UserId,
+    conversation: ConversationId,
+) -> Result<SendResponse, ApiError> {
     let deadline = node.request_deadline();
     if !node.user_exists(&to, deadline).await? {
         return Err(ApiError::not_found("unknown_user", format!("no user {to}")));

@@ -20,7 +20,7 @@ pub struct SecretArgs {
 }
 
 impl SecretArgs {
-    fn keys(&self) -> anyhow::Result<Keys> {
+    pub(crate) fn keys(&self) -> anyhow::Result<Keys> {
         if let Some(s) = crate::config::secret_from_env() {
             return Ok(Keys::new(&s));
         }

@@ -1,6 +1,7 @@
 //! The `raftchat` command line: `serve` (one node), `local` (a 3-node cluster on loopback
 //! in one step) and client commands that talk to a node's HTTP API.
 
+mod bench;
 mod chat;
 mod client;
 mod local;
@@ -37,6 +38,8 @@ pub enum Command {
     AddUser(client::AddUserArgs),
     /// Chat interactively over the WebSocket: history, live messages, receipts.
     Chat(chat::ChatArgs),
+    /// Open-loop load: sends (and reads) at fixed rates, latency percentiles, an etcd peer.
+    Bench(bench::BenchArgs),
 }
 
 /// Flags of `serve`; each also reads `RAFTCHAT_<NAME>` from the environment and overrides
@@ -118,6 +121,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::MarkRead(a) => client::mark_read(a).await,
             Command::AddUser(a) => client::add_user(a).await,
             Command::Chat(a) => chat::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
         }
     })
 }

@@ -4,10 +4,12 @@
 //! - [`router`]: [`ShardOp`](router::ShardOp)s and [`Node::call`], which runs one on the
 //!   shard's leader (locally or forwarded).
 //! - [`ops`]: what a leader does with an op: propose, linearizable read, coordinated send.
+//! - [`admission`]: the node's adaptive limit on in-flight client sends.
 //! - [`send`]: the coordinated send and its outbox (confirmation, re-drive after a crash).
 //! - [`shard_handle`]: per local shard: proposing, batching, admission, linearizable reads.
 //! - [`peer_service`]: the gRPC service peers call (Raft RPCs, forwarded ops).
 
+pub mod admission;
 pub mod inbox;
 pub mod ops;
 pub mod peer_service;
@@ -38,6 +40,8 @@ pub enum NodeError {
     Config(#[from] crate::config::ConfigError),
     #[error("storage: {0}")]
     Store(#[from] crate::storage::StoreError),
+    #[error(transparent)]
+    Wal(#[from] crate::storage::wal::WalError),
     #[error("shard group: {0}")]
     Group(#[from] group::GroupError),
     #[error("peers: {0}")]
@@ -61,8 +65,8 @@ pub struct Node {
     pub groups: HashMap<ShardId, Group>,
     /// Proposing, batching, admission and linearizable reads of each local shard.
     pub shards: HashMap<ShardId, shard_handle::ShardHandle>,
-    /// Node-wide admission of client sends (see `node_max_inflight_sends`).
-    pub send_slots: Arc<tokio::sync::Semaphore>,
+    /// Node-wide admission of client sends (an adaptive limit, see [`admission`]).
+    pub admission: Arc<admission::Limiter>,
     leader_hints: Mutex<HashMap<ShardId, NodeId>>,
     known_users: Mutex<HashSet<UserId>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,
@@ -161,6 +165,8 @@ impl Node {
             m.shard_last_log.with_label_values(&l).set(rm.last_log_index.map(|x| x as i64).unwrap_or(0));
             m.shard_snapshot.with_label_values(&l).set(rm.snapshot.map(|x| x.index as i64).unwrap_or(0));
         }
+        m.admission_limit.set(self.admission.limit() as i64);
+        m.admission_inflight.set(self.admission.inflight() as i64);
     }
 }
 
@@ -174,6 +180,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let storage = Storage::open(&cfg.data_dir, cfg.shards)?;
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());
+    let wal = crate::storage::wal::Wal::open(&cfg.data_dir.join("wal"), metrics.clone())?;
     let members = cfg.members();
     let placement = Placement::new(cfg.shards, members.iter().map(|m| m.id).collect());
     let peers = Peers::new(
@@ -195,7 +202,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let mut groups = HashMap::new();
     for shard in &local {
         let g =
-            group::start(&cfg, *shard, &placement.replicas(*shard), &storage, &flusher, &peers, &metrics, cache_budget)
+            group::start(
+            &cfg,
+            *shard,
+            &placement.replicas(*shard),
+            &storage,
+            &wal,
+            &flusher,
+            &peers,
+            &metrics,
+            cache_budget,
+        )
                 .await?;
         groups.insert(*shard, g);
     }
@@ -219,7 +236,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         peers,
         metrics,
         shards,
-        send_slots: Arc::new(tokio::sync::Semaphore::new(cfg.node_max_inflight_sends)),
+        admission: admission::Limiter::new(
+            64,
+            8,
+            cfg.node_max_inflight_sends,
+            Duration::from_millis(cfg.admission_target_ms),
+        ),
         groups,
         leader_hints: Mutex::new(HashMap::new()),
         known_users: Mutex::new(HashSet::new()),

@@ -10,6 +10,7 @@ use crate::shard::{NodeId, ShardId};
 use crate::storage::flusher::Flusher;
 use crate::storage::log::LogStore;
 use crate::storage::sm::StateMachine;
+use crate::storage::wal::Wal;
 use crate::storage::Storage;
 use openraft::{BasicNode, SnapshotPolicy};
 use std::collections::BTreeMap;
@@ -51,6 +52,10 @@ pub fn raft_config(cfg: &Config, shard: ShardId) -> Result<Arc<openraft::Config>
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: cfg.keep_logs,
         snapshot_max_chunk_size: 1 << 20,
+        // Entries carry batches of commands; bound what one AppendEntries carries so a
+        // catching-up follower gets answers within the RPC timeout (openraft uses the
+        // heartbeat interval as that timeout).
+        max_payload_entries: 64,
         ..Default::default()
     };
     Ok(Arc::new(c.validate().map_err(|e| GroupError::Config(e.to_string()))?))
@@ -62,13 +67,14 @@ pub async fn start(
     shard: ShardId,
     replicas: &[NodeId],
     storage: &Storage,
+    wal: &Wal,
     flusher: &Flusher,
     peers: &Peers,
     metrics: &Metrics,
     cache_budget: usize,
 ) -> Result<Group, GroupError> {
-    let (log_tree, meta_tree, sm_tree) = storage.shard_trees(shard)?;
-    let log = LogStore::new(log_tree, meta_tree.clone(), flusher.clone());
+    let (meta_tree, sm_tree) = storage.shard_trees(shard)?;
+    let log = LogStore::new(shard, wal.clone(), flusher.clone());
     let committed_index = log.committed_index.clone();
     let label = shard.to_string();
     let cache = Arc::new(RecentCache::new(

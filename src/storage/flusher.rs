@@ -1,20 +1,18 @@
-//! Group commit: one task per node makes log writes durable for every shard at once.
+//! Durable state-machine checkpoints: one task per node makes sled's contents durable on
+//! request (before a log purge, after a snapshot is built or installed).
 //!
-//! Appenders write into sled (buffered) and hand a completion to this task; it drains all
-//! completions waiting, runs one [`Storage::sync_blocking`] (sled's flush, then `fdatasync`
-//! of its data file), then completes them all. Under load many shards' appends share each
-//! fsync (group commit).
+//! Callers wait on [`Flusher::sync`]; the task drains every request waiting, runs one
+//! [`Storage::sync_blocking`] (sled's flush, then `fdatasync` of its data file) and answers
+//! them all. The Raft log itself does not go through here but through the write-ahead log
+//! ([`super::wal`]).
 
 use super::Storage;
 use crate::metrics::Metrics;
-use crate::raft::TypeConfig;
-use openraft::storage::LogFlushed;
 use std::io;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 pub enum FlushJob {
-    Log(LogFlushed<TypeConfig>),
     Wait(oneshot::Sender<io::Result<()>>),
 }
 
@@ -28,13 +26,6 @@ impl Flusher {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(db, rx, metrics));
         Self { tx }
-    }
-
-    /// Completes `cb` after the next fsync.
-    pub fn log_flushed(&self, cb: LogFlushed<TypeConfig>) {
-        if let Err(mpsc::error::SendError(FlushJob::Log(cb))) = self.tx.send(FlushJob::Log(cb)) {
-            cb.log_io_completed(Err(io::Error::other("flusher stopped")));
-        }
     }
 
     /// Waits for an fsync that covers everything written before this call.
@@ -58,19 +49,14 @@ async fn run(db: Storage, mut rx: mpsc::UnboundedReceiver<FlushJob>, metrics: Me
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("flush task: {e}")),
         };
-        metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
-        metrics.fsync_batch.observe(batch.len() as f64);
+        metrics.sled_sync_seconds.observe(start.elapsed().as_secs_f64());
         if let Err(e) = &res {
             tracing::error!(cause = %e, "fsync failed");
         }
         for job in batch {
             let r = res.clone().map_err(io::Error::other);
-            match job {
-                FlushJob::Log(cb) => cb.log_io_completed(r),
-                FlushJob::Wait(tx) => {
-                    let _ = tx.send(r);
-                }
-            }
+            let FlushJob::Wait(tx) = job;
+            let _ = tx.send(r);
         }
     }
 }

