@@ -52,10 +52,16 @@ impl Metrics {
         };
         let shard_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["shard"]).expect("valid");
         let m = Self {
-            fsync_seconds: h("fsync_seconds", "Write-ahead log group commit: one write and fdatasync covering every queued record"),
+            fsync_seconds: h(
+                "fsync_seconds",
+                "Write-ahead log group commit: one write and fdatasync covering every queued record",
+            ),
             fsync_batch: Histogram::with_opts(
-                HistogramOpts::new("fsync_batch_size", "Records (appends, votes, commit marks) covered by one write-ahead log fdatasync")
-                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+                HistogramOpts::new(
+                    "fsync_batch_size",
+                    "Records (appends, votes, commit marks) covered by one write-ahead log fdatasync",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )
             .expect("valid"),
             sled_sync_seconds: h(

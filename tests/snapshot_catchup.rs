@@ -61,7 +61,7 @@ async fn node_down_during_log_purge_catches_up_by_snapshot() {
     // Stop it and read its own disk: every message is there, in order.
     assert!(c.stop(down, Duration::from_secs(30)).unwrap().success());
     let storage = Storage::open(&c.configs[down].data_dir, 8).unwrap();
-    let (_, _, sm) = storage.shard_trees(shard).unwrap();
+    let (_, sm) = storage.shard_trees(shard).unwrap();
     let msgs = ShardView { tree: sm }.messages(&conv, 1, MESSAGES).unwrap();
     let texts: Vec<String> = msgs.iter().map(|m| m.text.clone()).collect();
     assert_eq!(texts, (1..=MESSAGES).map(|i| format!("message {i}")).collect::<Vec<_>>());

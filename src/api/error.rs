@@ -33,7 +33,10 @@ impl ApiError {
     /// `503 overloaded`: refused at once because a bound on in-flight work was reached;
     /// nothing was written, so a retry after `retry_after_ms` is safe.
     pub fn overloaded(message: impl Into<String>, retry_after_ms: u64) -> Self {
-        Self { retry_after_ms: Some(retry_after_ms), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message) }
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+        }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)

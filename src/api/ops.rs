@@ -117,10 +117,7 @@ pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result
     let Some(permit) = node.admission.try_acquire() else {
         node.metrics.shed.with_label_values(&["node"]).inc();
         return Err(ApiError::overloaded(
-            format!(
-                "this node is at its limit of {} sends in flight; nothing was written",
-                node.admission.limit()
-            ),
+            format!("this node is at its limit of {} sends in flight; nothing was written", node.admission.limit()),
             node.cfg.overload_retry_after_ms,
         ));
     };

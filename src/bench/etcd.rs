@@ -20,7 +20,8 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `members` etcd processes under `dir` and waits until a put succeeds.
     pub async fn start(bin: &Path, dir: &Path, members: usize) -> anyhow::Result<Self> {
-        let ports: Vec<(u16, u16)> = (0..members).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+        let ports: Vec<(u16, u16)> =
+            (0..members).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
         let initial: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, p))| format!("e{}=http://127.0.0.1:{p}", i + 1)).collect();
         let mut children = Vec::new();

@@ -120,9 +120,16 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     let names: Vec<String> = (0..plan.users).map(|i| format!("bench{i}")).collect();
     let admin = keys.mint(&UserId::parse("operator")?, 3600, true);
     register(&http, &urls[0], &admin, &names).await?;
-    let tokens = names.iter().map(|n| Ok(keys.mint(&UserId::parse(n)?, 6 * 3600, false))).collect::<anyhow::Result<_>>()?;
+    let tokens =
+        names.iter().map(|n| Ok(keys.mint(&UserId::parse(n)?, 6 * 3600, false))).collect::<anyhow::Result<_>>()?;
     let users = Arc::new(Users { names, tokens });
-    let target = Arc::new(Http { client: http.clone(), urls: urls.clone(), users: users.clone(), run_id, text_bytes: plan.text_bytes });
+    let target = Arc::new(Http {
+        client: http.clone(),
+        urls: urls.clone(),
+        users: users.clone(),
+        run_id,
+        text_bytes: plan.text_bytes,
+    });
     let ws = match plan.via {
         Via::Ws => Some(Arc::new(Ws::connect(&urls, users.clone(), run_id, plan.text_bytes).await?)),
         Via::Http => None,
@@ -260,7 +267,11 @@ fn machine() -> String {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     format!("{cpus} CPUs, {model}")
 }

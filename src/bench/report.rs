@@ -42,7 +42,17 @@ pub fn table(steps: &[StepSummary]) -> String {
     let _ = writeln!(
         t,
         "{:<10} {:<8} {:>9} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>9}",
-        "system", "op", "offered/s", "achieved", "refused", "errors", "p50 ms", "p99 ms", "p999 ms", "max ms", "refuse p99"
+        "system",
+        "op",
+        "offered/s",
+        "achieved",
+        "refused",
+        "errors",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "max ms",
+        "refuse p99"
     );
     for s in steps {
         let _ = writeln!(
@@ -76,7 +86,10 @@ pub fn svg(steps: &[StepSummary], title: &str) -> String {
     let x = |v: f64| ml + v / xmax * (w - ml - mr);
     let y = |v: f64| h - mb - (v.max(ymin).ln() - ymin.ln()) / (ymax.ln() - ymin.ln()) * (h - mb - mt);
     let mut o = String::new();
-    let _ = writeln!(o, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(o, r#"<text x="{}" y="22" font-size="15">{}</text>"#, ml, xml(title));
     let _ = writeln!(o, r#"<line x1="{ml}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, h - mb, w - mr, h - mb);
@@ -91,10 +104,24 @@ pub fn svg(steps: &[StepSummary], title: &str) -> String {
         let _ = writeln!(o, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, ml - 6.0, y(tick) + 4.0, tick);
         tick *= 10.0;
     }
-    let _ = writeln!(o, r#"<line x1="{ml}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="red" stroke-dasharray="4 3"/>"#, y(50.0), w - mr);
+    let _ = writeln!(
+        o,
+        r#"<line x1="{ml}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="red" stroke-dasharray="4 3"/>"#,
+        y(50.0),
+        w - mr
+    );
     let _ = writeln!(o, r#"<text x="{}" y="{:.1}" fill="red">p99 50 ms</text>"#, w - mr + 4.0, y(50.0) + 4.0);
-    let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="middle">achieved operations per second</text>"#, (ml + w - mr) / 2.0, h - 12.0);
-    let _ = writeln!(o, r#"<text x="16" y="{}" transform="rotate(-90 16 {0})" text-anchor="middle">p99 latency, ms (log)</text>"#, (mt + h - mb) / 2.0);
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="{}" text-anchor="middle">achieved operations per second</text>"#,
+        (ml + w - mr) / 2.0,
+        h - 12.0
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="16" y="{}" transform="rotate(-90 16 {0})" text-anchor="middle">p99 latency, ms (log)</text>"#,
+        (mt + h - mb) / 2.0
+    );
     let colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
     for (k, (name, pts)) in series.iter().enumerate() {
         let c = colours[k % colours.len()];

@@ -74,7 +74,8 @@ impl Http {
             "client_msg_id": format!("b{:x}-{i}", self.run_id),
             "text": text(i, self.text_bytes),
         });
-        let r = self.client.post(format!("{url}/v1/messages")).bearer_auth(&self.users.tokens[a]).json(&body).send().await;
+        let r =
+            self.client.post(format!("{url}/v1/messages")).bearer_auth(&self.users.tokens[a]).json(&body).send().await;
         match r {
             Ok(r) if r.status().is_success() => Outcome::Ok,
             Ok(r) => {

@@ -5,18 +5,22 @@
 //! applied log id. No I/O happens here, so every rule is unit-tested without a cluster.
 
 use super::command::{Command, Reply};
-use std::collections::{HashMap, HashSet};
 use super::types::{
     preview as make_preview, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, Pending, ReceiptKind, UserId,
 };
+use std::collections::{HashMap, HashSet};
 
 /// Read access to one shard's state.
 pub trait Store {
     type Error;
     fn conv_meta(&self, c: &ConversationId) -> Result<Option<ConvMeta>, Self::Error>;
     /// The `(seq, ts, attempt)` an earlier send with this idempotency key got.
-    fn dedup(&self, c: &ConversationId, from: &UserId, client_msg_id: &str)
-        -> Result<Option<(u64, u64, u64)>, Self::Error>;
+    fn dedup(
+        &self,
+        c: &ConversationId,
+        from: &UserId,
+        client_msg_id: &str,
+    ) -> Result<Option<(u64, u64, u64)>, Self::Error>;
     fn index_entry(&self, user: &UserId, c: &ConversationId) -> Result<Option<IndexEntry>, Self::Error>;
     fn user_exists(&self, user: &UserId) -> Result<bool, Self::Error>;
     /// Number of the user's last inbox event (0 if none).

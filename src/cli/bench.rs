@@ -110,7 +110,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     {
         println!("ratio raftchat / etcd at p99 <= 50 ms: {:.2}", r / e);
     }
-    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", a.out.display()))?;
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     println!("report: {}", a.out.display());
     if let Some(p) = &a.svg {
         std::fs::write(p, bench::report::svg(&report.steps, "raftchat send→ack vs etcd put, 3 nodes, open loop"))?;

@@ -201,8 +201,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let cache_budget = cfg.cache_bytes / local.len().max(1);
     let mut groups = HashMap::new();
     for shard in &local {
-        let g =
-            group::start(
+        let g = group::start(
             &cfg,
             *shard,
             &placement.replicas(*shard),
@@ -213,7 +212,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
             &metrics,
             cache_budget,
         )
-                .await?;
+        .await?;
         groups.insert(*shard, g);
     }
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();

@@ -87,7 +87,9 @@ impl Storage {
     /// returns Ok, every write made before the call is on stable storage.
     pub fn sync_blocking(&self) -> std::io::Result<usize> {
         let bytes = self.db.flush().map_err(std::io::Error::other)?;
-        if std::env::var_os("XX_NOSYNC").is_none() { self.data_file.sync_data()?; }
+        if std::env::var_os("XX_NOSYNC").is_none() {
+            self.data_file.sync_data()?;
+        }
         Ok(bytes)
     }
 
@@ -97,10 +99,7 @@ impl Storage {
 
     /// The shard's snapshot tree and state-machine tree.
     pub fn shard_trees(&self, shard: ShardId) -> Result<(sled::Tree, sled::Tree), StoreError> {
-        Ok((
-            self.db.open_tree(format!("s{shard}.meta"))?,
-            self.db.open_tree(format!("s{shard}.sm"))?,
-        ))
+        Ok((self.db.open_tree(format!("s{shard}.meta"))?, self.db.open_tree(format!("s{shard}.sm"))?))
     }
 
     /// [`Storage::sync_blocking`] off the async threads.

@@ -27,7 +27,7 @@ use openraft::{Entry, LogId, RaftLogId, Vote};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -64,13 +64,30 @@ pub struct ShardMeta {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Record {
-    Entry { shard: ShardId, entry: Entry<TypeConfig> },
+    Entry {
+        shard: ShardId,
+        entry: Entry<TypeConfig>,
+    },
     /// Entries from `since` on are gone (a new leader overwrote them).
-    Truncate { shard: ShardId, since: u64 },
-    Purge { shard: ShardId, upto: LogId<NodeId> },
-    Vote { shard: ShardId, vote: Vote<NodeId> },
-    Committed { shard: ShardId, committed: Option<LogId<NodeId>> },
-    Checkpoint { shards: Vec<(ShardId, ShardMeta)> },
+    Truncate {
+        shard: ShardId,
+        since: u64,
+    },
+    Purge {
+        shard: ShardId,
+        upto: LogId<NodeId>,
+    },
+    Vote {
+        shard: ShardId,
+        vote: Vote<NodeId>,
+    },
+    Committed {
+        shard: ShardId,
+        committed: Option<LogId<NodeId>>,
+    },
+    Checkpoint {
+        shards: Vec<(ShardId, ShardMeta)>,
+    },
 }
 
 /// [`Record::Entry`] by reference: the same JSON without moving the entry.
@@ -296,7 +313,13 @@ impl Wal {
             None => {
                 let seq = 1;
                 let path = segment_path(dir, seq);
-                let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io(&path))?;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
                 File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
                 lock(&shared.segments).insert(seq, Segment { file: Arc::new(file), path, max_index: HashMap::new() });
                 (seq, 0)
@@ -347,7 +370,9 @@ impl Wal {
             for entry in entries {
                 let at = frames.len();
                 let log_id = *entry.get_log_id();
-                let f = serde_json::to_vec(&EntryRecord::Entry { shard, entry: &entry }).map(|p| frame(&p)).map_err(io::Error::other)?;
+                let f = serde_json::to_vec(&EntryRecord::Entry { shard, entry: &entry })
+                    .map(|p| frame(&p))
+                    .map_err(io::Error::other)?;
                 located.push((shard, log_id, at, f.len() as u32));
                 frames.extend_from_slice(&f);
                 l.insert(entry, None, true);
@@ -416,7 +441,9 @@ impl Wal {
                         missing.push((out.len(), *i, loc));
                         out.push(None);
                     }
-                    (None, None) => return Err(io::Error::other(format!("log entry {i} is neither cached nor written"))),
+                    (None, None) => {
+                        return Err(io::Error::other(format!("log entry {i} is neither cached nor written")))
+                    }
                 }
             }
         }
@@ -542,7 +569,9 @@ impl Writer {
             }
             self.buf.extend_from_slice(&j.frames);
         }
-        (&*file).write_all(&self.buf)?;
+        // Positioned writes: the descriptor's own offset is not the segment's end after a
+        // reopen (and never needs to be).
+        file.write_all_at(&self.buf, base)?;
         file.sync_data()?;
         self.size += self.buf.len() as u64;
         // Entries now have a place on disk; their decoded copies may be evicted later.
@@ -576,7 +605,7 @@ impl Writer {
         let metas: Vec<(ShardId, ShardMeta)> =
             lock(&self.shared.shards).iter().map(|(s, l)| (*s, lock(l).meta.clone())).collect();
         let cp = encode(&Record::Checkpoint { shards: metas })?;
-        (&file).write_all(&cp)?;
+        file.write_all_at(&cp, 0)?;
         file.sync_data()?;
         File::open(&self.shared.dir)?.sync_all()?;
         lock(&self.shared.segments).insert(seq, Segment { file: Arc::new(file), path, max_index: HashMap::new() });

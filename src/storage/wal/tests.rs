@@ -57,6 +57,19 @@ fn entries_votes_and_commit_marks_survive_reopening() {
     assert_eq!(wal.read(&wal.shard(1), 40, 43).unwrap(), vec![entry(1, 40), entry(1, 41), entry(1, 42)]);
 }
 
+/// Appends after a reopen go after the existing records, not over them.
+#[test]
+fn appends_after_reopening_extend_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3u64 {
+        let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
+        append(&wal, 1, (round * 10 + 1..=round * 10 + 10).map(|i| entry(1, i)).collect());
+    }
+    let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
+    assert_eq!(indexes(&wal, 1), (1..=30).map(|i| (1, i)).collect::<Vec<_>>());
+    assert_eq!(wal.read(&wal.shard(1), 1, 2).unwrap(), vec![entry(1, 1)], "read back from disk");
+}
+
 #[test]
 fn a_torn_tail_is_cut_off_and_appends_continue_after_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,7 +81,7 @@ fn a_torn_tail_is_cut_off_and_appends_continue_after_it() {
     let good = std::fs::metadata(&seg).unwrap().len();
     // A crash in the middle of the next write: a header promising more than is there.
     let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'{', b'"']).unwrap();
+    std::io::Write::write_all(&mut f, &[200, 0, 0, 0, 1, 2, 3, 4, b'{', b'"']).unwrap();
     drop(f);
     let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), good, "the torn bytes are cut off");
@@ -76,7 +89,7 @@ fn a_torn_tail_is_cut_off_and_appends_continue_after_it() {
     append(&wal, 1, vec![entry(1, 11)]);
     drop(wal);
     let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
-    assert_eq!(indexes(&wal, 1).last(), Some(&(1, 11)));
+    assert_eq!(indexes(&wal, 1), (1..=11).map(|i| (1, i)).collect::<Vec<_>>());
 }
 
 #[test]

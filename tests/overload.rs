@@ -1,0 +1,122 @@
+//! Admission control on a real 3-node cluster: a burst beyond a shard's bound is refused at
+//! once with `503 overloaded` and `Retry-After` (WebSocket: an error frame with the same code
+//! and `retry_after_ms`); nothing refused is written, everything accepted is, once, in one
+//! gap-free order; the cluster serves normally afterwards.
+
+mod common;
+
+use common::*;
+use raftchat::api::ops::HistoryResponse;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// A tiny per-shard queue, so a burst overflows it on any machine.
+fn tight(c: &mut raftchat::config::Config) {
+    c.shard_max_queued = 2;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_past_the_bound_is_refused_and_nothing_refused_is_written() {
+    let c = start(3, tight).await;
+    c.register(0, "bob").await;
+    // The conversation exists and alice is registered before the burst.
+    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+
+    let token = c.token("alice");
+    let url = format!("{}/v1/messages", c.url(0));
+    let calls = (0..300).map(|i| {
+        let (http, url, token) = (c.http.clone(), url.clone(), token.clone());
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"to": "bob", "client_msg_id": format!("b{i}"), "text": format!("burst {i}")}))
+                .send()
+                .await
+                .expect("the node answers");
+            let status = r.status().as_u16();
+            let retry_after = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let body: serde_json::Value = r.json().await.expect("JSON body");
+            (i, status, retry_after, body)
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+
+    let mut accepted = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    for (i, status, retry_after, body) in &answers {
+        match status {
+            200 => {
+                assert_eq!(body["duplicate"], false, "a first attempt is never a duplicate: {body}");
+                accepted.insert(format!("b{i}"));
+            }
+            503 => {
+                assert_eq!(body["code"], "overloaded", "{body}");
+                let secs: u64 = retry_after.as_deref().expect("Retry-After on a 503").parse().expect("whole seconds");
+                assert!(secs >= 1, "Retry-After {secs}");
+                refused.insert(format!("b{i}"));
+            }
+            other => panic!("send b{i}: unexpected {other} {body}"),
+        }
+    }
+    assert!(!refused.is_empty(), "a burst of 300 past a bound of 2 was never refused");
+    assert!(!accepted.is_empty(), "nothing of the burst was accepted");
+
+    // Every accepted message is stored once, in a gap-free order; no refused one is.
+    let h: HistoryResponse = c.full_history(1, "bob", "alice~bob").await;
+    let seqs: Vec<u64> = h.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=h.messages.len() as u64).collect::<Vec<_>>(), "gap-free");
+    let stored: BTreeSet<String> =
+        h.messages.iter().map(|m| m.client_msg_id.clone()).filter(|id| id.starts_with('b')).collect();
+    assert_eq!(stored, accepted, "stored = accepted");
+    assert!(stored.is_disjoint(&refused));
+    let mut shed = 0.0;
+    for node in 0..3 {
+        shed += c.metric(node, "raftchat_shed_total").await;
+    }
+    assert!(shed >= refused.len() as f64, "shed_total {shed} counts the {} refusals", refused.len());
+
+    // Refused sends can be retried (same client_msg_id) once the burst is over.
+    let again = refused.iter().next().expect("one refused").clone();
+    let r = c.send_ok(2, "alice", "bob", &again, "retried after 503").await;
+    assert!(!r.duplicate, "nothing was written the first time");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_burst_gets_overloaded_error_frames() {
+    let c = start(3, tight).await;
+    c.register(0, "bob").await;
+    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+    // A connection may have 16 requests in flight; 8 connections send waves of 16.
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(Ws::connect(&c.url(0), Some(&c.token("alice")), None).await.unwrap());
+    }
+    let (mut sent, mut overloaded) = (0, 0);
+    for wave in 0..4 {
+        for (k, ws) in conns.iter_mut().enumerate() {
+            for i in 0..16 {
+                let id = format!("w{wave}-{k}-{i}");
+                ws.send(json!({"type": "send", "id": id, "to": "bob", "client_msg_id": id, "text": "burst"})).await;
+            }
+        }
+        for ws in conns.iter_mut() {
+            for _ in 0..16 {
+                let v = ws.reply(Duration::from_secs(30)).await;
+                match v["type"].as_str() {
+                    Some("sent") => sent += 1,
+                    Some("error") => {
+                        assert_eq!(v["code"], "overloaded", "{v}");
+                        assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}");
+                        overloaded += 1;
+                    }
+                    _ => panic!("unexpected reply {v}"),
+                }
+            }
+        }
+    }
+    assert!(overloaded > 0 && sent > 0, "sent {sent}, overloaded {overloaded}");
+    let h: HistoryResponse = c.full_history(2, "alice", "alice~bob").await;
+    assert_eq!(h.messages.len(), 1 + sent, "warm-up plus every sent frame, nothing refused");
+}
