@@ -21,6 +21,8 @@ pub struct Db {
     dir: PathBuf,
     pub faketime: bool,
     pub shards: u32,
+    /// Each node's data folder on a lazy filesystem (the `power` nemesis), unmounted last.
+    pub lazy: Vec<crate::lazyfs::Mounted>,
 }
 
 fn clock_file(dir: &Path, i: usize) -> PathBuf {
@@ -37,8 +39,9 @@ fn harness_config(c: &mut raftchat::config::Config) {
 }
 
 impl Db {
-    /// Writes every node's config and starts them all.
-    pub fn start(net: Net, bin: &Path, dir: &Path, shards: u32) -> anyhow::Result<Self> {
+    /// Writes every node's config and starts them all; with `lazy`, each node's data folder
+    /// (`node<N>`) is first mounted as a lazy view of `node<N>.disk`.
+    pub fn start(net: Net, bin: &Path, dir: &Path, shards: u32, lazy: bool) -> anyhow::Result<Self> {
         if !bin.exists() {
             bail!("raftchat binary {} not found: build it first (cargo build --release)", bin.display());
         }
@@ -66,8 +69,15 @@ impl Db {
             wrap: Some(wrap),
             ..Spec::new(net.nodes, dir)
         };
+        let mut mounts = Vec::new();
+        if lazy {
+            for i in 0..net.nodes {
+                let backing = dir.join(format!("node{}.disk", i + 1));
+                mounts.push(crate::lazyfs::LazyFs::mount(&backing, &dir.join(format!("node{}", i + 1)))?);
+            }
+        }
         let cluster = Cluster::start(bin, &spec)?;
-        Ok(Self { net, cluster, dir: dir.to_path_buf(), faketime, shards })
+        Ok(Self { net, cluster, dir: dir.to_path_buf(), faketime, shards, lazy: mounts })
     }
 
     pub fn len(&self) -> usize {
@@ -100,6 +110,15 @@ impl Db {
     pub fn set_clock(&self, i: usize, offset_secs: i64) -> anyhow::Result<()> {
         std::fs::write(clock_file(&self.dir, i), format!("{offset_secs:+}\n"))?;
         Ok(())
+    }
+
+    /// Power loss of node `i`: kill -9, then its lazy filesystem forgets every write that
+    /// was not fsynced. Returns the bytes dropped.
+    pub fn power_loss(&mut self, i: usize) -> anyhow::Result<u64> {
+        anyhow::ensure!(!self.lazy.is_empty(), "power loss needs the nodes on lazy filesystems");
+        self.resume(i);
+        self.kill(i);
+        Ok(self.lazy[i].fs.power_loss())
     }
 
     /// Stops every node (SIGCONT first, then SIGKILL).

@@ -5,6 +5,7 @@
 //!   orders, stale reads, push streams, recent lists).
 //! - [`net`]: network namespaces on a bridge, iptables partitions.
 //! - [`db`]: the raftchat nodes under test, one per namespace, with kill, pause, clock.
+//! - [`lazyfs`]: a FUSE filesystem that drops unsynced writes (the `power` nemesis).
 //! - [`client`]: workers that invoke operations and push subscribers.
 //! - [`nemesis`]: the fault schedule and its timeline.
 //! - [`plot`]: latency and throughput over time with fault windows shaded (SVG).
@@ -14,6 +15,7 @@ pub mod checker;
 pub mod client;
 pub mod db;
 pub mod history;
+pub mod lazyfs;
 pub mod nemesis;
 pub mod net;
 pub mod plot;

@@ -9,7 +9,10 @@
 //! - `kill`: kill -9 one or two nodes, restart them when the window ends;
 //! - `pause`: SIGSTOP a node (often a leader), SIGCONT at the end;
 //! - `clock`: skew a node's wall clock by up to ±5 minutes, or jump it back and forth;
-//! - `restart`: kill -9 every node at once, then start them all.
+//! - `restart`: kill -9 every node at once, then start them all;
+//! - `power`: power loss of one node, a majority, or every node: kill -9, then the node's
+//!   lazy filesystem ([`crate::lazyfs`]) drops every write that was not fsynced; restarted
+//!   when the window ends. With this family every node's data folder is a lazy mount.
 //!
 //! A third of the windows combine two families at once. Every window ends by undoing its
 //! faults; the run ends with a full heal.
@@ -25,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
-pub const FAMILIES: &[&str] = &["partition", "isolate", "kill", "pause", "clock", "restart"];
+pub const FAMILIES: &[&str] = &["partition", "isolate", "kill", "pause", "clock", "restart", "power"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
@@ -131,6 +134,20 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
             db.kill_all();
             Ok(("kill -9 all nodes".into(), Undo::Restart((0..n).collect())))
         }
+        "power" => {
+            let (k, what) = match pick % 3 {
+                0 => (1, "one node"),
+                1 => (n / 2 + 1, "a majority"),
+                _ => (n, "every node"),
+            };
+            let victims = nodes[..k].to_vec();
+            let mut dropped = 0;
+            for v in &victims {
+                dropped += db.power_loss(*v)?;
+            }
+            let ids: Vec<usize> = victims.iter().map(|i| i + 1).collect();
+            Ok((format!("power loss of {what} {ids:?} ({dropped} unsynced bytes dropped)"), Undo::Restart(victims)))
+        }
         other => anyhow::bail!("unknown nemesis {other:?}; known: {FAMILIES:?}"),
     }
 }
@@ -187,7 +204,7 @@ pub async fn run(
         if families.len() > 1 && rand::rng().random_bool(1.0 / 3.0) {
             let other: Vec<&String> = families
                 .iter()
-                .filter(|f| !picked.contains(f) && *f != "restart")
+                .filter(|f| !picked.contains(f) && *f != "restart" && *f != "power")
                 .filter(|f| !(picked.iter().any(|p| is_partition(p)) && is_partition(f)))
                 .collect();
             if let Some(f) = other.choose(&mut rand::rng()) {

@@ -71,7 +71,8 @@ pub async fn run(o: Opts) -> anyhow::Result<Verdict> {
 }
 
 async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> {
-    let db = Db::start(net, &o.bin, &out, o.shards)?;
+    let power = o.nemesis.iter().any(|f| f == "power");
+    let db = Db::start(net, &o.bin, &out, o.shards, power)?;
     if !db.faketime && o.nemesis.iter().any(|f| f == "clock") {
         eprintln!(
             "warning: {} not found (apt-get install libfaketime): clock faults are skipped",

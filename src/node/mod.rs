@@ -252,6 +252,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     if cfg!(feature = "fault-stale-reads") {
         tracing::warn!("BUILT WITH fault-stale-reads: reads skip the leadership check; this build is for the consistency harness only");
     }
+    if cfg!(feature = "fault-unsynced-wal") {
+        tracing::warn!("BUILT WITH fault-unsynced-wal: log appends are acknowledged without fsync; this build is for the consistency harness only");
+    }
     if let Some(f) = &node.fault {
         tracing::warn!(fault = %f, "FAULT INJECTION ENABLED: this node will misbehave on purpose");
     }

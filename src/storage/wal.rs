@@ -572,7 +572,9 @@ impl Writer {
         // Positioned writes: the descriptor's own offset is not the segment's end after a
         // reopen (and never needs to be).
         file.write_all_at(&self.buf, base)?;
-        file.sync_data()?;
+        if !cfg!(feature = "fault-unsynced-wal") {
+            file.sync_data()?;
+        }
         self.size += self.buf.len() as u64;
         // Entries now have a place on disk; their decoded copies may be evicted later.
         let shards = lock(&self.shared.shards).clone();
