@@ -6,9 +6,10 @@
 //! its `fsync`). [`LazyFs::power_loss`] forgets every pending write, as a power cut forgets
 //! the page cache. Reads see pending writes, so a running node notices nothing.
 //!
-//! Simplifications (all in favour of the system under test, so they hide no bug it has):
-//! directory operations (create, mkdir, rename, unlink) and truncation reach the backing
-//! folder at once, as if the directory were synced after each. Files are opened with
+//! Truncation is lazy too: a file truncated and rewritten but not fsynced keeps its old
+//! contents after a power loss. Simplification (in favour of the system under test, so it
+//! hides no bug of its own): directory operations (create, mkdir, rename, unlink) reach the
+//! backing folder at once, as if the directory were synced after each. Files are opened with
 //! `direct_io` and attributes are never cached, so the kernel's page cache cannot keep
 //! data this filesystem dropped. `sync_file_range` never reaches a FUSE filesystem: data
 //! "synced" that way is lost here, as it can be on a real disk.
@@ -32,8 +33,10 @@ const ROOT: u64 = 1;
 #[derive(Default)]
 struct Pending {
     writes: Vec<(u64, Vec<u8>)>,
-    /// Logical size including pending writes.
+    /// Logical size including pending writes and truncations.
     size: u64,
+    /// The backing file is cut to this length at the next fsync (an unsynced truncation).
+    cut: Option<u64>,
 }
 
 #[derive(Default)]
@@ -165,7 +168,10 @@ impl Filesystem for Fuse {
         let mut st = lock(&self.0.state);
         let Some(dir) = self.path_of(&st, parent) else { return reply.error(libc::ENOENT) };
         let rel = dir.join(name);
-        if std::fs::symlink_metadata(self.0.real(&rel)).is_err() {
+        if let Err(e) = std::fs::symlink_metadata(self.0.real(&rel)) {
+            if std::env::var_os("LAZYFS_DEBUG").is_some() {
+                eprintln!("lazyfs lookup {parent} {rel:?}: {e}");
+            }
             return reply.error(libc::ENOENT);
         }
         let ino = Self::ino_for(&mut st, rel.clone());
@@ -211,24 +217,18 @@ impl Filesystem for Fuse {
             }
         }
         if let Some(n) = size {
-            // Truncation reaches the backing file at once (a simplification, see the docs).
-            let f = match self.file(&mut st, ino) {
-                Ok(f) => f,
-                Err(e) => return reply.error(e),
-            };
-            if let Err(e) = f.set_len(n) {
-                return reply.error(errno(&e));
-            }
-            if let Some(p) = st.pending.get_mut(&ino) {
-                for (off, data) in p.writes.iter_mut() {
-                    if *off >= n {
-                        data.clear();
-                    } else if *off + data.len() as u64 > n {
-                        data.truncate((n - *off) as usize);
-                    }
+            // Lazy, like data: reaches the backing file at the next fsync.
+            let real_len = std::fs::metadata(&real).map(|m| m.len()).unwrap_or(0);
+            let p = st.pending.entry(ino).or_insert_with(|| Pending { writes: Vec::new(), size: real_len, cut: None });
+            for (off, data) in p.writes.iter_mut() {
+                if *off >= n {
+                    data.clear();
+                } else if *off + data.len() as u64 > n {
+                    data.truncate((n - *off) as usize);
                 }
-                p.size = n;
             }
+            p.size = n;
+            p.cut = Some(p.cut.map_or(n, |c| c.min(n)));
         }
         match self.attr(&st, ino, &rel) {
             Ok(a) => reply.attr(&TTL, &a),
@@ -306,7 +306,11 @@ impl Filesystem for Fuse {
         let moved: Vec<(PathBuf, u64)> =
             st.inos.iter().filter(|(p, _)| p.starts_with(&from)).map(|(p, i)| (p.clone(), *i)).collect();
         for (p, ino) in moved {
-            let np = to.join(p.strip_prefix(&from).unwrap_or(Path::new("")));
+            // (`join("")` would add a trailing slash and make the file look like a directory.)
+            let np = match p.strip_prefix(&from) {
+                Ok(rest) if !rest.as_os_str().is_empty() => to.join(rest),
+                _ => to.clone(),
+            };
             st.inos.remove(&p);
             st.inos.insert(np.clone(), ino);
             st.paths.insert(ino, np);
@@ -344,16 +348,13 @@ impl Filesystem for Fuse {
         if flags & libc::O_EXCL != 0 {
             oo.create_new(true);
         }
-        if flags & libc::O_TRUNC != 0 {
-            oo.truncate(true);
-        }
         let f = match oo.open(self.0.real(&rel)) {
             Ok(f) => f,
             Err(e) => return reply.error(errno(&e)),
         };
         let ino = Self::ino_for(&mut st, rel.clone());
         if flags & libc::O_TRUNC != 0 {
-            st.pending.remove(&ino);
+            st.pending.insert(ino, Pending { writes: Vec::new(), size: 0, cut: Some(0) });
         }
         st.files.insert(ino, f);
         let fh = st.next_fh;
@@ -381,8 +382,10 @@ impl Filesystem for Fuse {
             Err(e) => return reply.error(e),
         };
         let offset = offset.max(0) as u64;
-        let real_len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let len = st.pending.get(&ino).map(|p| p.size).unwrap_or(real_len);
+        let backing_len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // Bytes past an unsynced truncation are gone from the file's current view.
+        let real_len = st.pending.get(&ino).and_then(|p| p.cut).map_or(backing_len, |c| c.min(backing_len));
+        let len = st.pending.get(&ino).map(|p| p.size).unwrap_or(backing_len);
         if offset >= len {
             return reply.data(&[]);
         }
@@ -429,7 +432,7 @@ impl Filesystem for Fuse {
                 _ => return reply.error(libc::ENOENT),
             },
         };
-        let p = st.pending.entry(ino).or_insert_with(|| Pending { writes: Vec::new(), size: real_len });
+        let p = st.pending.entry(ino).or_insert_with(|| Pending { writes: Vec::new(), size: real_len, cut: None });
         let offset = offset.max(0) as u64;
         p.size = p.size.max(offset + data.len() as u64);
         p.writes.push((offset, data.to_vec()));
@@ -448,12 +451,17 @@ impl Filesystem for Fuse {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
+        if let Some(c) = p.cut {
+            if let Err(e) = f.set_len(c) {
+                return reply.error(errno(&e));
+            }
+        }
         for (off, data) in &p.writes {
             if let Err(e) = f.write_all_at(data, *off) {
                 return reply.error(errno(&e));
             }
         }
-        if let Err(e) = f.set_len(p.size.max(f.metadata().map(|m| m.len()).unwrap_or(0))).and_then(|_| f.sync_all()) {
+        if let Err(e) = f.set_len(p.size).and_then(|_| f.sync_all()) {
             return reply.error(errno(&e));
         }
         reply.ok();

@@ -43,6 +43,14 @@ enum Cmd {
     },
     /// Re-check a run folder's history.jsonl (or a history file).
     Check { path: PathBuf },
+    /// Mount a lazy filesystem by hand: MOUNT shows BACKING, writes stay in memory until
+    /// fsynced; SIGUSR1 drops every unsynced write (a power loss), Ctrl-C unmounts.
+    Lazyfs {
+        #[arg(long)]
+        backing: PathBuf,
+        #[arg(long)]
+        mount: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +77,19 @@ fn main() -> std::process::ExitCode {
                 let out = out.unwrap_or_else(|| PathBuf::from(format!("jepsen/store/run-{stamp}")));
                 let o = jepsen::run::Opts { nodes, time, nemesis, rate, concurrency, users, shards, quiet, bin, out };
                 Ok(jepsen::run::run(o).await?.valid)
+            }
+            Cmd::Lazyfs { backing, mount } => {
+                let m = jepsen::lazyfs::LazyFs::mount(&backing, &mount)?;
+                eprintln!("lazyfs: {} mounted from {}; kill -USR1 {} drops unsynced writes, Ctrl-C unmounts", mount.display(), backing.display(), std::process::id());
+                let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+                loop {
+                    tokio::select! {
+                        _ = usr1.recv() => eprintln!("lazyfs: power loss, {} unsynced bytes dropped", m.fs.power_loss()),
+                        _ = tokio::signal::ctrl_c() => break,
+                    }
+                }
+                drop(m);
+                Ok(true)
             }
             Cmd::Check { path } => {
                 let file = if path.is_dir() { path.join("history.jsonl") } else { path };

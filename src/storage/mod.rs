@@ -60,6 +60,11 @@ impl Storage {
             .open()?;
         let io = |e: std::io::Error| StoreError::Io { path: dir.join("db"), source: e };
         let data_file = std::fs::File::open(dir.join("db").join("db")).map_err(io)?;
+        // sled writes its `conf` file without syncing it; a power loss right after creation
+        // would leave it empty.
+        if let Ok(conf) = std::fs::File::open(dir.join("db").join("conf")) {
+            conf.sync_all().map_err(io)?;
+        }
         // The directory entries of sled's files must survive a power loss too.
         std::fs::File::open(dir.join("db")).and_then(|d| d.sync_all()).map_err(io)?;
         let cluster = db.open_tree("cluster")?;
