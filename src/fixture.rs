@@ -88,6 +88,20 @@ pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
     Ok(out)
 }
 
+/// `c` as TOML, leaving out the keys that hold their default value: short files that say
+/// what is special about each node, readable by older builds (rolling upgrades, the
+/// harness's before/after runs) as long as no new key is set.
+pub fn config_toml(c: &Config) -> anyhow::Result<String> {
+    let mut v = toml::Value::try_from(c)?;
+    let d = toml::Value::try_from(Config::default())?;
+    if let (Some(t), Some(dt)) = (v.as_table_mut(), d.as_table()) {
+        t.retain(|k, val| {
+            dt.get(k) != Some(val) || ["node_id", "data_dir", "http_addr", "grpc_addr", "shards"].contains(&k)
+        });
+    }
+    Ok(toml::to_string(&v)?)
+}
+
 /// A running cluster of node processes. Dropping it kills every node.
 pub struct Cluster {
     bin: PathBuf,
@@ -111,7 +125,7 @@ impl Cluster {
         }
         let keys = Keys::new(std::fs::read_to_string(&secret_path)?.trim().as_bytes());
         for (i, c) in configs.iter().enumerate() {
-            std::fs::write(spec.dir.join(format!("node{}.toml", i + 1)), toml::to_string(c)?)?;
+            std::fs::write(spec.dir.join(format!("node{}.toml", i + 1)), config_toml(c)?)?;
         }
         let n = configs.len();
         let mut cl = Self {

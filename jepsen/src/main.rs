@@ -19,7 +19,7 @@ enum Cmd {
         /// Seconds of load under faults (then heal, quiet, final reads).
         #[arg(long, default_value_t = 60)]
         time: u64,
-        /// Comma-separated fault families: partition, isolate, kill, pause, clock, restart, power (or "none").
+        /// Comma-separated fault families: partition, isolate, kill, pause, clock, restart, power, power-all (or "none").
         #[arg(long, default_value = "partition,kill,pause,clock")]
         nemesis: String,
         /// Target operations per second over all workers.

@@ -12,7 +12,8 @@
 //! - `restart`: kill -9 every node at once, then start them all;
 //! - `power`: power loss of one node, a majority, or every node: kill -9, then the node's
 //!   lazy filesystem ([`crate::lazyfs`]) drops every write that was not fsynced; restarted
-//!   when the window ends. With this family every node's data folder is a lazy mount.
+//!   when the window ends. With this family every node's data folder is a lazy mount;
+//! - `power-all`: `power`, always of every node at once.
 //!
 //! A third of the windows combine two families at once. Every window ends by undoing its
 //! faults; the run ends with a full heal.
@@ -28,7 +29,7 @@ use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
-pub const FAMILIES: &[&str] = &["partition", "isolate", "kill", "pause", "clock", "restart", "power"];
+pub const FAMILIES: &[&str] = &["partition", "isolate", "kill", "pause", "clock", "restart", "power", "power-all"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
@@ -134,7 +135,8 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
             db.kill_all();
             Ok(("kill -9 all nodes".into(), Undo::Restart((0..n).collect())))
         }
-        "power" => {
+        "power" | "power-all" => {
+            let pick = if family == "power-all" { 2 } else { pick };
             let (k, what) = match pick % 3 {
                 0 => (1, "one node"),
                 1 => (n / 2 + 1, "a majority"),
@@ -204,7 +206,7 @@ pub async fn run(
         if families.len() > 1 && rand::rng().random_bool(1.0 / 3.0) {
             let other: Vec<&String> = families
                 .iter()
-                .filter(|f| !picked.contains(f) && *f != "restart" && *f != "power")
+                .filter(|f| !picked.contains(f) && *f != "restart" && !f.starts_with("power"))
                 .filter(|f| !(picked.iter().any(|p| is_partition(p)) && is_partition(f)))
                 .collect();
             if let Some(f) = other.choose(&mut rand::rng()) {

@@ -71,7 +71,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Verdict> {
 }
 
 async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> {
-    let power = o.nemesis.iter().any(|f| f == "power");
+    let power = o.nemesis.iter().any(|f| f.starts_with("power"));
     let db = Db::start(net, &o.bin, &out, o.shards, power)?;
     if !db.faketime && o.nemesis.iter().any(|f| f == "clock") {
         eprintln!(
