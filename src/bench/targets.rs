@@ -128,7 +128,7 @@ impl Ws {
         let mut conns = Vec::new();
         for (u, token) in users.tokens.iter().enumerate() {
             let base = urls[u % urls.len()].replacen("http://", "ws://", 1);
-            let (ws, _) = tokio_tungstenite::connect_async(format!("{base}/v1/ws?token={token}")).await?;
+            let (ws, _) = tokio_tungstenite::connect_async(format!("{base}/v1/ws?access_token={token}")).await?;
             let (mut sink, mut stream) = ws.split();
             let (tx, mut rx) = mpsc::unbounded_channel::<String>();
             let waiters: Waiters = Arc::default();
