@@ -6,12 +6,16 @@
 //!
 //! Modules, roughly from the bottom up:
 //!
+//! - [`types`]: the ground floor: openraft's type config, node and shard ids.
 //! - [`chat`]: ids, messages, the replicated commands and the pure state machine.
 //! - [`shard`]: the stable key-to-shard hash and replica placement.
-//! - [`storage`]: sled trees per shard, openraft log and state-machine storage, group commit.
+//! - [`storage`]: the write-ahead log (Raft logs, group commit, fdatasync), sled trees per
+//!   shard (state machine, snapshots), openraft's storage traits.
 //! - [`cache`]: the write-through cache of the last 24 hours of messages.
-//! - [`raft`]: openraft type config, shard groups, the tonic network between nodes.
-//! - [`node`]: a running node: routing to leaders, leader-side operations, the outbox.
+//! - [`raft`]: shard groups and the tonic network between nodes.
+//! - [`node`]: a running node: routing to leaders, the per-shard handle (batching,
+//!   admission, reads), the coordinated send and its outbox, node admission.
+//! - [`server`]: start-up and shutdown: storage, groups, the node, then the listeners.
 //! - [`api`]: the client API over HTTP/JSON and gRPC.
 //! - [`auth`]: HS256 bearer tokens and the peer key.
 //! - [`config`]: the node configuration (TOML, flags, `RAFTCHAT_*` env).
@@ -31,8 +35,10 @@ pub mod fixture;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod types;
 
 /// Code generated from `proto/raftchat.proto`.
 pub mod pb {

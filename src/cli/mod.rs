@@ -110,7 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(a) => {
                 let cfg = a.load()?;
-                crate::node::run(cfg, terminated()).await?;
+                crate::server::run(cfg, terminated()).await?;
                 Ok(())
             }
             Command::Local(a) => local::run(a).await,

@@ -1,5 +1,6 @@
-//! A raftchat node: its shard groups, the router to shard leaders, background tasks and
-//! the listeners, started by [`run`] and stopped by the shutdown future it is given.
+//! A raftchat node: its shard groups, the router to shard leaders and the background tasks.
+//! [`crate::server::run`] builds one and hands it to the API listeners; nothing here names
+//! the API.
 //!
 //! - [`router`]: [`ShardOp`](router::ShardOp)s and [`Node::call`], which runs one on the
 //!   shard's leader (locally or forwarded).
@@ -21,38 +22,15 @@ use crate::auth::Keys;
 use crate::chat::{Command, ConversationId, UserId};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::raft::group::{self, Group};
+use crate::raft::group::Group;
 use crate::raft::network::Peers;
 use crate::shard::{NodeId, Placement, ShardId};
-use crate::storage::flusher::Flusher;
-use crate::storage::Storage;
 use router::{ShardError, ShardOp, ShardReply};
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("storage: {0}")]
-    Store(#[from] crate::storage::StoreError),
-    #[error(transparent)]
-    Wal(#[from] crate::storage::wal::WalError),
-    #[error("shard group: {0}")]
-    Group(#[from] group::GroupError),
-    #[error("peers: {0}")]
-    Peers(#[from] crate::raft::network::PeerError),
-    #[error("cannot create data dir {path}: {source}")]
-    DataDir { path: std::path::PathBuf, source: std::io::Error },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("server failed: {0}")]
-    Serve(String),
-}
 
 /// The state every request handler and background task of a node shares.
 pub struct Node {
@@ -67,8 +45,8 @@ pub struct Node {
     pub shards: HashMap<ShardId, shard_handle::ShardHandle>,
     /// Node-wide admission of client sends (an adaptive limit, see [`admission`]).
     pub admission: Arc<admission::Limiter>,
-    leader_hints: Mutex<HashMap<ShardId, NodeId>>,
-    known_users: Mutex<HashSet<UserId>>,
+    pub(crate) leader_hints: Mutex<HashMap<ShardId, NodeId>>,
+    pub(crate) known_users: Mutex<HashSet<UserId>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,
     /// Test-only fault injection (`RAFTCHAT_FAULT`), see `docs/operations.md`.
     pub(crate) fault: Option<String>,
@@ -168,145 +146,4 @@ impl Node {
         m.admission_limit.set(self.admission.limit() as i64);
         m.admission_inflight.set(self.admission.inflight() as i64);
     }
-}
-
-/// Starts a node from `cfg` and serves until `shutdown` completes, then stops cleanly:
-/// listeners stop accepting, in-flight requests finish, Raft groups stop, sled is flushed.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
-    cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let keys = Keys::new(&cfg.load_or_create_secret()?);
-    let storage = Storage::open(&cfg.data_dir, cfg.shards)?;
-    let metrics = Metrics::new();
-    let flusher = Flusher::start(storage.clone(), metrics.clone());
-    let wal = crate::storage::wal::Wal::open(&cfg.data_dir.join("wal"), metrics.clone())?;
-    let members = cfg.members();
-    let placement = Placement::new(cfg.shards, members.iter().map(|m| m.id).collect());
-    let peers = Peers::new(
-        &members.iter().map(|m| (m.id, m.grpc.clone())).collect::<Vec<_>>(),
-        keys.peer_token(),
-        Duration::from_millis(cfg.rpc_timeout_ms),
-    )?;
-
-    // Bind first so a taken port fails fast, before any Raft group starts.
-    let http_listener = tokio::net::TcpListener::bind(cfg.http_addr)
-        .await
-        .map_err(|source| NodeError::Bind { addr: cfg.http_addr, source })?;
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
-        .await
-        .map_err(|source| NodeError::Bind { addr: cfg.grpc_addr, source })?;
-
-    let local = placement.local_shards(cfg.node_id);
-    let cache_budget = cfg.cache_bytes / local.len().max(1);
-    let mut groups = HashMap::new();
-    for shard in &local {
-        let g = group::start(
-            &cfg,
-            *shard,
-            &placement.replicas(*shard),
-            &storage,
-            &wal,
-            &flusher,
-            &peers,
-            &metrics,
-            cache_budget,
-        )
-        .await?;
-        groups.insert(*shard, g);
-    }
-    let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let limits = shard_handle::Limits {
-        max_batch: cfg.max_batch,
-        batches_in_flight: cfg.batches_in_flight,
-        max_queued: cfg.shard_max_queued,
-        max_queued_bytes: cfg.shard_max_queued_bytes,
-        retry_after_ms: cfg.overload_retry_after_ms,
-    };
-    let shards = groups
-        .iter()
-        .map(|(s, g)| (*s, shard_handle::ShardHandle::start(g.clone(), limits, metrics.clone())))
-        .collect();
-    let node = Arc::new(Node {
-        id: cfg.node_id,
-        placement,
-        keys,
-        peers,
-        metrics,
-        shards,
-        admission: admission::Limiter::new(
-            64,
-            8,
-            cfg.node_max_inflight_sends,
-            Duration::from_millis(cfg.admission_target_ms),
-        ),
-        groups,
-        leader_hints: Mutex::new(HashMap::new()),
-        known_users: Mutex::new(HashSet::new()),
-        outbox_done: outbox_tx,
-        fault: std::env::var("RAFTCHAT_FAULT").ok().filter(|s| !s.is_empty()),
-        stopping: stop_rx.clone(),
-        cfg,
-    });
-    if cfg!(feature = "fault-stale-reads") {
-        tracing::warn!("BUILT WITH fault-stale-reads: reads skip the leadership check; this build is for the consistency harness only");
-    }
-    if cfg!(feature = "fault-unsynced-wal") {
-        tracing::warn!("BUILT WITH fault-unsynced-wal: log appends are acknowledged without fsync; this build is for the consistency harness only");
-    }
-    if let Some(f) = &node.fault {
-        tracing::warn!(fault = %f, "FAULT INJECTION ENABLED: this node will misbehave on purpose");
-    }
-    tracing::info!(node = node.id, shards = ?local, http = %node.cfg.http_addr, grpc = %node.cfg.grpc_addr, "raftchat node starting");
-
-    let (stop_peers_tx, stop_peers_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let tasks = send::spawn(node.clone(), outbox_rx, stop_rx.clone());
-
-    let grpc = {
-        let svc = peer_service::PeerService::new(node.clone());
-        let chat = crate::api::grpc::ChatService::new(node.clone());
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let stop = stopped(stop_peers_rx);
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                // Peers cancel RPCs that time out (a partition, a paused node); when a link
-                // heals, hundreds of such resets arrive together. h2's default limit (20),
-                // meant for untrusted clients, would then tear down the peer connection that
-                // carries every shard group. Peer callers are authenticated by the peer key.
-                .http2_max_pending_accept_reset_streams(Some(4096))
-                .add_service(crate::pb::peer_server::PeerServer::new(svc).max_decoding_message_size(64 << 20))
-                .add_service(crate::pb::chat_server::ChatServer::new(chat))
-                .serve_with_incoming_shutdown(incoming, stop)
-                .await
-        })
-    };
-    let http = {
-        let app = crate::api::http::router(node.clone());
-        let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stop).await })
-    };
-
-    shutdown.await;
-    tracing::info!(node = node.id, "shutting down: draining requests");
-    let _ = stop_tx.send(true);
-    // In-flight client requests finish (or fail cleanly) before Raft stops under them.
-    let drain = Duration::from_millis(node.cfg.request_timeout_ms + 1_000);
-    let _ = tokio::time::timeout(drain, http).await;
-    let _ = stop_peers_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
-    for t in tasks {
-        t.abort();
-    }
-    for g in node.groups.values() {
-        if let Err(e) = g.raft.shutdown().await {
-            tracing::warn!(shard = g.shard, cause = %e, "raft shutdown");
-        }
-    }
-    storage.flush().await?;
-    tracing::info!(node = node.id, "stopped; data flushed");
-    Ok(())
 }

@@ -6,19 +6,4 @@
 pub mod group;
 pub mod network;
 
-use crate::chat::{Command, Reply};
-use std::io::Cursor;
-
-openraft::declare_raft_types!(
-    /// openraft types of every shard group.
-    pub TypeConfig:
-        D = Command,
-        R = Reply,
-        NodeId = u64,
-        Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
-);
-
-pub type Raft = openraft::Raft<TypeConfig>;
+pub use crate::types::{Raft, TypeConfig};

@@ -9,8 +9,8 @@
 
 use super::flusher::Flusher;
 use super::wal::{ShardLog, Wal};
-use crate::raft::TypeConfig;
 use crate::shard::ShardId;
+use crate::types::TypeConfig;
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, StorageError, StorageIOError, Vote};
 use std::fmt::Debug;

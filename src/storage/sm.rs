@@ -12,7 +12,7 @@ use super::keys::{self, ShardView};
 use super::{decode, encode, StoreError};
 use crate::cache::RecentCache;
 use crate::chat::{state, InboxEvent, Reply, UserId};
-use crate::raft::TypeConfig;
+use crate::types::TypeConfig;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftLogId, SnapshotMeta, StorageError, StorageIOError, StoredMembership,

@@ -20,8 +20,8 @@
 //! segment (a crash mid-write) is cut off; one anywhere else refuses the start.
 
 use crate::metrics::Metrics;
-use crate::raft::TypeConfig;
 use crate::shard::ShardId;
+use crate::types::TypeConfig;
 use openraft::storage::LogFlushed;
 use openraft::{Entry, LogId, RaftLogId, Vote};
 use serde::{Deserialize, Serialize};
