@@ -124,6 +124,15 @@ impl Fuse {
         ino
     }
 
+    /// The file or directory at `rel` is gone: drop its inode and anything pending on it.
+    fn forget_path(st: &mut State, rel: &Path) {
+        if let Some(ino) = st.inos.remove(rel) {
+            st.paths.remove(&ino);
+            st.pending.remove(&ino);
+            st.files.remove(&ino);
+        }
+    }
+
     fn attr(&self, st: &State, ino: u64, rel: &Path) -> Result<FileAttr, i32> {
         let md = std::fs::symlink_metadata(self.0.real(rel)).map_err(|e| errno(&e))?;
         let kind = if md.is_dir() { FileType::Directory } else { FileType::RegularFile };
@@ -258,11 +267,7 @@ impl Filesystem for Fuse {
         if let Err(e) = std::fs::remove_file(self.0.real(&rel)) {
             return reply.error(errno(&e));
         }
-        if let Some(ino) = st.inos.remove(&rel) {
-            st.paths.remove(&ino);
-            st.pending.remove(&ino);
-            st.files.remove(&ino);
-        }
+        Self::forget_path(&mut st, &rel);
         reply.ok();
     }
 
@@ -273,9 +278,7 @@ impl Filesystem for Fuse {
         if let Err(e) = std::fs::remove_dir(self.0.real(&rel)) {
             return reply.error(errno(&e));
         }
-        if let Some(ino) = st.inos.remove(&rel) {
-            st.paths.remove(&ino);
-        }
+        Self::forget_path(&mut st, &rel);
         reply.ok();
     }
 
@@ -298,11 +301,7 @@ impl Filesystem for Fuse {
             return reply.error(errno(&e));
         }
         // The replaced file (if any) is gone; the moved one keeps its inode and pending data.
-        if let Some(old) = st.inos.remove(&to) {
-            st.paths.remove(&old);
-            st.pending.remove(&old);
-            st.files.remove(&old);
-        }
+        Self::forget_path(&mut st, &to);
         let moved: Vec<(PathBuf, u64)> =
             st.inos.iter().filter(|(p, _)| p.starts_with(&from)).map(|(p, i)| (p.clone(), *i)).collect();
         for (p, ino) in moved {

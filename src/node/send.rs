@@ -76,12 +76,16 @@ impl Node {
             tracing::error!(%conversation, seq, "fault injection: aborting between message commit and index updates");
             std::process::abort();
         }
-        // A repeated client_msg_id (the client's retry, or this node's own retry of the same
-        // request) may find the first attempt's index updates unfinished: finish them with
-        // the original's text.
-        let preview = match handle.group.sm.view.messages(&conversation, seq, seq).map_err(storage_err)?.first() {
-            Some(m) => preview(&m.text),
-            None => text_preview,
+        // A client's retry may find the first attempt's index updates unfinished: finish them
+        // with the original's text. (This node's own retry of the same request carries the
+        // same text, so its preview is already right.)
+        let preview = if duplicate {
+            match handle.group.sm.view.messages(&conversation, seq, seq).map_err(storage_err)?.first() {
+                Some(m) => preview(&m.text),
+                None => text_preview,
+            }
+        } else {
+            text_preview
         };
         self.update_indexes(&conversation, &from, &to, seq, ts, &preview, deadline).await?;
         let _ = self.outbox_done.send((handle.shard(), conversation.clone(), seq));

@@ -105,11 +105,6 @@ impl ShardHandle {
         self.group.shard
     }
 
-    /// Client commands queued or in flight on this shard.
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
-    }
-
     /// Proposes `cmd` through the shard's Raft log (batched with whatever else is queued) and
     /// waits until it is applied here.
     pub async fn propose(&self, cmd: Command, admission: Admission, deadline: Instant) -> Result<Reply, ShardError> {

@@ -12,13 +12,12 @@ use std::io;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
-pub enum FlushJob {
-    Wait(oneshot::Sender<io::Result<()>>),
-}
+/// A caller waiting for the next sync.
+type Waiter = oneshot::Sender<io::Result<()>>;
 
 #[derive(Clone)]
 pub struct Flusher {
-    tx: mpsc::UnboundedSender<FlushJob>,
+    tx: mpsc::UnboundedSender<Waiter>,
 }
 
 impl Flusher {
@@ -31,12 +30,12 @@ impl Flusher {
     /// Waits for an fsync that covers everything written before this call.
     pub async fn sync(&self) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(FlushJob::Wait(tx)).map_err(|_| io::Error::other("flusher stopped"))?;
+        self.tx.send(tx).map_err(|_| io::Error::other("flusher stopped"))?;
         rx.await.map_err(|_| io::Error::other("flusher stopped"))?
     }
 }
 
-async fn run(db: Storage, mut rx: mpsc::UnboundedReceiver<FlushJob>, metrics: Metrics) {
+async fn run(db: Storage, mut rx: mpsc::UnboundedReceiver<Waiter>, metrics: Metrics) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(job) = rx.try_recv() {
@@ -55,8 +54,7 @@ async fn run(db: Storage, mut rx: mpsc::UnboundedReceiver<FlushJob>, metrics: Me
         }
         for job in batch {
             let r = res.clone().map_err(io::Error::other);
-            let FlushJob::Wait(tx) = job;
-            let _ = tx.send(r);
+            let _ = job.send(r);
         }
     }
 }

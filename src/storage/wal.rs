@@ -258,8 +258,7 @@ impl Wal {
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".wal")?.parse().ok())
             .collect();
         seqs.sort_unstable();
-        let shards: BTreeMap<ShardId, ShardLog> = BTreeMap::new();
-        let mut shards = shards;
+        let mut shards: BTreeMap<ShardId, ShardLog> = BTreeMap::new();
         let mut segments = BTreeMap::new();
         let mut tail: Option<(u64, u64)> = None;
         for (k, seq) in seqs.iter().enumerate() {
@@ -470,10 +469,6 @@ impl Wal {
     /// Number of segment files (for tests and metrics).
     pub fn segments(&self) -> usize {
         lock(&self.shared.segments).len()
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
     }
 }
 
