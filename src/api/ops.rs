@@ -141,7 +141,14 @@ async fn send_admitted(
     // One id per client request: the router's retries of this request carry it, so a retry
     // that finds the message already stored is not reported as the client's duplicate.
     let attempt = rand::random::<u64>().max(1);
-    let op = ShardOp::Send { from: who.user.clone(), to, client_msg_id: req.client_msg_id, text: req.text, attempt };
+    let op = ShardOp::Send {
+        from: who.user.clone(),
+        to,
+        client_msg_id: req.client_msg_id,
+        text: req.text,
+        attempt,
+        admitted: false,
+    };
     match node.call(shard, op, deadline).await? {
         ShardReply::Sent { conversation, seq, ts, duplicate } => {
             Ok(SendResponse { conversation_id: conversation.to_string(), seq, ts, duplicate })

@@ -29,8 +29,9 @@ impl Node {
         };
         match op {
             ShardOp::Write(cmd) => handle.propose(cmd, Admission::Internal, deadline).await.map(ShardReply::Written),
-            ShardOp::Send { from, to, client_msg_id, text, attempt } => {
-                self.coordinate_send(handle, from, to, client_msg_id, text, attempt, deadline).await
+            ShardOp::Send { from, to, client_msg_id, text, attempt, admitted } => {
+                let admission = if admitted { Admission::Internal } else { Admission::Client };
+                self.coordinate_send(handle, from, to, client_msg_id, text, attempt, admission, deadline).await
             }
             read => {
                 handle.linearize(deadline).await?;

@@ -32,6 +32,12 @@ pub enum ShardOp {
         /// Random id of the client request, kept across the router's retries (see
         /// `Command::Append::attempt`).
         attempt: u64,
+        /// Set by the router once an earlier try of this request may have been written (a
+        /// timeout or a lost reply): the request was admitted then, so this try is not
+        /// refused as overload, which would tell the client "not written" about a message
+        /// that may be stored.
+        #[serde(default)]
+        admitted: bool,
     },
     /// Linearizable reads.
     History {
@@ -58,6 +64,13 @@ pub enum ShardOp {
 }
 
 impl ShardOp {
+    /// See `ShardOp::Send::admitted`.
+    fn mark_admitted(&mut self) {
+        if let ShardOp::Send { admitted, .. } = self {
+            *admitted = true;
+        }
+    }
+
     /// Reads change nothing and are served after a leadership check.
     pub fn is_read(&self) -> bool {
         !matches!(self, ShardOp::Write(_) | ShardOp::Send { .. })
@@ -107,6 +120,12 @@ pub enum ShardError {
 }
 
 impl ShardError {
+    /// The operation may or may not have taken effect (unlike a refusal or a redirect,
+    /// which are given before anything is proposed).
+    fn outcome_unknown(&self) -> bool {
+        matches!(self, ShardError::Timeout { .. } | ShardError::Unavailable { .. })
+    }
+
     fn retryable(&self) -> bool {
         matches!(self, ShardError::NotLeader { .. } | ShardError::NotReplica { .. } | ShardError::Unavailable { .. })
     }
@@ -130,6 +149,7 @@ impl Node {
                     return node.read_local(group, op);
                 }
             }
+            let mut op = op;
             let replicas = node.placement.replicas(shard);
             let mut target = node.pick_target(&replicas, node.leader_hint(shard), 0);
             let mut backoff = Duration::from_millis(10);
@@ -159,6 +179,9 @@ impl Node {
                         if e.retryable() || (matches!(e, ShardError::Timeout { .. }) && Instant::now() < deadline) =>
                     {
                         tracing::debug!(shard, target, cause = %e, "retrying shard operation");
+                        if e.outcome_unknown() {
+                            op.mark_admitted();
+                        }
                         node.set_leader_hint(shard, None);
                         hops = 0;
                         attempt += 1;

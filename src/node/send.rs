@@ -54,6 +54,7 @@ impl Node {
         client_msg_id: String,
         text: String,
         attempt: u64,
+        admission: Admission,
         deadline: Instant,
     ) -> Result<ShardReply, ShardError> {
         let start = std::time::Instant::now();
@@ -69,7 +70,7 @@ impl Node {
             ts: now_ms(),
             attempt,
         };
-        let Reply::Appended { seq, ts, duplicate } = handle.propose(cmd, Admission::Client, deadline).await? else {
+        let Reply::Appended { seq, ts, duplicate } = handle.propose(cmd, admission, deadline).await? else {
             return Err(ShardError::Storage("append produced an unexpected reply".into()));
         };
         if crash && !duplicate {
