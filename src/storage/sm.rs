@@ -61,9 +61,17 @@ pub fn now_ms() -> u64 {
 }
 
 impl StateMachine {
-    pub fn new(tree: sled::Tree, meta: sled::Tree, flusher: Flusher, cache: Arc<RecentCache>) -> Self {
+    /// Opens the shard's state, first completing an entry a crash cut short (see
+    /// [`keys::Writes`]).
+    pub fn open(
+        tree: sled::Tree,
+        meta: sled::Tree,
+        flusher: Flusher,
+        cache: Arc<RecentCache>,
+    ) -> Result<Self, StoreError> {
+        keys::Writes::recover(&tree)?;
         let (inbox_tx, _) = broadcast::channel(4096);
-        Self { view: ShardView { tree }, meta, flusher, cache, lock: Arc::new(RwLock::new(())), inbox_tx }
+        Ok(Self { view: ShardView { tree }, meta, flusher, cache, lock: Arc::new(RwLock::new(())), inbox_tx })
     }
 
     fn read_applied(&self) -> Result<AppliedState, StoreError> {
@@ -81,7 +89,7 @@ impl StateMachine {
 
     fn apply_one(&self, entry: &Entry<TypeConfig>) -> Result<Reply, StoreError> {
         let log_id = *entry.get_log_id();
-        let mut batch = sled::Batch::default();
+        let mut batch = keys::Writes::default();
         let mut staged = keys::Staged::default();
         let reply = match &entry.payload {
             EntryPayload::Blank => Reply::Done,
@@ -97,7 +105,7 @@ impl StateMachine {
             }
         };
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
-        self.view.tree.apply_batch(batch)?;
+        batch.commit(&self.view.tree)?;
         let now = now_ms();
         for (c, m) in staged.messages {
             self.cache.insert(&c, m, now);
@@ -114,6 +122,9 @@ fn encode_snapshot(tree: &sled::Tree) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::new();
     for kv in tree.iter() {
         let (k, v) = kv?;
+        if k == keys::REDO {
+            continue;
+        }
         out.extend_from_slice(&(k.len() as u32).to_be_bytes());
         out.extend_from_slice(&k);
         out.extend_from_slice(&(v.len() as u32).to_be_bytes());

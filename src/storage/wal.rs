@@ -527,8 +527,10 @@ impl Writer {
             let res = self.write(&jobs);
             self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
             self.metrics.fsync_batch.observe(jobs.len() as f64);
-            if let Err(e) = &res {
-                tracing::error!(cause = %e, "write-ahead log write failed");
+            match &res {
+                // Segments this write made garbage (a purge) go before anyone hears of it.
+                Ok(_) => self.collect_garbage(),
+                Err(e) => tracing::error!(cause = %e, "write-ahead log write failed"),
             }
             for j in jobs {
                 let r = res.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
@@ -540,7 +542,6 @@ impl Writer {
                     Done::Nothing => {}
                 }
             }
-            self.collect_garbage();
         }
     }
 
