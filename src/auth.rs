@@ -1,15 +1,29 @@
-//! Bearer tokens: compact JWTs signed with HS256 and the cluster secret.
+//! Bearer tokens: JWTs signed with HS256, verified with the `jsonwebtoken` crate.
 //!
-//! Only `alg: HS256` is accepted (no `none`, no algorithm confusion); `exp` is required.
-//! Claims: `sub` (the user id), `iat`, `exp`, and `adm` for operator tokens that may
-//! register users. Peers authenticate to each other with a key derived from the same secret.
+//! - Only `alg: HS256` is accepted (no `none`, no algorithm confusion).
+//! - `exp`, `iat` and `sub` are required; `nbf` is honoured when present. Clock skew is
+//!   allowed up to [`TokenRules::leeway_secs`]; a token issued in the future (beyond the
+//!   leeway) or living longer than [`TokenRules::max_ttl_secs`] is refused, so no token is
+//!   valid forever.
+//! - Key ids: every token names its signing key in `kid` (derived from the key, never the
+//!   key itself). The secret file may hold several keys, one per line: the first signs, all
+//!   verify. Rotation: put a new key on the first line and restart the nodes one by one;
+//!   delete the old line once the longest-lived token it signed has expired. A token
+//!   without `kid` is checked against the signing key only.
+//! - Claims: `sub` (the user id), `iat`, `exp`, optional `nbf`, and `adm` for operator
+//!   tokens that may register users.
+//!
+//! Peers authenticate to each other with a key derived from the first secret; a peer
+//! presenting the key of any listed secret is accepted, so a rotation can roll.
 
 use crate::chat::UserId;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -23,6 +37,12 @@ pub enum AuthError {
     BadSignature,
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (nbf or iat in the future)")]
+    NotYetValid,
+    #[error("token lives longer than the {max_secs} s this cluster allows")]
+    TooLong { max_secs: u64 },
+    #[error("token was signed with a key this cluster does not know (kid {0:?})")]
+    UnknownKey(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,21 +50,47 @@ pub struct Claims {
     pub sub: String,
     pub iat: u64,
     pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adm: bool,
 }
 
-/// Who a verified token speaks for.
+/// Who a verified token speaks for, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub user: UserId,
     pub admin: bool,
+    /// The token's `exp` (seconds since the epoch).
+    pub exp: u64,
+}
+
+/// Limits every token must keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRules {
+    /// Longest `exp - iat` accepted.
+    pub max_ttl_secs: u64,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    pub leeway_secs: u64,
+}
+
+impl Default for TokenRules {
+    fn default() -> Self {
+        Self { max_ttl_secs: 30 * 86_400, leeway_secs: 60 }
+    }
+}
+
+struct Key {
+    kid: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    peer_token: String,
 }
 
 #[derive(Clone)]
 pub struct Keys {
-    secret: Vec<u8>,
-    peer_token: String,
+    keys: std::sync::Arc<Vec<Key>>,
+    rules: TokenRules,
 }
 
 impl std::fmt::Debug for Keys {
@@ -63,60 +109,88 @@ pub fn random_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn key(secret: &[u8]) -> Key {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(b"raftchat peer v1");
+    let peer_token = B64.encode(mac.finalize().into_bytes());
+    let digest = Sha256::new().chain_update(b"raftchat kid v1").chain_update(secret).finalize();
+    let kid = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Key { kid, encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), peer_token }
+}
+
 impl Keys {
+    /// Keys from the contents of a secret file: one key per non-empty line, the first signs.
     pub fn new(secret: &[u8]) -> Self {
-        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
-        mac.update(b"raftchat peer v1");
-        let peer_token = B64.encode(mac.finalize().into_bytes());
-        Self { secret: secret.to_vec(), peer_token }
+        Self::with_rules(secret, TokenRules::default())
     }
 
-    fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.secret).expect("HMAC accepts keys of any length")
+    pub fn with_rules(secret: &[u8], rules: TokenRules) -> Self {
+        let mut keys: Vec<Key> =
+            secret.split(|b| *b == b'\n').map(|l| l.trim_ascii()).filter(|l| !l.is_empty()).map(key).collect();
+        if keys.is_empty() {
+            keys.push(key(secret));
+        }
+        Self { keys: std::sync::Arc::new(keys), rules }
     }
 
-    /// Mints a token for `user`, valid for `ttl_secs`.
+    pub fn rules(&self) -> TokenRules {
+        self.rules
+    }
+
+    fn signing(&self) -> &Key {
+        &self.keys[0]
+    }
+
+    /// Mints a token for `user`, valid for `ttl_secs` (at most the cluster's maximum).
     pub fn mint(&self, user: &UserId, ttl_secs: u64, admin: bool) -> String {
         let now = now_secs();
-        let claims = Claims { sub: user.to_string(), iat: now, exp: now.saturating_add(ttl_secs), adm: admin };
-        let header = B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-        let payload = B64.encode(serde_json::to_vec(&claims).expect("claims serialize"));
-        let signing_input = format!("{header}.{payload}");
-        let mut mac = self.mac();
-        mac.update(signing_input.as_bytes());
-        let sig = B64.encode(mac.finalize().into_bytes());
-        format!("{signing_input}.{sig}")
+        let ttl = ttl_secs.min(self.rules.max_ttl_secs);
+        let claims = Claims { sub: user.to_string(), iat: now, exp: now.saturating_add(ttl), nbf: None, adm: admin };
+        self.sign(&claims)
+    }
+
+    /// Signs `claims` as they are (tests and tools use this to make unusual tokens).
+    pub fn sign(&self, claims: &Claims) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.signing().kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.signing().encoding).expect("HS256 signing cannot fail")
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            return Err(AuthError::Malformed("expected three dot-separated parts"));
-        };
-        let header: serde_json::Value = B64
-            .decode(h)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(AuthError::Malformed("header is not base64url JSON"))?;
-        if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed("header is not a JWT header"))?;
+        if header.alg != Algorithm::HS256 {
             return Err(AuthError::Malformed("only alg HS256 is accepted"));
         }
-        let sig = B64.decode(s).map_err(|_| AuthError::Malformed("signature is not base64url"))?;
-        let mut mac = self.mac();
-        mac.update(h.as_bytes());
-        mac.update(b".");
-        mac.update(p.as_bytes());
-        mac.verify_slice(&sig).map_err(|_| AuthError::BadSignature)?;
-        let claims: Claims = B64
-            .decode(p)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(AuthError::Malformed("payload is not base64url JSON claims"))?;
-        if claims.exp <= now_secs() {
-            return Err(AuthError::Expired);
+        let key = match &header.kid {
+            None => self.signing(),
+            Some(kid) => self.keys.iter().find(|k| &k.kid == kid).ok_or_else(|| AuthError::UnknownKey(kid.clone()))?,
+        };
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = self.rules.leeway_secs;
+        v.validate_nbf = true;
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &v).map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidAlgorithm => AuthError::Malformed("only alg HS256 is accepted"),
+            ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => {
+                AuthError::Malformed("claims must be JSON with string sub and numeric iat and exp")
+            }
+            _ => AuthError::Malformed("not a valid JWT"),
+        })?;
+        let c = data.claims;
+        let now = now_secs();
+        if c.iat > now.saturating_add(self.rules.leeway_secs) {
+            return Err(AuthError::NotYetValid);
         }
-        let user = UserId::parse(&claims.sub).map_err(|_| AuthError::Malformed("sub is not a valid user id"))?;
-        Ok(Principal { user, admin: claims.adm })
+        if c.exp.saturating_sub(c.iat) > self.rules.max_ttl_secs {
+            return Err(AuthError::TooLong { max_secs: self.rules.max_ttl_secs });
+        }
+        let user = UserId::parse(&c.sub).map_err(|_| AuthError::Malformed("sub is not a valid user id"))?;
+        Ok(Principal { user, admin: c.adm, exp: c.exp })
     }
 
     /// Verifies an `Authorization` header value (`Bearer <token>`).
@@ -129,16 +203,19 @@ impl Keys {
         self.verify(token.trim())
     }
 
-    /// The shared key peers present to each other.
+    /// The key this node presents to its peers.
     pub fn peer_token(&self) -> &str {
-        &self.peer_token
+        &self.signing().peer_token
     }
 
-    /// Constant-time check of a peer key.
+    /// Constant-time check of a peer key against every listed secret's.
     pub fn verify_peer(&self, presented: &str) -> bool {
         let a = presented.as_bytes();
-        let b = self.peer_token.as_bytes();
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.keys.iter().fold(false, |ok, k| {
+            let b = k.peer_token.as_bytes();
+            let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+            ok | same
+        })
     }
 }
 
@@ -146,17 +223,22 @@ impl Keys {
 mod tests {
     use super::*;
 
+    fn alice() -> UserId {
+        UserId::parse("alice").unwrap()
+    }
+
     #[test]
     fn mint_then_verify_and_reject_tampering() {
         let k = Keys::new(b"secret");
-        let alice = UserId::parse("alice").unwrap();
-        let t = k.mint(&alice, 60, false);
-        assert_eq!(k.verify(&t).unwrap(), Principal { user: alice.clone(), admin: false });
-        assert_eq!(k.verify_header(Some(&format!("Bearer {t}"))).unwrap().user, alice);
-        assert_eq!(Keys::new(b"other").verify(&t), Err(AuthError::BadSignature));
+        let t = k.mint(&alice(), 60, false);
+        let p = k.verify(&t).unwrap();
+        assert_eq!((p.user.clone(), p.admin), (alice(), false));
+        assert_eq!(k.verify_header(Some(&format!("Bearer {t}"))).unwrap().user, alice());
+        assert!(matches!(Keys::new(b"other").verify(&t), Err(AuthError::UnknownKey(_))));
         // Swap the payload for one naming another user.
         let mut parts: Vec<&str> = t.split('.').collect();
-        let forged = B64.encode(br#"{"sub":"bob","iat":0,"exp":99999999999}"#);
+        let now = now_secs();
+        let forged = B64.encode(format!(r#"{{"sub":"bob","iat":{now},"exp":{}}}"#, now + 60));
         parts[1] = &forged;
         assert_eq!(k.verify(&parts.join(".")), Err(AuthError::BadSignature));
         assert!(matches!(k.verify("a.b"), Err(AuthError::Malformed(_))));
@@ -166,11 +248,37 @@ mod tests {
     }
 
     #[test]
-    fn expired_tokens_are_rejected() {
+    fn time_claims_are_bounded() {
         let k = Keys::new(b"s");
-        let t = k.mint(&UserId::parse("a").unwrap(), 0, false);
-        assert_eq!(k.verify(&t), Err(AuthError::Expired));
-        assert!(k.verify_peer(Keys::new(b"s").peer_token()));
-        assert!(!k.verify_peer("nope"));
+        let now = now_secs();
+        let c = |iat: u64, exp: u64, nbf: Option<u64>| Claims { sub: "alice".into(), iat, exp, nbf, adm: false };
+        assert_eq!(k.verify(&k.sign(&c(now - 7200, now - 3600, None))), Err(AuthError::Expired));
+        // Expired, but within the leeway: accepted.
+        assert!(k.verify(&k.sign(&c(now - 100, now - 10, None))).is_ok());
+        // A token that never expires.
+        assert_eq!(
+            k.verify(&k.sign(&c(now, u64::MAX, None))),
+            Err(AuthError::TooLong { max_secs: TokenRules::default().max_ttl_secs })
+        );
+        assert_eq!(k.verify(&k.sign(&c(now + 3600, now + 7200, None))), Err(AuthError::NotYetValid));
+        assert_eq!(k.verify(&k.sign(&c(now, now + 7200, Some(now + 3600)))), Err(AuthError::NotYetValid));
+        assert!(k.verify(&k.sign(&c(now, now + 60, Some(now)))).is_ok());
+        // mint caps the lifetime instead of making an unusable token.
+        assert!(k.verify(&k.mint(&alice(), u64::MAX, false)).is_ok());
+    }
+
+    #[test]
+    fn rotated_keys_verify_until_removed() {
+        let old = Keys::new(b"old-key");
+        let t = old.mint(&alice(), 60, false);
+        let rotated = Keys::new(b"new-key\nold-key\n");
+        assert_eq!(rotated.verify(&t).unwrap().user, alice());
+        assert!(rotated.verify_peer(old.peer_token()));
+        let fresh = rotated.mint(&alice(), 60, false);
+        assert!(matches!(old.verify(&fresh), Err(AuthError::UnknownKey(_))));
+        let retired = Keys::new(b"new-key");
+        assert!(matches!(retired.verify(&t), Err(AuthError::UnknownKey(_))));
+        assert!(!retired.verify_peer(old.peer_token()));
+        assert!(!retired.verify_peer("nope"));
     }
 }

@@ -84,6 +84,14 @@ pub struct Config {
     /// The `Retry-After` given with a 503 `overloaded`, in milliseconds (rounded up to seconds
     /// in the HTTP header).
     pub overload_retry_after_ms: u64,
+    /// Tokens: the longest lifetime (`exp - iat`) a token may have; longer ones are refused.
+    pub max_token_ttl_secs: u64,
+    /// Tokens: clock skew allowed on `exp`, `nbf` and `iat`.
+    pub token_leeway_secs: u64,
+    /// Sends per second one user may make on this node, sustained (token bucket; 0 = no limit).
+    pub user_send_rate: u32,
+    /// Sends one user may make at once above the sustained rate.
+    pub user_send_burst: u32,
 }
 
 impl Default for Config {
@@ -116,6 +124,10 @@ impl Default for Config {
             node_max_inflight_sends: 4096,
             admission_target_ms: 100,
             overload_retry_after_ms: 1_000,
+            max_token_ttl_secs: 30 * 86_400,
+            token_leeway_secs: 60,
+            user_send_rate: 20,
+            user_send_burst: 100,
         }
     }
 }
@@ -157,6 +169,9 @@ impl Config {
         if ids.contains(&0) {
             return bad("node id 0 is reserved; number nodes from 1".into());
         }
+        if self.max_body_bytes > 16 << 20 || self.max_batch > 100_000 || self.shard_max_queued > 1 << 20 {
+            return bad("max_body_bytes is limited to 16 MiB, max_batch to 100000, shard_max_queued to 1048576".into());
+        }
         if self.max_text_bytes == 0 || self.max_text_bytes > 1 << 20 {
             return bad(format!("max_text_bytes must be in 1..=1048576, got {}", self.max_text_bytes));
         }
@@ -186,6 +201,31 @@ impl Config {
         }
         if self.admission_target_ms == 0 || self.admission_target_ms > self.request_timeout_ms {
             return bad("admission_target_ms must be in 1..=request_timeout_ms".into());
+        }
+        const HOUR_MS: u64 = 3_600_000;
+        for (name, v) in [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("rpc_timeout_ms", self.rpc_timeout_ms),
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("election_timeout_max_ms", self.election_timeout_max_ms),
+            ("ws_slow_consumer_ms", self.ws_slow_consumer_ms),
+            ("ws_ping_ms", self.ws_ping_ms),
+            ("overload_retry_after_ms", self.overload_retry_after_ms),
+        ] {
+            // Durations are added to the current instant; bounding them keeps that from
+            // overflowing.
+            if v > HOUR_MS {
+                return bad(format!("{name} must be at most {HOUR_MS} (one hour), got {v}"));
+            }
+        }
+        if self.max_token_ttl_secs == 0 || self.max_token_ttl_secs > 366 * 86_400 {
+            return bad("max_token_ttl_secs must be in 1..=31622400 (a year)".into());
+        }
+        if self.token_leeway_secs > 3_600 {
+            return bad("token_leeway_secs must be at most 3600".into());
+        }
+        if self.user_send_rate > 0 && self.user_send_burst == 0 {
+            return bad("user_send_burst must be > 0 when user_send_rate is set".into());
         }
         if self.shard_max_queued_bytes < 2 * self.max_body_bytes {
             return bad("shard_max_queued_bytes must be at least twice max_body_bytes".into());
@@ -243,7 +283,8 @@ pub fn read_secret_file(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(s.as_bytes().to_vec())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Creates `path` readable by its owner only (mode 0600) and writes `bytes`, synced.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;

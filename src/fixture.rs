@@ -23,7 +23,9 @@ pub struct Spec {
     pub ports: Option<Vec<(u16, u16)>>,
     /// IP address per node; `None` is 127.0.0.1 for all.
     pub hosts: Option<Vec<String>>,
-    /// Applied to every node's config (timeouts, snapshot policy...).
+    /// Applied to every node's config first (a test suite's or tool's defaults)...
+    pub base: fn(&mut Config),
+    /// ...then this (one test's or run's settings: timeouts, snapshot policy...).
     pub tweak: fn(&mut Config),
     /// Runs each node through this prefix (network namespaces, LD_PRELOAD...).
     pub wrap: Option<Wrap>,
@@ -41,7 +43,7 @@ impl std::fmt::Debug for Spec {
 
 impl Spec {
     pub fn new(nodes: usize, dir: &Path) -> Self {
-        Self { nodes, shards: 8, dir: dir.to_path_buf(), ports: None, hosts: None, tweak: |_| {}, wrap: None }
+        Self { nodes, shards: 8, dir: dir.to_path_buf(), ports: None, hosts: None, base: |_| {}, tweak: |_| {}, wrap: None }
     }
 }
 
@@ -81,6 +83,7 @@ pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
             secret_file: Some(spec.dir.join("secret")),
             ..Config::default()
         };
+        (spec.base)(&mut c);
         (spec.tweak)(&mut c);
         c.validate()?;
         out.push(c);
@@ -121,7 +124,7 @@ impl Cluster {
         let configs = configs(spec)?;
         let secret_path = spec.dir.join("secret");
         if !secret_path.exists() {
-            std::fs::write(&secret_path, crate::auth::random_secret())?;
+            crate::config::write_private(&secret_path, crate::auth::random_secret().as_bytes())?;
         }
         let keys = Keys::new(std::fs::read_to_string(&secret_path)?.trim().as_bytes());
         for (i, c) in configs.iter().enumerate() {

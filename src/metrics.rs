@@ -29,6 +29,8 @@ pub struct Metrics {
     pub shard_snapshot: IntGaugeVec,
     pub outbox_redriven: IntCounterVec,
     pub ws_connections: prometheus::IntGauge,
+    /// Request tasks WebSocket sessions hold (running, or finished and not yet collected).
+    pub ws_request_tasks: prometheus::IntGauge,
     pub ws_pushes: prometheus::IntCounter,
     pub ws_resumes: prometheus::IntCounter,
     pub ws_slow_closes: prometheus::IntCounter,
@@ -130,6 +132,11 @@ impl Metrics {
             )
             .expect("valid"),
             ws_connections: prometheus::IntGauge::new("ws_connections", "Open WebSocket connections").expect("valid"),
+            ws_request_tasks: prometheus::IntGauge::new(
+                "ws_request_tasks",
+                "Request tasks held by WebSocket sessions (in flight or finished and not yet collected)",
+            )
+            .expect("valid"),
             ws_pushes: prometheus::IntCounter::new("ws_pushes_total", "Messages and receipts pushed over WebSockets")
                 .expect("valid"),
             ws_resumes: prometheus::IntCounter::new("ws_resumes_total", "WebSocket connections resumed from a cursor")
@@ -171,6 +178,7 @@ impl Metrics {
             shard_snapshot,
             outbox_redriven,
             ws_connections,
+            ws_request_tasks,
             ws_pushes,
             ws_resumes,
             ws_slow_closes,

@@ -3,7 +3,7 @@
 //! server and the gRPC server for peers and clients). The node model never names the API;
 //! this module is where the two meet (as garage's `src/garage/server.rs` does).
 
-use crate::auth::Keys;
+use crate::auth::{Keys, TokenRules};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -44,7 +44,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let keys = Keys::new(&cfg.load_or_create_secret()?);
+    let rules = TokenRules { max_ttl_secs: cfg.max_token_ttl_secs, leeway_secs: cfg.token_leeway_secs };
+    let keys = Keys::with_rules(&cfg.load_or_create_secret()?, rules);
     let storage = Storage::open(&cfg.data_dir, cfg.shards)?;
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());
@@ -103,6 +104,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         peers,
         metrics,
         shards,
+        send_rate: crate::node::rate_limit::PerUser::new(cfg.user_send_rate, cfg.user_send_burst),
         admission: crate::node::admission::Limiter::new(
             64,
             8,

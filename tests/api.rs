@@ -112,7 +112,14 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     let alice_id = raftchat::chat::UserId::parse("alice").unwrap();
     let forged = raftchat::auth::Keys::new(b"not the secret").mint(&alice_id, 60, false);
     c.req(2, "GET", list, Some(&forged), None).await.unwrap().err(401, "invalid_token");
-    let expired = c.keys().mint(&alice_id, 0, false);
+    let now = raftchat::auth::now_secs();
+    let expired = c.keys().sign(&raftchat::auth::Claims {
+        sub: "alice".into(),
+        iat: now - 7200,
+        exp: now - 3600,
+        nbf: None,
+        adm: false,
+    });
     c.req(2, "GET", list, Some(&expired), None).await.unwrap().err(401, "token_expired");
     c.send_ok(0, "alice", "bob", "ok1", "fine").await;
     c.history(0, "mallory", "alice~bob", "").await.err(403, "forbidden");

@@ -38,6 +38,13 @@ impl ApiError {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
         }
     }
+    /// `429 rate_limited`: the user's send rate was exceeded; nothing was written.
+    pub fn rate_limited(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
+    }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
@@ -124,6 +131,7 @@ impl From<ApiError> for tonic::Status {
             StatusCode::NOT_FOUND => Code::NotFound,
             StatusCode::GATEWAY_TIMEOUT => Code::DeadlineExceeded,
             StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+            StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
             _ => Code::Internal,
         };
         tonic::Status::new(code, format!("{}: {}", e.code, e.message))

@@ -31,6 +31,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .fallback(|| async { ApiError::not_found("no_route", "no such endpoint; see docs/api.md") })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on this endpoint; see docs/api.md"),
+            )
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(node)
 }

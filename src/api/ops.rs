@@ -113,6 +113,16 @@ pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result
     validate_client_msg_id(&req.client_msg_id)?;
     validate_text(&req.text, node.cfg.max_text_bytes)?;
     let conversation = ConversationId::between(&who.user, &to)?;
+    if let Err(wait) = node.send_rate.take(&who.user) {
+        node.metrics.shed.with_label_values(&["user_rate"]).inc();
+        return Err(ApiError::rate_limited(
+            format!(
+                "{} may send {} messages a second (bursts of {}); nothing was written",
+                who.user, node.cfg.user_send_rate, node.cfg.user_send_burst
+            ),
+            wait.as_millis() as u64 + 1,
+        ));
+    }
     // Node-wide admission: refuse at once rather than queue without bound.
     let Some(permit) = node.admission.try_acquire() else {
         node.metrics.shed.with_label_values(&["node"]).inc();
@@ -244,7 +254,27 @@ pub async fn mark_read(
         return Err(ApiError::bad_request("invalid_seq", "seq must be >= 1"));
     }
     let deadline = node.request_deadline();
-    let conv_shard = node.placement.shard_of_conversation(&conversation);
+    check_seq_exists(node, &conversation, seq, deadline).await?;
+    let cmd = crate::chat::Command::MarkRead { user: who.user.clone(), conversation: conversation.clone(), seq };
+    let (read_seq, unread) =
+        match node.call(node.placement.shard_of_user(&who.user), ShardOp::Write(cmd), deadline).await? {
+            ShardReply::Written(crate::chat::Reply::ReadMarked { read_seq, unread }) => (read_seq, unread),
+            r => return Err(unexpected(r)),
+        };
+    // The read receipt goes to the peer's inbox (their devices show it).
+    send_receipt(node, who, &conversation, ReceiptKind::Read, read_seq, deadline).await?;
+    Ok(MarkReadResponse { read_seq, unread })
+}
+
+/// A receipt or read mark names a message that exists (checked on the conversation shard, the
+/// authority on its last seq).
+async fn check_seq_exists(
+    node: &Arc<Node>,
+    conversation: &ConversationId,
+    seq: u64,
+    deadline: tokio::time::Instant,
+) -> Result<(), ApiError> {
+    let conv_shard = node.placement.shard_of_conversation(conversation);
     let last = match node.call(conv_shard, ShardOp::LastSeq { conversation: conversation.clone() }, deadline).await {
         Ok(ShardReply::LastSeq(l)) => l,
         Ok(r) => return Err(unexpected(r)),
@@ -262,15 +292,7 @@ pub async fn mark_read(
             format!("seq {seq} is past the conversation's last message {last}"),
         ));
     }
-    let cmd = crate::chat::Command::MarkRead { user: who.user.clone(), conversation: conversation.clone(), seq };
-    let (read_seq, unread) =
-        match node.call(node.placement.shard_of_user(&who.user), ShardOp::Write(cmd), deadline).await? {
-            ShardReply::Written(crate::chat::Reply::ReadMarked { read_seq, unread }) => (read_seq, unread),
-            r => return Err(unexpected(r)),
-        };
-    // The read receipt goes to the peer's inbox (their devices show it).
-    send_receipt(node, who, &conversation, ReceiptKind::Read, read_seq, deadline).await?;
-    Ok(MarkReadResponse { read_seq, unread })
+    Ok(())
 }
 
 /// A delivered receipt: this user's device received the peer's messages up to `seq`.
@@ -279,7 +301,9 @@ pub async fn ack_delivered(node: &Arc<Node>, who: &Principal, conversation_id: &
     if seq == 0 {
         return Err(ApiError::bad_request("invalid_seq", "seq must be >= 1"));
     }
-    send_receipt(node, who, &conversation, ReceiptKind::Delivered, seq, node.request_deadline()).await
+    let deadline = node.request_deadline();
+    check_seq_exists(node, &conversation, seq, deadline).await?;
+    send_receipt(node, who, &conversation, ReceiptKind::Delivered, seq, deadline).await
 }
 
 async fn send_receipt(

@@ -169,7 +169,9 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             };
             let old = store.index_entry(user, conversation)?;
             let mut entry = old.clone().unwrap_or_else(|| IndexEntry::new(peer.clone()));
-            entry.read_seq = entry.read_seq.max(*seq);
+            // Nothing past the last message can be read (a larger mark would hide every
+            // later message from the unread count).
+            entry.read_seq = entry.read_seq.max((*seq).min(entry.last_seq));
             let reply = Reply::ReadMarked { read_seq: entry.read_seq, unread: entry.unread() };
             if old.as_ref() == Some(&entry) {
                 return Ok((vec![], reply));
@@ -187,11 +189,12 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
         }
         Command::Receipt { user, conversation, by, receipt, seq } => {
             let Some(entry) = store.index_entry(user, conversation)? else {
-                return Ok((vec![], Reply::Done));
+                return Ok((vec![], Reply::Receipt { last_seq: 0 }));
             };
             if conversation.peer_of(user) != Some(by) {
-                return Ok((vec![], Reply::Done));
+                return Ok((vec![], Reply::Receipt { last_seq: 0 }));
             }
+            let last_seq = entry.last_seq;
             // Receipts cover only messages that exist; read implies delivered.
             let seq = (*seq).min(entry.last_seq);
             let mut next = entry.clone();
@@ -204,7 +207,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 ReceiptKind::Read => next.peer_read_seq > entry.peer_read_seq,
             };
             if !advanced {
-                return Ok((vec![], Reply::Done));
+                return Ok((vec![], Reply::Receipt { last_seq }));
             }
             let event =
                 InboxEvent::Receipt { conversation: conversation.clone(), by: by.clone(), receipt: *receipt, seq };
@@ -213,7 +216,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event },
                 Change::PutIndex { user: user.clone(), conversation: conversation.clone(), entry: next, previous_ts },
             ];
-            Ok((changes, Reply::Done))
+            Ok((changes, Reply::Receipt { last_seq }))
         }
         Command::Register { user } => {
             if store.user_exists(user)? {

@@ -40,7 +40,9 @@ impl UserId {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let ok = !s.is_empty()
             && s.len() <= MAX_USER_ID
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            // "." and ".." read as paths in URLs and logs.
+            && !s.bytes().all(|b| b == b'.');
         if ok {
             Ok(UserId(s.to_string()))
         } else {

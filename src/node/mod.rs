@@ -14,6 +14,7 @@ pub mod admission;
 pub mod inbox;
 pub mod ops;
 pub mod peer_service;
+pub mod rate_limit;
 pub mod router;
 pub mod send;
 pub mod shard_handle;
@@ -45,6 +46,8 @@ pub struct Node {
     pub shards: HashMap<ShardId, shard_handle::ShardHandle>,
     /// Node-wide admission of client sends (an adaptive limit, see [`admission`]).
     pub admission: Arc<admission::Limiter>,
+    /// Per-user send rate (`user_send_rate`, `user_send_burst`).
+    pub send_rate: rate_limit::PerUser,
     pub(crate) leader_hints: Mutex<HashMap<ShardId, NodeId>>,
     pub(crate) known_users: Mutex<HashSet<UserId>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,

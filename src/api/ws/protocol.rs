@@ -17,6 +17,10 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// The server is shutting down; reconnect (to any node) with the last cursor.
     pub const GOING_AWAY: u16 = 1001;
+    /// A frame broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A frame was larger than the hard limit (1 MiB).
+    pub const TOO_BIG: u16 = 1009;
 }
 
 /// A position in a user's delivery stream: every event before `event` was delivered,

@@ -116,10 +116,17 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
         let _ = sink.close().await;
     });
 
+    let mut writer_done = false;
     let mut tasks = JoinSet::new();
+    // Request tasks spawned and not yet collected (the pusher is not one).
+    let mut requests_held: i64 = 0;
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     if let Some(w) = &who {
-        tasks.spawn(super::push::run(conn.clone(), w.user.clone(), cursor));
+        let (c, u) = (conn.clone(), w.user.clone());
+        tasks.spawn(async move {
+            super::push::run(c, u, cursor).await;
+            false
+        });
     }
     let opened = Instant::now();
     let mut last_seen = Instant::now();
@@ -132,7 +139,23 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
     loop {
         tokio::select! {
             msg = stream.next() => {
-                let Some(Ok(msg)) = msg else { break };
+                let msg = match msg {
+                    Some(Ok(m)) => m,
+                    None => break,
+                    Some(Err(e)) => {
+                        // The frame could not be read: say why before closing.
+                        let text = e.to_string();
+                        let (code, reason) = if text.contains("too long") {
+                            (close::TOO_BIG, format!("frames are limited to {} bytes", super::HARD_FRAME_LIMIT))
+                        } else {
+                            (close::PROTOCOL_ERROR, "WebSocket protocol error".to_string())
+                        };
+                        tracing::debug!(cause = %text, code, "closing a WebSocket after a read error");
+                        conn.close_now(code, &reason);
+                        writer_done = tokio::time::timeout(Duration::from_secs(1), &mut writer).await.is_ok();
+                        break;
+                    }
+                };
                 last_seen = Instant::now();
                 match msg {
                     Message::Text(t) => {
@@ -141,7 +164,7 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
                             conn.error(None, &e).await;
                             continue;
                         }
-                        handle_text(&conn, &mut who, &mut tasks, &permits, t.as_str()).await;
+                        handle_text(&conn, &mut who, &mut tasks, &mut requests_held, &permits, t.as_str()).await;
                     }
                     Message::Binary(_) => {
                         let e = ApiError::bad_request("binary_not_supported", "raftchat carries text only: send JSON text frames");
@@ -151,7 +174,24 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
+            // Finished requests leave the set at once, so a long-lived connection holds only
+            // what is in flight.
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if matches!(done, Ok(true)) {
+                    requests_held -= 1;
+                    node.metrics.ws_request_tasks.dec();
+                }
+            }
             _ = watchdog.tick() => {
+                if let Some(w) = who.as_ref().filter(|w| w.exp <= crate::auth::now_secs()) {
+                    if close_asked.is_none() {
+                        let e = ApiError::from(crate::auth::AuthError::Expired);
+                        conn.error(None, &e).await;
+                        conn.close(close::UNAUTHORIZED, "token_expired: reconnect, or send an auth frame with a fresh token before expiry");
+                        tracing::debug!(user = %w.user, "closing a WebSocket whose token expired");
+                    }
+                    close_asked.get_or_insert_with(Instant::now);
+                }
                 if who.is_none() && opened.elapsed() > AUTH_WINDOW {
                     conn.close(close::UNAUTHORIZED, "no auth frame within 10 s");
                     close_asked.get_or_insert_with(Instant::now);
@@ -168,22 +208,30 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
             _ = &mut stopping => {
                 conn.close(close::GOING_AWAY, "server shutting down: reconnect with your last cursor");
                 close_asked.get_or_insert_with(Instant::now);
-                let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+                writer_done = tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_ok();
                 break;
             }
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
         }
     }
     tasks.abort_all();
+    node.metrics.ws_request_tasks.sub(requests_held);
     drop(conn);
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
-    writer.abort();
+    // A finished JoinHandle must not be polled again.
+    if !writer_done {
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+        writer.abort();
+    }
 }
 
 async fn handle_text(
     conn: &Conn,
     who: &mut Option<Principal>,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut JoinSet<bool>,
+    requests_held: &mut i64,
     permits: &Arc<Semaphore>,
     text: &str,
 ) {
@@ -192,10 +240,22 @@ async fn handle_text(
         Err((id, e)) => return conn.error(id, &e).await,
     };
     if let ClientFrame::Auth { id, token, cursor } = frame {
-        if who.is_some() {
-            return conn
-                .error(id, &ApiError::bad_request("already_authenticated", "this connection is authenticated"))
-                .await;
+        if let Some(current) = who.as_mut() {
+            // A fresh token for the same user extends the connection past the old one's expiry.
+            return match conn.node.keys.verify(&token) {
+                Ok(p) if p.user == current.user => {
+                    current.exp = p.exp;
+                    conn.send(protocol::reply("authenticated", id, json!({ "user": p.user, "exp": p.exp }))).await;
+                }
+                Ok(p) => {
+                    let e = ApiError::forbidden(format!(
+                        "this connection is {}'s; a token for {} needs a connection of its own",
+                        current.user, p.user
+                    ));
+                    conn.error(id, &e).await;
+                }
+                Err(e) => conn.error(id, &ApiError::from(e)).await,
+            };
         }
         let cursor = match cursor.as_deref().map(Cursor::parse).transpose() {
             Ok(c) => c,
@@ -206,8 +266,12 @@ async fn handle_text(
         };
         match ops::authenticate(&conn.node, Some(&format!("Bearer {token}"))).await {
             Ok(p) => {
-                conn.send(protocol::reply("authenticated", id, json!({ "user": p.user }))).await;
-                tasks.spawn(super::push::run(conn.clone(), p.user.clone(), cursor));
+                conn.send(protocol::reply("authenticated", id, json!({ "user": p.user, "exp": p.exp }))).await;
+                let (c, u) = (conn.clone(), p.user.clone());
+                tasks.spawn(async move {
+                    super::push::run(c, u, cursor).await;
+                    false
+                });
                 *who = Some(p);
             }
             Err(e) => {
@@ -230,6 +294,8 @@ async fn handle_text(
         return conn.error(frame_id(&frame), &e).await;
     };
     let conn = conn.clone();
+    conn.node.metrics.ws_request_tasks.inc();
+    *requests_held += 1;
     tasks.spawn(async move {
         let _permit = permit;
         let id = frame_id(&frame);
@@ -262,6 +328,7 @@ async fn handle_text(
             }
             Err(e) => conn.error(id, &e).await,
         }
+        true
     });
 }
 
