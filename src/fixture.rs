@@ -43,7 +43,16 @@ impl std::fmt::Debug for Spec {
 
 impl Spec {
     pub fn new(nodes: usize, dir: &Path) -> Self {
-        Self { nodes, shards: 8, dir: dir.to_path_buf(), ports: None, hosts: None, base: |_| {}, tweak: |_| {}, wrap: None }
+        Self {
+            nodes,
+            shards: 8,
+            dir: dir.to_path_buf(),
+            ports: None,
+            hosts: None,
+            base: |_| {},
+            tweak: |_| {},
+            wrap: None,
+        }
     }
 }
 

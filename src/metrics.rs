@@ -10,6 +10,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub fsync_seconds: Histogram,
     pub fsync_batch: Histogram,
+    /// Write-ahead log rounds that ended in `fdatasync` (the others carried lazy records only).
+    pub fsync_rounds: prometheus::IntCounter,
     pub sled_sync_seconds: Histogram,
     pub proposal_batch: Histogram,
     pub shed: IntCounterVec,
@@ -58,6 +60,11 @@ impl Metrics {
                 "fsync_seconds",
                 "Write-ahead log group commit: one write and fdatasync covering every queued record",
             ),
+            fsync_rounds: prometheus::IntCounter::new(
+                "wal_fsyncs_total",
+                "Write-ahead log rounds that ended in fdatasync (rounds of commit marks only are not synced)",
+            )
+            .expect("valid"),
             fsync_batch: Histogram::with_opts(
                 HistogramOpts::new(
                     "fsync_batch_size",
@@ -159,6 +166,7 @@ impl Metrics {
         register!(
             fsync_seconds,
             fsync_batch,
+            fsync_rounds,
             sled_sync_seconds,
             proposal_batch,
             shed,

@@ -174,6 +174,10 @@ struct Job {
     /// For entry frames: (shard, index, log id, offset of the frame within `frames`, len).
     entries: Vec<(ShardId, LogId<NodeId>, usize, u32)>,
     done: Done,
+    /// Must be on stable storage before anyone relies on it. A round of lazy jobs only
+    /// (commit marks, truncations) is written without `fdatasync`; the next synced round
+    /// covers it, as it covers everything written to the file before it.
+    sync: bool,
 }
 
 struct Segment {
@@ -377,21 +381,24 @@ impl Wal {
                 l.insert(entry, None, true);
             }
         }
-        match self.submit(Job { frames, entries: located, done: Done::Call(done) }) {
+        match self.submit(Job { frames, entries: located, done: Done::Call(done), sync: true }) {
             Ok(()) => Ok(()),
             Err(e) => Err(io::Error::other(e.to_string())),
         }
     }
 
     /// Records a metadata change; waits for its fsync when `durable`.
+    /// `durable`: wait until it is synced. A purge is synced (not waited for) even so: the
+    /// segments it frees are deleted after its round.
     async fn meta(&self, rec: Record, durable: bool) -> io::Result<()> {
+        let sync = durable || matches!(rec, Record::Purge { .. });
         let frames = encode(&rec)?;
         if durable {
             let (tx, rx) = oneshot::channel();
-            self.submit(Job { frames, entries: vec![], done: Done::Wait(tx) }).map_err(io::Error::other)?;
+            self.submit(Job { frames, entries: vec![], done: Done::Wait(tx), sync: true }).map_err(io::Error::other)?;
             rx.await.map_err(|_| io::Error::other(WalError::Stopped))?
         } else {
-            self.submit(Job { frames, entries: vec![], done: Done::Nothing }).map_err(io::Error::other)
+            self.submit(Job { frames, entries: vec![], done: Done::Nothing, sync }).map_err(io::Error::other)
         }
     }
 
@@ -568,8 +575,9 @@ impl Writer {
         // Positioned writes: the descriptor's own offset is not the segment's end after a
         // reopen (and never needs to be).
         file.write_all_at(&self.buf, base)?;
-        if !cfg!(feature = "fault-unsynced-wal") {
+        if !cfg!(feature = "fault-unsynced-wal") && jobs.iter().any(|j| j.sync) {
             file.sync_data()?;
+            self.metrics.fsync_rounds.inc();
         }
         self.size += self.buf.len() as u64;
         // Entries now have a place on disk; their decoded copies may be evicted later.
@@ -597,6 +605,11 @@ impl Writer {
 
     /// Starts a new segment, opening with a checkpoint of every shard's metadata.
     fn rotate(&mut self) -> io::Result<()> {
+        // Lazy records at the old segment's end must not be lost behind synced ones in the
+        // new segment (a truncation would come undone under newer entries).
+        if let Some(old) = lock(&self.shared.segments).get(&self.active) {
+            old.file.sync_data()?;
+        }
         let seq = self.active + 1;
         let path = segment_path(&self.shared.dir, seq);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;

@@ -173,3 +173,35 @@ fn appends_of_many_shards_share_syncs() {
         assert_eq!(indexes(&wal, shard).len(), 50);
     }
 }
+
+/// Commit marks alone are written without an fdatasync; an append after them syncs, and the
+/// marks written before it are on disk with it.
+#[test]
+fn commit_marks_ride_on_the_next_synced_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    {
+        let wal = Wal::open(dir.path(), metrics.clone()).unwrap();
+        let log = wal.shard(4);
+        rt().block_on(async {
+            for i in 1..=20 {
+                wal.save_committed(4, &log, Some(LogId::new(CommittedLeaderId::new(1, 1), i))).await.unwrap();
+            }
+        });
+        // Let the writer drain the marks.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::metadata(segment_path(dir.path(), 1)).unwrap().len() == 0 {
+            assert!(std::time::Instant::now() < deadline, "marks never written");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(metrics.fsync_rounds.get(), 0, "commit marks alone are not synced");
+        append(&wal, 4, vec![entry(1, 1)]);
+        assert_eq!(metrics.fsync_rounds.get(), 1);
+        let log = wal.shard(5);
+        rt().block_on(wal.save_vote(5, &log, Vote::new_committed(2, 1))).unwrap();
+        assert_eq!(metrics.fsync_rounds.get(), 2, "votes are synced");
+    }
+    let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
+    assert_eq!(wal.shard(4).lock().unwrap().meta.committed.map(|c| c.index), Some(20));
+}
