@@ -26,10 +26,12 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct NodeAddr {
     pub id: NodeId,
-    /// gRPC address peers use (Raft, forwarding).
+    /// Client gRPC address.
     pub grpc: String,
     /// HTTP address clients use.
     pub http: String,
+    /// Peer address: Raft and forwarded operations, between nodes only.
+    pub peer: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +41,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// Node-to-node traffic (Raft, forwarding, inbox streams); authenticated by the peer key
+    /// before any request body is read. Keep it off networks clients can reach.
+    pub peer_addr: SocketAddr,
     /// Fixed when the cluster is created; a node refuses to start with another value.
     pub shards: u32,
     /// Every member, this node included. Empty means a single-node cluster of this node.
@@ -101,6 +106,7 @@ impl Default for Config {
             data_dir: PathBuf::from("raftchat-data"),
             http_addr: "127.0.0.1:8080".parse().expect("literal address"),
             grpc_addr: "127.0.0.1:7070".parse().expect("literal address"),
+            peer_addr: "127.0.0.1:7071".parse().expect("literal address"),
             shards: 8,
             nodes: Vec::new(),
             secret_file: None,
@@ -141,7 +147,12 @@ impl Config {
     /// The member list, with this node alone when `nodes` is empty.
     pub fn members(&self) -> Vec<NodeAddr> {
         if self.nodes.is_empty() {
-            vec![NodeAddr { id: self.node_id, grpc: self.grpc_addr.to_string(), http: self.http_addr.to_string() }]
+            vec![NodeAddr {
+                id: self.node_id,
+                grpc: self.grpc_addr.to_string(),
+                http: self.http_addr.to_string(),
+                peer: self.peer_addr.to_string(),
+            }]
         } else {
             self.nodes.clone()
         }
@@ -153,6 +164,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.peer_addr == self.grpc_addr || self.peer_addr == self.http_addr || self.grpc_addr == self.http_addr {
+            return bad("http_addr, grpc_addr and peer_addr must be three different addresses".into());
+        }
         if self.shards == 0 || self.shards > 4096 {
             return bad(format!("shards must be in 1..=4096, got {}", self.shards));
         }
@@ -324,7 +338,7 @@ mod tests {
     #[test]
     fn file_parses_and_unknown_keys_are_rejected() {
         let ok: Config = toml::from_str(
-            "node_id = 2\nshards = 16\n[[nodes]]\nid = 2\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\n",
+            "node_id = 2\nshards = 16\n[[nodes]]\nid = 2\ngrpc = \"127.0.0.1:1\"\nhttp = \"127.0.0.1:2\"\npeer = \"127.0.0.1:3\"\n",
         )
         .unwrap();
         ok.validate().unwrap();

@@ -19,8 +19,8 @@ pub struct Spec {
     pub nodes: usize,
     pub shards: u32,
     pub dir: PathBuf,
-    /// HTTP and gRPC ports per node; `None` picks free ports.
-    pub ports: Option<Vec<(u16, u16)>>,
+    /// HTTP, client gRPC and peer ports per node; `None` picks free ports.
+    pub ports: Option<Vec<(u16, u16, u16)>>,
     /// IP address per node; `None` is 127.0.0.1 for all.
     pub hosts: Option<Vec<String>>,
     /// Applied to every node's config first (a test suite's or tool's defaults)...
@@ -63,30 +63,34 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// The per-node configs of a loopback cluster, data under `spec.dir/node<N>`.
 pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
-    let ports: Vec<(u16, u16)> = match &spec.ports {
+    let ports: Vec<(u16, u16, u16)> = match &spec.ports {
         Some(p) => p.clone(),
-        None => (0..spec.nodes).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?,
+        None => {
+            (0..spec.nodes).map(|_| Ok((free_port()?, free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?
+        }
     };
     if ports.len() != spec.nodes {
-        bail!("need {} port pairs, got {}", spec.nodes, ports.len());
+        bail!("need {} port triples, got {}", spec.nodes, ports.len());
     }
     let host = |i: usize| spec.hosts.as_ref().and_then(|h| h.get(i).cloned()).unwrap_or_else(|| "127.0.0.1".into());
     let members: Vec<NodeAddr> = ports
         .iter()
         .enumerate()
-        .map(|(i, (h, g))| NodeAddr {
+        .map(|(i, (h, g, p))| NodeAddr {
             id: i as u64 + 1,
             http: format!("{}:{h}", host(i)),
             grpc: format!("{}:{g}", host(i)),
+            peer: format!("{}:{p}", host(i)),
         })
         .collect();
     let mut out = Vec::new();
-    for (i, (h, g)) in ports.iter().enumerate() {
+    for (i, (h, g, p)) in ports.iter().enumerate() {
         let mut c = Config {
             node_id: i as u64 + 1,
             data_dir: spec.dir.join(format!("node{}", i + 1)),
             http_addr: format!("{}:{h}", host(i)).parse()?,
             grpc_addr: format!("{}:{g}", host(i)).parse()?,
+            peer_addr: format!("{}:{p}", host(i)).parse()?,
             shards: spec.shards,
             nodes: members.clone(),
             secret_file: Some(spec.dir.join("secret")),
@@ -108,7 +112,8 @@ pub fn config_toml(c: &Config) -> anyhow::Result<String> {
     let d = toml::Value::try_from(Config::default())?;
     if let (Some(t), Some(dt)) = (v.as_table_mut(), d.as_table()) {
         t.retain(|k, val| {
-            dt.get(k) != Some(val) || ["node_id", "data_dir", "http_addr", "grpc_addr", "shards"].contains(&k)
+            dt.get(k) != Some(val)
+                || ["node_id", "data_dir", "http_addr", "grpc_addr", "peer_addr", "shards"].contains(&k)
         });
     }
     Ok(toml::to_string(&v)?)
@@ -191,6 +196,11 @@ impl Cluster {
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.children[i] = Some(child);
         Ok(())
+    }
+
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(|c| c.id())
     }
 
     fn signal(&self, i: usize, sig: i32) -> anyhow::Result<()> {

@@ -53,7 +53,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let members = cfg.members();
     let placement = Placement::new(cfg.shards, members.iter().map(|m| m.id).collect());
     let peers = Peers::new(
-        &members.iter().map(|m| (m.id, m.grpc.clone())).collect::<Vec<_>>(),
+        &members.iter().map(|m| (m.id, m.peer.clone())).collect::<Vec<_>>(),
         keys.peer_token(),
         Duration::from_millis(cfg.rpc_timeout_ms),
     )?;
@@ -65,6 +65,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
         .await
         .map_err(|source| NodeError::Bind { addr: cfg.grpc_addr, source })?;
+    let peer_listener = tokio::net::TcpListener::bind(cfg.peer_addr)
+        .await
+        .map_err(|source| NodeError::Bind { addr: cfg.peer_addr, source })?;
 
     let local = placement.local_shards(cfg.node_id);
     let cache_budget = cfg.cache_bytes / local.len().max(1);
@@ -128,7 +131,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     if let Some(f) = &node.fault {
         tracing::warn!(fault = %f, "FAULT INJECTION ENABLED: this node will misbehave on purpose");
     }
-    tracing::info!(node = node.id, shards = ?local, http = %node.cfg.http_addr, grpc = %node.cfg.grpc_addr, "raftchat node starting");
+    tracing::info!(node = node.id, shards = ?local, http = %node.cfg.http_addr, grpc = %node.cfg.grpc_addr, peer = %node.cfg.peer_addr, "raftchat node starting");
 
     let (stop_peers_tx, stop_peers_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -136,19 +139,34 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
     let tasks = crate::node::send::spawn(node.clone(), outbox_rx, stop_rx.clone());
 
-    let grpc = {
+    let peer = {
         let svc = crate::node::peer_service::PeerService::new(node.clone());
-        let chat = crate::api::grpc::ChatService::new(node.clone());
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let stop = stopped(stop_peers_rx);
+        let incoming = tonic::transport::server::TcpIncoming::from(peer_listener).with_nodelay(Some(true));
+        let stop = stopped(stop_peers_rx.clone());
+        // The key is checked on the request's headers, before its body is read: an unknown
+        // caller cannot make the node buffer or decode anything.
+        let keys = node.keys.clone();
+        let check = move |req: tonic::Request<()>| crate::node::peer_service::check_key(&keys, req);
+        let svc = crate::pb::peer_server::PeerServer::new(svc).max_decoding_message_size(64 << 20);
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 // Peers cancel RPCs that time out (a partition, a paused node); when a link
                 // heals, hundreds of such resets arrive together. h2's default limit (20),
                 // meant for untrusted clients, would then tear down the peer connection that
-                // carries every shard group. Peer callers are authenticated by the peer key.
+                // carries every shard group. Only the peer port raises it.
                 .http2_max_pending_accept_reset_streams(Some(4096))
-                .add_service(crate::pb::peer_server::PeerServer::new(svc).max_decoding_message_size(64 << 20))
+                .add_service(tonic::service::interceptor::InterceptedService::new(svc, check))
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await
+        })
+    };
+    // Clients' gRPC keeps h2's and tonic's defaults (4 MiB messages, 20 pending resets).
+    let grpc = {
+        let chat = crate::api::grpc::ChatService::new(node.clone());
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
                 .add_service(crate::pb::chat_server::ChatServer::new(chat))
                 .serve_with_incoming_shutdown(incoming, stop)
                 .await
@@ -166,8 +184,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     // In-flight client requests finish (or fail cleanly) before Raft stops under them.
     let drain = Duration::from_millis(node.cfg.request_timeout_ms + 1_000);
     let _ = tokio::time::timeout(drain, http).await;
-    let _ = stop_peers_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    let _ = stop_peers_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer).await;
     for t in tasks {
         t.abort();
     }

@@ -193,3 +193,54 @@ async fn small_holes_are_closed() {
     let mode = std::fs::metadata(c.dir.join("secret")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "secret file mode {mode:o}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Peer traffic has its own port: a request without the peer key is refused on its headers
+/// (large bodies are never buffered or decoded), and the client gRPC port neither serves the
+/// peer service nor accepts peer-sized messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_peer_port_authenticates_before_reading_and_clients_keep_default_limits() {
+    use raftchat::pb;
+    let c = start(1, |_| {}).await;
+    let pid = c.pid(0).unwrap();
+    let before = rss_kib(pid);
+    let peer = format!("http://{}", c.configs[0].peer_addr);
+    let mut client =
+        pb::peer_client::PeerClient::connect(peer.clone()).await.unwrap().max_encoding_message_size(64 << 20);
+    for _ in 0..4 {
+        let req = pb::RaftRequest { group: 0, kind: 0, payload: vec![b'x'; 60 << 20] };
+        let err = client.raft(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    }
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 40 << 10, "four refused 60 MiB requests grew the node by {grown} KiB");
+
+    // The client port: no peer service, and tonic's 4 MiB message limit.
+    let grpc = format!("http://{}", c.configs[0].grpc_addr);
+    let mut wrong = pb::peer_client::PeerClient::connect(grpc.clone()).await.unwrap();
+    let mut req = tonic::Request::new(pb::RaftRequest { group: 0, kind: 0, payload: vec![] });
+    req.metadata_mut().insert("x-raftchat-peer", c.keys().peer_token().parse().unwrap());
+    assert_eq!(wrong.raft(req).await.unwrap_err().code(), tonic::Code::Unimplemented);
+    let mut chat = pb::chat_client::ChatClient::connect(grpc).await.unwrap().max_encoding_message_size(64 << 20);
+    let mut big = tonic::Request::new(pb::SendRequest {
+        to: "bob".into(),
+        client_msg_id: "big".into(),
+        text: "x".repeat(10 << 20),
+    });
+    big.metadata_mut().insert("authorization", format!("Bearer {}", c.token("alice")).parse().unwrap());
+    let code = chat.send(big).await.unwrap_err().code();
+    assert!(matches!(code, tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{code:?}");
+    no_panics(&c);
+}

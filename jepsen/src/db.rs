@@ -14,6 +14,7 @@ use std::time::Duration;
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const HTTP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 7070;
+const PEER_PORT: u16 = 7071;
 
 pub struct Db {
     pub net: Net,
@@ -65,7 +66,7 @@ impl Db {
         });
         let spec = Spec {
             shards,
-            ports: Some(vec![(HTTP_PORT, GRPC_PORT); net.nodes]),
+            ports: Some(vec![(HTTP_PORT, GRPC_PORT, PEER_PORT); net.nodes]),
             hosts: Some((0..net.nodes).map(|i| net.ip(i)).collect()),
             tweak: harness_config,
             wrap: Some(wrap),

@@ -17,17 +17,20 @@ pub struct LocalArgs {
     /// Shard count (fixed once the cluster's data exists).
     #[arg(long, default_value_t = 8)]
     pub shards: u32,
-    /// HTTP port of node 1; node N listens on this + N - 1 (gRPC: 7081 + N - 1).
+    /// HTTP port of node 1; node N listens on this + N - 1 (gRPC: 7081 + N - 1, peers:
+    /// 7091 + N - 1).
     #[arg(long, default_value_t = 8081)]
     pub http_port: u16,
     #[arg(long, default_value_t = 7081)]
     pub grpc_port: u16,
+    #[arg(long, default_value_t = 7091)]
+    pub peer_port: u16,
 }
 
 pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=9).contains(&a.nodes), "--nodes must be in 1..=9");
     let bin = std::env::current_exe()?;
-    let ports = (0..a.nodes as u16).map(|i| (a.http_port + i, a.grpc_port + i)).collect();
+    let ports = (0..a.nodes as u16).map(|i| (a.http_port + i, a.grpc_port + i, a.peer_port + i)).collect();
     let spec = Spec { shards: a.shards, ports: Some(ports), ..Spec::new(a.nodes, &a.dir) };
     let mut cluster = Cluster::start(&bin, &spec)?;
     eprintln!("raftchat local: starting {} nodes, data and logs in {}", a.nodes, a.dir.display());

@@ -57,6 +57,9 @@ pub struct ServeArgs {
     pub http_addr: Option<std::net::SocketAddr>,
     #[arg(long, env = "RAFTCHAT_GRPC_ADDR")]
     pub grpc_addr: Option<std::net::SocketAddr>,
+    /// Node-to-node address (Raft and forwarding).
+    #[arg(long, env = "RAFTCHAT_PEER_ADDR")]
+    pub peer_addr: Option<std::net::SocketAddr>,
     /// Shard count; fixed when the cluster is created.
     #[arg(long, env = "RAFTCHAT_SHARDS")]
     pub shards: Option<u32>,
@@ -79,7 +82,7 @@ impl ServeArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
-        set!(node_id, data_dir, http_addr, grpc_addr, shards, snapshot_every, keep_logs, max_text_bytes);
+        set!(node_id, data_dir, http_addr, grpc_addr, peer_addr, shards, snapshot_every, keep_logs, max_text_bytes);
         if self.secret_file.is_some() {
             c.secret_file = self.secret_file.clone();
         }

@@ -15,11 +15,23 @@ pub struct PeerService {
     node: Arc<Node>,
 }
 
+/// The peer listener's interceptor: runs on the request's headers, before the body is read.
+pub fn check_key(keys: &crate::auth::Keys, req: Request<()>) -> Result<Request<()>, Status> {
+    let key = req.metadata().get(PEER_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if keys.verify_peer(key) {
+        Ok(req)
+    } else {
+        Err(Status::unauthenticated("missing or wrong peer key: is this node configured with the cluster's secret?"))
+    }
+}
+
 impl PeerService {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
 
+    /// The interceptor already checked the key; checked again here so the service is never
+    /// exposed without it by a change to the server's set-up.
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let key = req.metadata().get(PEER_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         if self.node.keys.verify_peer(key) {
