@@ -97,6 +97,14 @@ pub struct Config {
     pub user_send_rate: u32,
     /// Sends one user may make at once above the sustained rate.
     pub user_send_burst: u32,
+    /// Client HTTP listener: open connections at most (WebSockets included).
+    pub max_connections: usize,
+    /// Client HTTP listener: open connections from one IP address at most.
+    pub max_connections_per_ip: usize,
+    /// Client HTTP listener: a request's headers must arrive within this.
+    pub header_read_timeout_ms: u64,
+    /// Client HTTP listener: a connection on which nothing moves this long is closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -134,6 +142,10 @@ impl Default for Config {
             token_leeway_secs: 60,
             user_send_rate: 20,
             user_send_burst: 100,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
         }
     }
 }
@@ -225,12 +237,23 @@ impl Config {
             ("ws_slow_consumer_ms", self.ws_slow_consumer_ms),
             ("ws_ping_ms", self.ws_ping_ms),
             ("overload_retry_after_ms", self.overload_retry_after_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
         ] {
             // Durations are added to the current instant; bounding them keeps that from
             // overflowing.
             if v > HOUR_MS {
                 return bad(format!("{name} must be at most {HOUR_MS} (one hour), got {v}"));
             }
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return bad("max_connections and max_connections_per_ip must be > 0".into());
+        }
+        if self.header_read_timeout_ms < 100 || self.idle_timeout_ms < 1_000 {
+            return bad("header_read_timeout_ms must be >= 100 and idle_timeout_ms >= 1000".into());
+        }
+        if self.idle_timeout_ms <= self.request_timeout_ms || self.idle_timeout_ms <= self.ws_ping_ms {
+            return bad("idle_timeout_ms must exceed request_timeout_ms and ws_ping_ms (a waiting request or a pinged WebSocket is not idle)".into());
         }
         if self.max_token_ttl_secs == 0 || self.max_token_ttl_secs > 366 * 86_400 {
             return bad("max_token_ttl_secs must be in 1..=31622400 (a year)".into());

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub shard_snapshot: IntGaugeVec,
     pub outbox_redriven: IntCounterVec,
     pub ws_connections: prometheus::IntGauge,
+    /// Open connections on the client HTTP listener (WebSockets included).
+    pub http_connections: prometheus::IntGauge,
     /// Request tasks WebSocket sessions hold (running, or finished and not yet collected).
     pub ws_request_tasks: prometheus::IntGauge,
     pub ws_pushes: prometheus::IntCounter,
@@ -139,6 +141,11 @@ impl Metrics {
             )
             .expect("valid"),
             ws_connections: prometheus::IntGauge::new("ws_connections", "Open WebSocket connections").expect("valid"),
+            http_connections: prometheus::IntGauge::new(
+                "http_connections",
+                "Open connections on the client HTTP listener (WebSockets included)",
+            )
+            .expect("valid"),
             ws_request_tasks: prometheus::IntGauge::new(
                 "ws_request_tasks",
                 "Request tasks held by WebSocket sessions (in flight or finished and not yet collected)",
@@ -186,6 +193,7 @@ impl Metrics {
             shard_snapshot,
             outbox_redriven,
             ws_connections,
+            http_connections,
             ws_request_tasks,
             ws_pushes,
             ws_resumes,

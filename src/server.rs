@@ -175,7 +175,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let http = {
         let app = crate::api::http::router(node.clone());
         let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stop).await })
+        let limits = crate::api::listener::Limits::from_config(&node.cfg);
+        let metrics = node.metrics.clone();
+        tokio::spawn(crate::api::listener::serve(http_listener, app, limits, metrics, stop))
     };
 
     shutdown.await;

@@ -244,3 +244,74 @@ async fn the_peer_port_authenticates_before_reading_and_clients_keep_default_lim
     assert!(matches!(code, tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{code:?}");
     no_panics(&c);
 }
+
+/// Slowloris, idle keep-alive connections and connection floods are bounded: headers must
+/// arrive in time, silent connections are closed, and past the per-address limit a new
+/// connection gets `503 too_many_connections` (before: all held indefinitely).
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_are_limited_in_number_and_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = start(1, |c| {
+        c.header_read_timeout_ms = 500;
+        c.request_timeout_ms = 1_000;
+        c.ws_ping_ms = 500;
+        c.idle_timeout_ms = 1_500;
+        c.max_connections_per_ip = 5;
+    })
+    .await;
+    let addr = c.configs[0].http_addr;
+    // Closed by the server: reading ends (0 bytes or a reset) within `within`.
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buf = vec![0u8; 4096];
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+
+    // Slowloris: a header line every 200 ms never completes the request.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let trickle = async {
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(format!("x-slow-{i}: y\r\n").as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), trickle).await;
+    assert!(closed_within(&mut slow, Duration::from_secs(3)).await, "a slowloris connection is cut off");
+
+    // Idle keep-alive: one request, then silence.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    assert!(idle.read(&mut buf).await.unwrap() > 0);
+    assert!(closed_within(&mut idle, Duration::from_secs(5)).await, "an idle connection is closed");
+
+    // Per-address limit: five held, the sixth refused with a JSON 503, then room again.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        held.push(s);
+    }
+    let mut sixth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(T, sixth.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    drop(held.pop());
+    eventually(T, "a free place after one connection closed", || async {
+        let r = c.http.get(format!("{}/healthz", c.url(0))).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    no_panics(&c);
+}

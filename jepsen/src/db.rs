@@ -39,6 +39,7 @@ fn harness_config(c: &mut raftchat::config::Config) {
     c.keep_logs = 50;
     // The harness checks consistency; its generator may exceed a person's send rate.
     c.user_send_rate = 0;
+    c.max_connections_per_ip = c.max_connections;
 }
 
 impl Db {

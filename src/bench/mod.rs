@@ -107,8 +107,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     let (cluster, urls, keys, data_dirs) = match &plan.nodes {
         Nodes::Local { bin, nodes, shards, dir } => {
             let mut spec = Spec { shards: *shards, ..Spec::new(*nodes, dir) };
-            // Load generation is not a person typing: no per-user send limit.
-            spec.tweak = |c| c.user_send_rate = 0;
+            // Load generation is not a person typing: no per-user send limit, and every
+            // connection comes from one address.
+            spec.base = |c| {
+                c.user_send_rate = 0;
+                c.max_connections_per_ip = c.max_connections;
+            };
             let cluster = Cluster::start(bin, &spec).context("starting the local cluster")?;
             cluster.wait_all_ready(Duration::from_secs(90)).await?;
             let urls = (0..cluster.len()).map(|i| cluster.url(i)).collect::<Vec<_>>();

@@ -40,7 +40,11 @@ pub async fn start_with_env(
     let dir = tempfile::tempdir().expect("tempdir");
     let mut spec = Spec::new(nodes, dir.path());
     // Tests drive users far faster than people type; a test of the limit sets it again.
-    spec.base = |c| c.user_send_rate = 0;
+    spec.base = |c| {
+        c.user_send_rate = 0;
+        // Tests open hundreds of connections from one address at once.
+        c.max_connections_per_ip = 10_000;
+    };
     spec.tweak = tweak;
     // Write configs and start with the environment in place.
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_raftchat"));
