@@ -97,6 +97,18 @@ pub struct Config {
     pub user_send_rate: u32,
     /// Sends one user may make at once above the sustained rate.
     pub user_send_burst: u32,
+    /// TLS: this node's certificate chain (PEM), made by `raftchat certs`. With `tls_key_file`
+    /// and `tls_ca_file`, turns on HTTPS/WSS, TLS on client gRPC and mutual TLS on the peer
+    /// port.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// TLS: the cluster CA; peers must present a certificate it signed.
+    pub tls_ca_file: Option<PathBuf>,
+    /// TLS: certificates no longer accepted, one SHA-256 fingerprint per line
+    /// (`raftchat certs --fingerprint FILE`); read at start.
+    pub tls_revoked_file: Option<PathBuf>,
+    /// Serve without TLS on addresses other than loopback (a node refuses to otherwise).
+    pub insecure: bool,
     /// Client HTTP listener: open connections at most (WebSockets included).
     pub max_connections: usize,
     /// Client HTTP listener: open connections from one IP address at most.
@@ -142,6 +154,11 @@ impl Default for Config {
             token_leeway_secs: 60,
             user_send_rate: 20,
             user_send_burst: 100,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_revoked_file: None,
+            insecure: false,
             max_connections: 10_000,
             max_connections_per_ip: 256,
             header_read_timeout_ms: 10_000,
@@ -178,6 +195,24 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.peer_addr == self.grpc_addr || self.peer_addr == self.http_addr || self.grpc_addr == self.http_addr {
             return bad("http_addr, grpc_addr and peer_addr must be three different addresses".into());
+        }
+        let tls_set =
+            [&self.tls_cert_file, &self.tls_key_file, &self.tls_ca_file].iter().filter(|f| f.is_some()).count();
+        if tls_set != 0 && tls_set != 3 {
+            return bad("TLS needs tls_cert_file, tls_key_file and tls_ca_file together".into());
+        }
+        if tls_set == 0 && !self.insecure {
+            let public: Vec<String> = [self.http_addr, self.grpc_addr, self.peer_addr]
+                .iter()
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| a.to_string())
+                .collect();
+            if !public.is_empty() {
+                return bad(format!(
+                    "refusing to serve {} without TLS: tokens, messages and the peer key would cross the network in plain text. Make certificates with `raftchat certs` and set tls_cert_file, tls_key_file and tls_ca_file, or pass --insecure (insecure = true) on a network you trust",
+                    public.join(", ")
+                ));
+            }
         }
         if self.shards == 0 || self.shards > 4096 {
             return bad(format!("shards must be in 1..=4096, got {}", self.shards));

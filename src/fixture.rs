@@ -29,6 +29,9 @@ pub struct Spec {
     pub tweak: fn(&mut Config),
     /// Runs each node through this prefix (network namespaces, LD_PRELOAD...).
     pub wrap: Option<Wrap>,
+    /// TLS everywhere: a CA and node certificates are made under `dir/tls` (once), and
+    /// `dir/tls/revoked` is every node's revoked list.
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for Spec {
@@ -52,6 +55,7 @@ impl Spec {
             base: |_| {},
             tweak: |_| {},
             wrap: None,
+            tls: false,
         }
     }
 }
@@ -83,6 +87,13 @@ pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
             peer: format!("{}:{p}", host(i)),
         })
         .collect();
+    let tls_dir = spec.dir.join("tls");
+    if spec.tls && !tls_dir.join("ca.pem").exists() {
+        let certs: Vec<(String, Vec<String>)> =
+            (0..spec.nodes).map(|i| (format!("node{}", i + 1), vec![host(i), "localhost".to_string()])).collect();
+        crate::tls::generate(&tls_dir, &certs)?;
+        std::fs::write(tls_dir.join("revoked"), "")?;
+    }
     let mut out = Vec::new();
     for (i, (h, g, p)) in ports.iter().enumerate() {
         let mut c = Config {
@@ -96,6 +107,12 @@ pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
             secret_file: Some(spec.dir.join("secret")),
             ..Config::default()
         };
+        if spec.tls {
+            c.tls_cert_file = Some(tls_dir.join(format!("node{}.pem", i + 1)));
+            c.tls_key_file = Some(tls_dir.join(format!("node{}.key", i + 1)));
+            c.tls_ca_file = Some(tls_dir.join("ca.pem"));
+            c.tls_revoked_file = Some(tls_dir.join("revoked"));
+        }
         (spec.base)(&mut c);
         (spec.tweak)(&mut c);
         c.validate()?;
@@ -260,9 +277,19 @@ impl Cluster {
         }
     }
 
-    /// `http://host:port` of node `i`.
+    /// `http://host:port` of node `i` (`https://` with TLS).
     pub fn url(&self, i: usize) -> String {
-        format!("http://{}", self.configs[i].http_addr)
+        let scheme = if self.configs[i].tls_cert_file.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.configs[i].http_addr)
+    }
+
+    /// An HTTP client that trusts the cluster's CA when it has one.
+    pub fn http_client(&self) -> anyhow::Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder();
+        if let Some(ca) = &self.configs[0].tls_ca_file {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
+        }
+        Ok(b.build()?)
     }
 
     /// A token valid for a week (long harness runs, skewed clocks).
@@ -279,7 +306,7 @@ impl Cluster {
 
     /// Waits until node `i` answers `/readyz` with 200.
     pub async fn wait_ready(&self, i: usize, timeout: Duration) -> anyhow::Result<()> {
-        let http = reqwest::Client::new();
+        let http = self.http_client()?;
         let end = Instant::now() + timeout;
         loop {
             if let Ok(r) = http.get(format!("{}/readyz", self.url(i))).timeout(Duration::from_secs(2)).send().await {

@@ -38,6 +38,7 @@ pub mod raft;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod tls;
 pub mod types;
 
 /// Code generated from `proto/raftchat.proto`.

@@ -36,6 +36,8 @@ pub enum NodeError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("server failed: {0}")]
     Serve(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Starts a node from `cfg` and serves until `shutdown` completes, then stops cleanly:
@@ -46,6 +48,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
     let rules = TokenRules { max_ttl_secs: cfg.max_token_ttl_secs, leeway_secs: cfg.token_leeway_secs };
     let keys = Keys::with_rules(&cfg.load_or_create_secret()?, rules);
+    let tls = match (&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_ca_file) {
+        (Some(c), Some(k), Some(ca)) => Some(crate::tls::Tls::load(c, k, ca, cfg.tls_revoked_file.as_deref())?),
+        _ => None,
+    };
     let storage = Storage::open(&cfg.data_dir, cfg.shards)?;
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());
@@ -56,6 +62,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         &members.iter().map(|m| (m.id, m.peer.clone())).collect::<Vec<_>>(),
         keys.peer_token(),
         Duration::from_millis(cfg.rpc_timeout_ms),
+        tls.as_ref().map(|t| t.peer_client.clone()),
     )?;
 
     // Bind first so a taken port fails fast, before any Raft group starts.
@@ -148,16 +155,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         let keys = node.keys.clone();
         let check = move |req: tonic::Request<()>| crate::node::peer_service::check_key(&keys, req);
         let svc = crate::pb::peer_server::PeerServer::new(svc).max_decoding_message_size(64 << 20);
+        // Peers cancel RPCs that time out (a partition, a paused node); when a link heals,
+        // hundreds of such resets arrive together. h2's default limit (20), meant for
+        // untrusted clients, would then tear down the peer connection that carries every
+        // shard group. Only the peer port raises it.
+        let router = tonic::transport::Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(4096))
+            .add_service(tonic::service::interceptor::InterceptedService::new(svc, check));
+        let tls = tls.as_ref().map(|t| t.peer_server.clone());
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                // Peers cancel RPCs that time out (a partition, a paused node); when a link
-                // heals, hundreds of such resets arrive together. h2's default limit (20),
-                // meant for untrusted clients, would then tear down the peer connection that
-                // carries every shard group. Only the peer port raises it.
-                .http2_max_pending_accept_reset_streams(Some(4096))
-                .add_service(tonic::service::interceptor::InterceptedService::new(svc, check))
-                .serve_with_incoming_shutdown(incoming, stop)
-                .await
+            match tls {
+                None => router.serve_with_incoming_shutdown(incoming, stop).await,
+                Some(cfg) => router.serve_with_incoming_shutdown(crate::tls::incoming(incoming, cfg), stop).await,
+            }
         })
     };
     // Clients' gRPC keeps h2's and tonic's defaults (4 MiB messages, 20 pending resets).
@@ -165,11 +175,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         let chat = crate::api::grpc::ChatService::new(node.clone());
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let stop = stopped(stop_rx.clone());
+        let router = tonic::transport::Server::builder().add_service(crate::pb::chat_server::ChatServer::new(chat));
+        let tls = tls.as_ref().map(|t| t.client_facing.clone());
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(crate::pb::chat_server::ChatServer::new(chat))
-                .serve_with_incoming_shutdown(incoming, stop)
-                .await
+            match tls {
+                None => router.serve_with_incoming_shutdown(incoming, stop).await,
+                Some(cfg) => router.serve_with_incoming_shutdown(crate::tls::incoming(incoming, cfg), stop).await,
+            }
         })
     };
     let http = {
@@ -177,7 +189,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         let stop = stopped(stop_rx.clone());
         let limits = crate::api::listener::Limits::from_config(&node.cfg);
         let metrics = node.metrics.clone();
-        tokio::spawn(crate::api::listener::serve(http_listener, app, limits, metrics, stop))
+        let acceptor = tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.client_facing.clone()));
+        tokio::spawn(crate::api::listener::serve(http_listener, app, limits, metrics, acceptor, stop))
     };
 
     shutdown.await;

@@ -12,6 +12,7 @@
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use futures::FutureExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -92,20 +93,20 @@ fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: &Limits, metrics: &Met
 
 /// A stream that notes when a byte last moved, and holds the connection's place in the
 /// counts for as long as it lives (also after an upgrade to WebSocket).
-struct Tracked {
-    inner: TcpStream,
+struct Tracked<S> {
+    inner: S,
     last: Arc<AtomicU64>,
     start: Instant,
     _slot: Slot,
 }
 
-impl Tracked {
+impl<S> Tracked<S> {
     fn touch(&self) {
         self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -116,7 +117,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
@@ -173,6 +174,7 @@ pub async fn serve(
     app: axum::Router,
     limits: Limits,
     metrics: Metrics,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let counts = Arc::new(Mutex::new(Counts::default()));
@@ -209,11 +211,32 @@ pub async fn serve(
         };
         let start = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
-        let io = TokioIo::new(Tracked { inner: sock, last: last.clone(), start, _slot: slot });
         let svc = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-        let conn = graceful.watch(conn);
         let idle = limits.idle_timeout;
+        let conn = match &tls {
+            None => {
+                let io = TokioIo::new(Tracked { inner: sock, last: last.clone(), start, _slot: slot });
+                graceful.watch(builder.serve_connection_with_upgrades(io, svc).into_owned()).boxed()
+            }
+            Some(acceptor) => {
+                // The handshake runs in the connection's task, bounded like reading headers.
+                let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                let (last, handshake) = (last.clone(), limits.header_read_timeout);
+                async move {
+                    let tls = match tokio::time::timeout(handshake, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, cause = %e, "TLS handshake failed");
+                            return Ok(());
+                        }
+                        Err(_) => return Ok(()),
+                    };
+                    let io = TokioIo::new(Tracked { inner: tls, last, start, _slot: slot });
+                    watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned()).await
+                }
+                .boxed()
+            }
+        };
         tokio::spawn(async move {
             let idle_watch = async {
                 loop {

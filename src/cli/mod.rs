@@ -2,6 +2,7 @@
 //! in one step) and client commands that talk to a node's HTTP API.
 
 mod bench;
+mod certs;
 mod chat;
 mod client;
 mod local;
@@ -40,6 +41,8 @@ pub enum Command {
     Chat(chat::ChatArgs),
     /// Open-loop load: sends (and reads) at fixed rates, latency percentiles, an etcd peer.
     Bench(bench::BenchArgs),
+    /// Make a cluster CA and node certificates for TLS; print a certificate's fingerprint.
+    Certs(certs::CertsArgs),
 }
 
 /// Flags of `serve`; each also reads `RAFTCHAT_<NAME>` from the environment and overrides
@@ -71,6 +74,9 @@ pub struct ServeArgs {
     pub keep_logs: Option<u64>,
     #[arg(long, env = "RAFTCHAT_MAX_TEXT_BYTES")]
     pub max_text_bytes: Option<usize>,
+    /// Serve without TLS on addresses other than loopback.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl ServeArgs {
@@ -86,6 +92,7 @@ impl ServeArgs {
         if self.secret_file.is_some() {
             c.secret_file = self.secret_file.clone();
         }
+        c.insecure |= self.insecure;
         c.validate()?;
         Ok(c)
     }
@@ -125,6 +132,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::AddUser(a) => client::add_user(a).await,
             Command::Chat(a) => chat::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Certs(a) => certs::run(a),
         }
     })
 }

@@ -55,7 +55,13 @@ pub enum PeerError {
 
 impl Peers {
     /// `members` maps node ids to gRPC addresses (`host:port`).
-    pub fn new(members: &[(NodeId, String)], peer_key: &str, rpc_timeout: Duration) -> Result<Self, PeerError> {
+    /// With `tls`, peers are dialed with mutual TLS (see [`crate::tls`]).
+    pub fn new(
+        members: &[(NodeId, String)],
+        peer_key: &str,
+        rpc_timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, PeerError> {
         let mut channels = HashMap::new();
         for (id, addr) in members {
             let ep = Endpoint::from_shared(format!("http://{addr}"))
@@ -64,7 +70,22 @@ impl Peers {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5));
-            channels.insert(*id, (addr.clone(), ep.connect_lazy()));
+            let channel = match &tls {
+                None => ep.connect_lazy(),
+                Some(cfg) => {
+                    let cfg = cfg.clone();
+                    let connect_timeout = rpc_timeout.min(Duration::from_secs(1));
+                    ep.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
+                        let cfg = cfg.clone();
+                        async move {
+                            tokio::time::timeout(connect_timeout, crate::tls::connect(cfg, uri))
+                                .await
+                                .map_err(|_| std::io::Error::other("TLS connect timed out"))?
+                        }
+                    }))
+                }
+            };
+            channels.insert(*id, (addr.clone(), channel));
         }
         let key = peer_key
             .parse()

@@ -27,6 +27,23 @@ impl std::ops::DerefMut for TestCluster {
     }
 }
 
+/// A cluster with TLS everywhere (certificates under its folder's `tls/`).
+pub async fn start_tls(nodes: usize, prepare: impl FnOnce(&std::path::Path)) -> TestCluster {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let mut spec = Spec::new(nodes, dir.path());
+    spec.base = |c| {
+        c.user_send_rate = 0;
+        c.max_connections_per_ip = 10_000;
+    };
+    spec.tls = true;
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_raftchat"));
+    let cluster = Cluster::start(bin, &spec).expect("start cluster");
+    cluster.wait_all_ready(READY).await.expect("cluster ready");
+    let http = cluster.http_client().expect("client trusting the cluster CA");
+    TestCluster { cluster, http, _dir: dir }
+}
+
 pub async fn start(nodes: usize, tweak: fn(&mut raftchat::config::Config)) -> TestCluster {
     start_with_env(nodes, tweak, vec![]).await
 }
