@@ -48,6 +48,23 @@ pub async fn run(a: ChatArgs) -> anyhow::Result<()> {
     let peer = UserId::parse(&a.with)?;
     let conv = ConversationId::between(&me, &peer)?;
     let token = a.client.token()?;
+    // wss:// trusts the cluster's CA (--ca-file).
+    let connector = match &a.client.ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::pem::PemObject::pem_file_iter(ca)? {
+                roots.add(c?)?;
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(cfg)))
+        }
+        None => None,
+    };
     let servers: Vec<String> = std::iter::once(a.client.server.clone()).chain(a.also.clone()).collect();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut cursor: Option<String> = None;
@@ -60,15 +77,16 @@ pub async fn run(a: ChatArgs) -> anyhow::Result<()> {
     loop {
         let server = &servers[attempt % servers.len()];
         let url = ws_url(server, &token, cursor.as_deref());
-        let (mut ws, _) = match tokio_tungstenite::connect_async(url).await {
-            Ok(ok) => ok,
-            Err(e) => {
-                eprintln!("-- cannot connect to {server}: {e}; retrying");
-                attempt += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        let (mut ws, _) =
+            match tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector.clone()).await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    eprintln!("-- cannot connect to {server}: {e}; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
         eprintln!("-- connected to {server} as {me}, chatting with {peer} (/quit to leave)");
         if !shown_history {
             let req = json!({"type": "history", "id": "history", "conversation_id": conv, "limit": 20});

@@ -37,11 +37,24 @@ impl SecretArgs {
     }
 }
 
+/// An HTTP client that also trusts `ca` (a cluster's own CA) when given.
+pub fn http_client(ca: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading CA certificate {}", ca.display()))?;
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(b.build()?)
+}
+
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// A node's HTTP address.
+    /// A node's HTTP address (`https://` for a cluster with TLS).
     #[arg(long, env = "RAFTCHAT_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// CA certificate (PEM) to trust for `https://` (the cluster's `ca.pem`).
+    #[arg(long, env = "RAFTCHAT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Act as this user (a token is minted from the cluster secret).
     #[arg(long = "as", value_name = "USER")]
     pub as_user: Option<String>,
@@ -120,7 +133,7 @@ pub struct SendArgs {
 pub async fn send(a: SendArgs) -> anyhow::Result<()> {
     let id = a.id.clone().unwrap_or_else(|| format!("cli-{}-{}", std::process::id(), crate::storage::sm::now_ms()));
     let body = serde_json::json!({ "to": a.to, "client_msg_id": id, "text": a.text });
-    let req = reqwest::Client::new()
+    let req = http_client(a.client.ca_file.as_deref())?
         .post(format!("{}/v1/messages", a.client.server))
         .bearer_auth(a.client.token()?)
         .json(&body);
@@ -154,7 +167,7 @@ pub async fn history(a: HistoryArgs) -> anyhow::Result<()> {
     if let Some(l) = a.limit {
         q.push(("limit", l.to_string()));
     }
-    let req = reqwest::Client::new()
+    let req = http_client(a.client.ca_file.as_deref())?
         .get(format!("{}/v1/conversations/{conv}/messages", a.client.server))
         .bearer_auth(a.client.token()?)
         .query(&q);
@@ -179,7 +192,7 @@ pub async fn conversations(a: ConversationsArgs) -> anyhow::Result<()> {
     if let Some(c) = &a.cursor {
         q.push(("cursor", c.clone()));
     }
-    let req = reqwest::Client::new()
+    let req = http_client(a.client.ca_file.as_deref())?
         .get(format!("{}/v1/conversations", a.client.server))
         .bearer_auth(a.client.token()?)
         .query(&q);
@@ -198,7 +211,7 @@ pub struct MarkReadArgs {
 
 pub async fn mark_read(a: MarkReadArgs) -> anyhow::Result<()> {
     let conv = ConversationId::between(&a.client.user()?, &UserId::parse(&a.with)?)?;
-    let req = reqwest::Client::new()
+    let req = http_client(a.client.ca_file.as_deref())?
         .post(format!("{}/v1/conversations/{conv}/read", a.client.server))
         .bearer_auth(a.client.token()?)
         .json(&serde_json::json!({ "seq": a.seq }));
@@ -210,13 +223,16 @@ pub struct AddUserArgs {
     pub user: String,
     #[arg(long, env = "RAFTCHAT_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// CA certificate (PEM) to trust for `https://`.
+    #[arg(long, env = "RAFTCHAT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
 
 pub async fn add_user(a: AddUserArgs) -> anyhow::Result<()> {
     let admin = a.secret.keys()?.mint(&UserId::parse("operator")?, 300, true);
-    let req = reqwest::Client::new()
+    let req = http_client(a.ca_file.as_deref())?
         .post(format!("{}/v1/users", a.server))
         .bearer_auth(admin)
         .json(&serde_json::json!({ "user": a.user }));
