@@ -232,7 +232,7 @@ pub async fn conversations(
 
 /// A cursor is the opaque recency key of the last row: 8 bytes of inverted timestamp and a
 /// conversation id.
-fn decode_cursor(c: &str) -> Result<Vec<u8>, ApiError> {
+pub fn decode_cursor(c: &str) -> Result<Vec<u8>, ApiError> {
     let bad = || ApiError::bad_request("invalid_cursor", "cursor must be a next_cursor value returned by this API");
     let raw = B64.decode(c).map_err(|_| bad())?;
     if raw.len() <= 8 {

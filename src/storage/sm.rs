@@ -142,7 +142,7 @@ fn take_record<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], StoreError> {
     Ok(item)
 }
 
-fn decode_snapshot(data: &[u8]) -> Result<Records<'_>, StoreError> {
+pub fn decode_snapshot(data: &[u8]) -> Result<Records<'_>, StoreError> {
     let mut out = Vec::new();
     let mut rest = data;
     while !rest.is_empty() {
