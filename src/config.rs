@@ -72,6 +72,8 @@ pub struct Config {
     pub ws_slow_consumer_ms: u64,
     /// WebSocket: ping interval; a connection silent for 3 intervals is closed (code 4004).
     pub ws_ping_ms: u64,
+    /// WebSocket: requests one connection may have in flight; more get error `busy`.
+    pub ws_max_in_flight: usize,
     /// Write path: most commands carried by one Raft log entry.
     pub max_batch: usize,
     /// Write path: log entries a shard leader keeps proposed and not yet applied.
@@ -143,6 +145,7 @@ impl Default for Config {
             ws_queue_frames: 256,
             ws_slow_consumer_ms: 5_000,
             ws_ping_ms: 15_000,
+            ws_max_in_flight: 16,
             max_batch: 512,
             batches_in_flight: 1,
             shard_max_queued: 1024,
@@ -280,6 +283,9 @@ impl Config {
             if v > HOUR_MS {
                 return bad(format!("{name} must be at most {HOUR_MS} (one hour), got {v}"));
             }
+        }
+        if self.ws_max_in_flight == 0 || self.ws_max_in_flight > 1024 {
+            return bad("ws_max_in_flight must be in 1..=1024".into());
         }
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return bad("max_connections and max_connections_per_ip must be > 0".into());

@@ -230,7 +230,7 @@ impl ShardView {
         let mut out = Vec::new();
         for kv in self.tree.range(start..=end).take(limit) {
             let (k, v) = kv?;
-            let n = u64::from_be_bytes(k[k.len() - 8..].try_into().map_err(|_| StoreError::Corrupt {
+            let n = u64::from_be_bytes(k[k.len().saturating_sub(8)..].try_into().map_err(|_| StoreError::Corrupt {
                 key: String::from_utf8_lossy(&k).into(),
                 reason: "short inbox key".into(),
             })?);
@@ -271,7 +271,8 @@ impl ShardView {
             if !key.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            let conv_bytes = &key[prefix.len() + 8..];
+            // A key shorter than prefix + timestamp is corrupt, not a reason to panic.
+            let conv_bytes = key.get(prefix.len() + 8..).unwrap_or_default();
             let conv =
                 std::str::from_utf8(conv_bytes).ok().and_then(|s| ConversationId::parse(s).ok()).ok_or_else(|| {
                     StoreError::Corrupt {
@@ -381,5 +382,16 @@ mod tests {
         }
         // No redo record: nothing to do.
         assert_eq!(Writes::recover(&tree()).unwrap(), 0);
+    }
+
+    /// Damaged keys read back from disk are reported as corrupt, never sliced past their end.
+    #[test]
+    fn short_stored_keys_are_corrupt_not_a_panic() {
+        let view = ShardView { tree: tree() };
+        let u = UserId::parse("alice").unwrap();
+        view.tree.insert([order_prefix(&u).as_slice(), &[1, 2, 3]].concat(), &[]).unwrap();
+        assert!(matches!(view.recent(&u, None, 10), Err(StoreError::Corrupt { .. })));
+        view.tree.insert([inbox_prefix(&u).as_slice(), &[9]].concat(), b"{}").unwrap();
+        assert!(view.inbox_page(&u, 0, 10).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! Three parts: a writer task that owns the socket's sending half and drains a bounded
 //! queue (and pings); the reader loop (this function) that handles incoming frames,
 //! keepalive and auth; and, once authenticated, the pusher ([`super::push`]). Requests run
-//! as tasks (at most [`MAX_IN_FLIGHT`] at once) and reply through the same queue. A frame
+//! as tasks (at most `ws_max_in_flight` at once) and reply through the same queue. A frame
 //! that cannot be queued within `ws_slow_consumer_ms` closes the connection with 4008: the
 //! queue never grows past `ws_queue_frames`.
 
@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-pub const MAX_IN_FLIGHT: usize = 16;
 const AUTH_WINDOW: Duration = Duration::from_secs(10);
 
 /// The sending side of a connection, shared by the pusher and request tasks.
@@ -120,7 +119,7 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
     let mut tasks = JoinSet::new();
     // Request tasks spawned and not yet collected (the pusher is not one).
     let mut requests_held: i64 = 0;
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let permits = Arc::new(Semaphore::new(cfg.ws_max_in_flight));
     if let Some(w) = &who {
         let (c, u) = (conn.clone(), w.user.clone());
         tasks.spawn(async move {
@@ -289,7 +288,7 @@ async fn handle_text(
         let e = ApiError::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
             "busy",
-            format!("at most {MAX_IN_FLIGHT} requests in flight per connection"),
+            format!("at most {} requests in flight per connection", conn.node.cfg.ws_max_in_flight),
         );
         return conn.error(frame_id(&frame), &e).await;
     };
