@@ -20,6 +20,17 @@ async fn peer_call(addr: &str, client: Arc<rustls::ClientConfig>, key: &str) -> 
     pb::peer_client::PeerClient::new(channel).raft(req).await.map(|_| ()).map_err(|s| s.code())
 }
 
+/// The next frame of a WebSocket as JSON (pings and the like as `{}`).
+async fn ws_next<S, E>(ws: &mut S) -> serde_json::Value
+where
+    S: futures::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    use futures::StreamExt;
+    let m = tokio::time::timeout(std::time::Duration::from_secs(15), ws.next()).await.unwrap().unwrap().unwrap();
+    serde_json::from_str(m.to_text().unwrap_or("{}")).unwrap_or_default()
+}
+
 fn identity(dir: &Path, name: &str, ca: &Path) -> Arc<rustls::ClientConfig> {
     raftchat::tls::Tls::load(&dir.join(format!("{name}.pem")), &dir.join(format!("{name}.key")), ca, None)
         .unwrap()
@@ -37,6 +48,33 @@ async fn a_tls_cluster_serves_https_and_its_nodes_talk_over_mutual_tls() {
     // Every node reads every message: forwarding and replication crossed mutual TLS.
     for n in 0..3 {
         assert_eq!(c.full_history(n, "bob", "alice~bob").await.messages.len(), 20);
+    }
+    // WSS on the same listener: bob's socket on node 3 gets alice's next message pushed.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(c.dir.join("tls/ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let url = format!("wss://localhost:{}/v1/ws?access_token={}", c.configs[2].http_addr.port(), c.token("bob"));
+    let connector = tokio_tungstenite::Connector::Rustls(Arc::new(client));
+    let (mut wss, _) = tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+        .await
+        .expect("WSS connects");
+    loop {
+        if ws_next(&mut wss).await["type"] == "ready" {
+            break;
+        }
+    }
+    c.send_ok(0, "alice", "bob", "over-wss", "pushed over WSS").await;
+    loop {
+        let v = ws_next(&mut wss).await;
+        if v["type"] == "message" && v["text"] == "pushed over WSS" {
+            break;
+        }
     }
     // A plain-text client gets nowhere on the HTTPS port.
     let plain = reqwest::Client::new().get(format!("http://{}/healthz", c.configs[0].http_addr)).send().await;
