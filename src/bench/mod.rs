@@ -39,9 +39,12 @@ pub enum Via {
 /// Where the nodes come from.
 pub enum Nodes {
     /// Start `nodes` processes of `bin` with `shards` shards under `dir`.
-    Local { bin: PathBuf, nodes: usize, shards: u32, dir: PathBuf },
-    /// Use running nodes; tokens are minted with the cluster's keys.
-    Running { urls: Vec<String>, keys: Keys, data_dirs: Vec<PathBuf> },
+    /// With `tls`, the nodes serve HTTPS/WSS and talk mutual TLS (`raftchat certs` material
+    /// made under `dir`).
+    Local { bin: PathBuf, nodes: usize, shards: u32, dir: PathBuf, tls: bool },
+    /// Use running nodes; tokens are minted with the cluster's keys; `ca` is trusted for
+    /// `https://` / `wss://`.
+    Running { urls: Vec<String>, keys: Keys, data_dirs: Vec<PathBuf>, ca: Option<PathBuf> },
 }
 
 pub struct Plan {
@@ -104,9 +107,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     let mut disk = Vec::new();
 
     // raftchat
-    let (cluster, urls, keys, data_dirs) = match &plan.nodes {
-        Nodes::Local { bin, nodes, shards, dir } => {
-            let mut spec = Spec { shards: *shards, ..Spec::new(*nodes, dir) };
+    let (cluster, urls, keys, data_dirs, ca) = match &plan.nodes {
+        Nodes::Local { bin, nodes, shards, dir, tls } => {
+            let mut spec = Spec { shards: *shards, tls: *tls, ..Spec::new(*nodes, dir) };
             // Load generation is not a person typing: no per-user send limit, and every
             // connection comes from one address.
             spec.base = |c| {
@@ -118,11 +121,18 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
             let urls = (0..cluster.len()).map(|i| cluster.url(i)).collect::<Vec<_>>();
             let keys = cluster.keys().clone();
             let dirs = cluster.configs.iter().map(|c| c.data_dir.clone()).collect();
-            (Some(cluster), urls, keys, dirs)
+            let ca = cluster.configs[0].tls_ca_file.clone();
+            (Some(cluster), urls, keys, dirs, ca)
         }
-        Nodes::Running { urls, keys, data_dirs } => (None, urls.clone(), keys.clone(), data_dirs.clone()),
+        Nodes::Running { urls, keys, data_dirs, ca } => {
+            (None, urls.clone(), keys.clone(), data_dirs.clone(), ca.clone())
+        }
     };
-    let http = reqwest::Client::builder().pool_max_idle_per_host(4096).tcp_nodelay(true).build()?;
+    let mut http = reqwest::Client::builder().pool_max_idle_per_host(4096).tcp_nodelay(true);
+    if let Some(ca) = &ca {
+        http = http.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
+    }
+    let http = http.build()?;
     let names: Vec<String> = (0..plan.users).map(|i| format!("bench{i}")).collect();
     let admin = keys.mint(&UserId::parse("operator")?, 3600, true);
     register(&http, &urls[0], &admin, &names).await?;
@@ -137,7 +147,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         text_bytes: plan.text_bytes,
     });
     let ws = match plan.via {
-        Via::Ws => Some(Arc::new(Ws::connect(&urls, users.clone(), run_id, plan.text_bytes).await?)),
+        Via::Ws => Some(Arc::new(Ws::connect(&urls, users.clone(), run_id, plan.text_bytes, ca.as_deref()).await?)),
         Via::Http => None,
     };
     let before: u64 = data_dirs.iter().map(|d| disk_bytes(d)).sum();

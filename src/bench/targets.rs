@@ -124,11 +124,33 @@ pub struct Ws {
 }
 
 impl Ws {
-    pub async fn connect(urls: &[String], users: Arc<Users>, run_id: u64, text_bytes: usize) -> anyhow::Result<Self> {
+    pub async fn connect(
+        urls: &[String],
+        users: Arc<Users>,
+        run_id: u64,
+        text_bytes: usize,
+        ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let connector = match ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls::pki_types::pem::PemObject::pem_file_iter(ca)? {
+                    roots.add(c?)?;
+                }
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let cfg = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(tokio_tungstenite::Connector::Rustls(Arc::new(cfg)))
+            }
+            None => None,
+        };
         let mut conns = Vec::new();
         for (u, token) in users.tokens.iter().enumerate() {
-            let base = urls[u % urls.len()].replacen("http://", "ws://", 1);
-            let (ws, _) = tokio_tungstenite::connect_async(format!("{base}/v1/ws?access_token={token}")).await?;
+            let base = urls[u % urls.len()].replacen("http://", "ws://", 1).replacen("https://", "wss://", 1);
+            let url = format!("{base}/v1/ws?access_token={token}");
+            let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector.clone()).await?;
             let (mut sink, mut stream) = ws.split();
             let (tx, mut rx) = mpsc::unbounded_channel::<String>();
             let waiters: Waiters = Arc::default();

@@ -22,6 +22,13 @@ pub struct BenchArgs {
     pub servers: Vec<String>,
     #[command(flatten)]
     pub secret: SecretArgs,
+    /// With --local: the nodes serve HTTPS/WSS and talk mutual TLS (certificates made for
+    /// the run), to measure what TLS costs.
+    #[arg(long)]
+    pub tls: bool,
+    /// Without --local: CA certificate (PEM) to trust for `https://` servers.
+    #[arg(long, env = "RAFTCHAT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Without --local: data folders of the running nodes, for the disk-per-message figures.
     #[arg(long = "data-dir")]
     pub data_dirs: Vec<PathBuf>,
@@ -76,10 +83,15 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         let dir = tempfile::Builder::new().prefix("raftchat-bench").tempdir_in(".")?;
         let path = dir.path().to_path_buf();
         _tmp = Some(dir);
-        Nodes::Local { bin: std::env::current_exe()?, nodes: a.nodes, shards: a.shards, dir: path }
+        Nodes::Local { bin: std::env::current_exe()?, nodes: a.nodes, shards: a.shards, dir: path, tls: a.tls }
     } else {
         _tmp = None;
-        Nodes::Running { urls: a.servers.clone(), keys: a.secret.keys()?, data_dirs: a.data_dirs.clone() }
+        Nodes::Running {
+            urls: a.servers.clone(),
+            keys: a.secret.keys()?,
+            data_dirs: a.data_dirs.clone(),
+            ca: a.ca_file.clone(),
+        }
     };
     let etcd = match a.peer.as_deref() {
         Some("etcd") => Some(which(&a.etcd_bin).context("--peer etcd: no etcd binary (apt-get install etcd-server)")?),

@@ -25,13 +25,17 @@ pub struct LocalArgs {
     pub grpc_port: u16,
     #[arg(long, default_value_t = 7091)]
     pub peer_port: u16,
+    /// Serve HTTPS/WSS and talk mutual TLS, with a CA and node certificates made under
+    /// `<dir>/tls` (clients pass `--ca-file <dir>/tls/ca.pem`).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=9).contains(&a.nodes), "--nodes must be in 1..=9");
     let bin = std::env::current_exe()?;
     let ports = (0..a.nodes as u16).map(|i| (a.http_port + i, a.grpc_port + i, a.peer_port + i)).collect();
-    let spec = Spec { shards: a.shards, ports: Some(ports), ..Spec::new(a.nodes, &a.dir) };
+    let spec = Spec { shards: a.shards, ports: Some(ports), tls: a.tls, ..Spec::new(a.nodes, &a.dir) };
     let mut cluster = Cluster::start(&bin, &spec)?;
     eprintln!("raftchat local: starting {} nodes, data and logs in {}", a.nodes, a.dir.display());
     if let Err(e) = cluster.wait_all_ready(Duration::from_secs(60)).await {
@@ -40,9 +44,14 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
     for i in 0..cluster.len() {
         eprintln!("  node {}: {}  (grpc {})", i + 1, cluster.url(i), cluster.configs[i].grpc_addr);
     }
+    let ca = match &cluster.configs[0].tls_ca_file {
+        Some(ca) => format!(" --ca-file {}", ca.display()),
+        None => String::new(),
+    };
     eprintln!(
-        "try:  raftchat add-user bob --server {0} && raftchat send --server {0} --as alice --to bob 'hi'",
-        cluster.url(0)
+        "try:  raftchat add-user bob --server {0}{1} && raftchat send --server {0}{1} --as alice --to bob 'hi'",
+        cluster.url(0),
+        ca
     );
     eprintln!("Ctrl-C stops every node.");
     super::terminated().await;
