@@ -285,11 +285,7 @@ impl Cluster {
 
     /// An HTTP client that trusts the cluster's CA when it has one.
     pub fn http_client(&self) -> anyhow::Result<reqwest::Client> {
-        let mut b = reqwest::Client::builder();
-        if let Some(ca) = &self.configs[0].tls_ca_file {
-            b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
-        }
-        Ok(b.build()?)
+        Ok(crate::tls::trust_ca(reqwest::Client::builder(), self.configs[0].tls_ca_file.as_deref())?.build()?)
     }
 
     /// A token valid for a week (long harness runs, skewed clocks).

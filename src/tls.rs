@@ -297,6 +297,28 @@ pub fn generate(dir: &Path, certs: &[(String, Vec<String>)]) -> Result<Vec<PathB
     Ok(written)
 }
 
+/// A client configuration that trusts the CA certificates in `ca` (a cluster's own CA) and
+/// presents no certificate: for clients of HTTPS/WSS.
+pub fn trusting(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e))? {
+        roots.add(c.map_err(|e| file_err(ca, e))?).map_err(|e| file_err(ca, e))?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// `b` also trusting the CA certificate in `ca`, when given.
+pub fn trust_ca(b: reqwest::ClientBuilder, ca: Option<&Path>) -> Result<reqwest::ClientBuilder, TlsError> {
+    let Some(ca) = ca else { return Ok(b) };
+    let pem = std::fs::read(ca).map_err(|e| file_err(ca, e))?;
+    Ok(b.add_root_certificate(reqwest::Certificate::from_pem(&pem).map_err(|e| file_err(ca, e))?))
+}
+
 /// TLS connections accepted from `tcp` with `cfg`, for tonic's `serve_with_incoming`. Each
 /// handshake runs in its own task (bounded to 10 s), so a slow or failing client holds up
 /// no one; failed handshakes are logged and dropped.

@@ -50,17 +50,9 @@ async fn a_tls_cluster_serves_https_and_its_nodes_talk_over_mutual_tls() {
         assert_eq!(c.full_history(n, "bob", "alice~bob").await.messages.len(), 20);
     }
     // WSS on the same listener: bob's socket on node 3 gets alice's next message pushed.
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(c.dir.join("tls/ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = raftchat::tls::trusting(&c.dir.join("tls/ca.pem")).unwrap();
     let url = format!("wss://localhost:{}/v1/ws?access_token={}", c.configs[2].http_addr.port(), c.token("bob"));
-    let connector = tokio_tungstenite::Connector::Rustls(Arc::new(client));
+    let connector = tokio_tungstenite::Connector::Rustls(client);
     let (mut wss, _) = tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
         .await
         .expect("WSS connects");
@@ -118,15 +110,7 @@ async fn foreign_and_revoked_certificates_cannot_talk_to_a_node() {
     let r = peer_call(&addr, identity(foreign.path(), "stranger", &foreign.path().join("ca.pem")), &key).await;
     assert!(matches!(r, Err(code) if code != tonic::Code::NotFound), "foreign: {r:?}");
     // No client certificate at all.
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(&ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut anonymous = (*raftchat::tls::trusting(&ca).unwrap()).clone();
     anonymous.alpn_protocols = vec![b"h2".to_vec()];
     let r = peer_call(&addr, Arc::new(anonymous), &key).await;
     assert!(matches!(r, Err(code) if code != tonic::Code::NotFound), "anonymous: {r:?}");

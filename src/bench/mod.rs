@@ -128,11 +128,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
             (None, urls.clone(), keys.clone(), data_dirs.clone(), ca.clone())
         }
     };
-    let mut http = reqwest::Client::builder().pool_max_idle_per_host(4096).tcp_nodelay(true);
-    if let Some(ca) = &ca {
-        http = http.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
-    }
-    let http = http.build()?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(4096).tcp_nodelay(true);
+    let http = crate::tls::trust_ca(http, ca.as_deref())?.build()?;
     let names: Vec<String> = (0..plan.users).map(|i| format!("bench{i}")).collect();
     let admin = keys.mint(&UserId::parse("operator")?, 3600, true);
     register(&http, &urls[0], &admin, &names).await?;

@@ -131,21 +131,7 @@ impl Ws {
         text_bytes: usize,
         ca: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
-        let connector = match ca {
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in rustls::pki_types::pem::PemObject::pem_file_iter(ca)? {
-                    roots.add(c?)?;
-                }
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let cfg = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                Some(tokio_tungstenite::Connector::Rustls(Arc::new(cfg)))
-            }
-            None => None,
-        };
+        let connector = ca.map(crate::tls::trusting).transpose()?.map(tokio_tungstenite::Connector::Rustls);
         let mut conns = Vec::new();
         for (u, token) in users.tokens.iter().enumerate() {
             let base = urls[u % urls.len()].replacen("http://", "ws://", 1).replacen("https://", "wss://", 1);

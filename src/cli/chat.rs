@@ -49,22 +49,8 @@ pub async fn run(a: ChatArgs) -> anyhow::Result<()> {
     let conv = ConversationId::between(&me, &peer)?;
     let token = a.client.token()?;
     // wss:// trusts the cluster's CA (--ca-file).
-    let connector = match &a.client.ca_file {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls::pki_types::pem::PemObject::pem_file_iter(ca)? {
-                roots.add(c?)?;
-            }
-            let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(cfg)))
-        }
-        None => None,
-    };
+    let connector =
+        a.client.ca_file.as_deref().map(crate::tls::trusting).transpose()?.map(tokio_tungstenite::Connector::Rustls);
     let servers: Vec<String> = std::iter::once(a.client.server.clone()).chain(a.also.clone()).collect();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut cursor: Option<String> = None;

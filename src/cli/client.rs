@@ -39,12 +39,7 @@ impl SecretArgs {
 
 /// An HTTP client that also trusts `ca` (a cluster's own CA) when given.
 pub fn http_client(ca: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder();
-    if let Some(ca) = ca {
-        let pem = std::fs::read(ca).with_context(|| format!("reading CA certificate {}", ca.display()))?;
-        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-    }
-    Ok(b.build()?)
+    Ok(crate::tls::trust_ca(reqwest::Client::builder(), ca)?.build()?)
 }
 
 #[derive(Debug, Args)]

@@ -17,9 +17,14 @@ pub struct PeerService {
 
 /// The peer listener's interceptor: runs on the request's headers, before the body is read.
 pub fn check_key(keys: &crate::auth::Keys, req: Request<()>) -> Result<Request<()>, Status> {
-    let key = req.metadata().get(PEER_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    key_ok(keys, req.metadata())?;
+    Ok(req)
+}
+
+fn key_ok(keys: &crate::auth::Keys, md: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    let key = md.get(PEER_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
     if keys.verify_peer(key) {
-        Ok(req)
+        Ok(())
     } else {
         Err(Status::unauthenticated("missing or wrong peer key: is this node configured with the cluster's secret?"))
     }
@@ -33,14 +38,7 @@ impl PeerService {
     /// The interceptor already checked the key; checked again here so the service is never
     /// exposed without it by a change to the server's set-up.
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let key = req.metadata().get(PEER_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if self.node.keys.verify_peer(key) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
-                "missing or wrong peer key: is this node configured with the cluster's secret?",
-            ))
-        }
+        key_ok(&self.node.keys, req.metadata())
     }
 
     fn group(&self, g: u32) -> Result<&crate::raft::group::Group, Status> {

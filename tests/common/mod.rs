@@ -27,15 +27,19 @@ impl std::ops::DerefMut for TestCluster {
     }
 }
 
+/// Tests drive users far faster than people type and open hundreds of connections from one
+/// address; a test of those limits sets them again in its tweak.
+fn test_defaults(c: &mut raftchat::config::Config) {
+    c.user_send_rate = 0;
+    c.max_connections_per_ip = 10_000;
+}
+
 /// A cluster with TLS everywhere (certificates under its folder's `tls/`).
 pub async fn start_tls(nodes: usize, prepare: impl FnOnce(&std::path::Path)) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
     let mut spec = Spec::new(nodes, dir.path());
-    spec.base = |c| {
-        c.user_send_rate = 0;
-        c.max_connections_per_ip = 10_000;
-    };
+    spec.base = test_defaults;
     spec.tls = true;
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_raftchat"));
     let cluster = Cluster::start(bin, &spec).expect("start cluster");
@@ -56,12 +60,7 @@ pub async fn start_with_env(
 ) -> TestCluster {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut spec = Spec::new(nodes, dir.path());
-    // Tests drive users far faster than people type; a test of the limit sets it again.
-    spec.base = |c| {
-        c.user_send_rate = 0;
-        // Tests open hundreds of connections from one address at once.
-        c.max_connections_per_ip = 10_000;
-    };
+    spec.base = test_defaults;
     spec.tweak = tweak;
     // Write configs and start with the environment in place.
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_raftchat"));
