@@ -85,11 +85,6 @@ pub enum Reply {
     Registered {
         new: bool,
     },
-    /// A receipt: the conversation's last seq as the recipient's index knows it (0 when the
-    /// conversation is unknown there); receipts past it are cut to it.
-    Receipt {
-        last_seq: u64,
-    },
     /// Blank and membership entries, outbox completion.
     Done,
     /// The replies of a [`Command::Batch`], in order.

@@ -189,12 +189,11 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
         }
         Command::Receipt { user, conversation, by, receipt, seq } => {
             let Some(entry) = store.index_entry(user, conversation)? else {
-                return Ok((vec![], Reply::Receipt { last_seq: 0 }));
+                return Ok((vec![], Reply::Done));
             };
             if conversation.peer_of(user) != Some(by) {
-                return Ok((vec![], Reply::Receipt { last_seq: 0 }));
+                return Ok((vec![], Reply::Done));
             }
-            let last_seq = entry.last_seq;
             // Receipts cover only messages that exist; read implies delivered.
             let seq = (*seq).min(entry.last_seq);
             let mut next = entry.clone();
@@ -207,7 +206,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 ReceiptKind::Read => next.peer_read_seq > entry.peer_read_seq,
             };
             if !advanced {
-                return Ok((vec![], Reply::Receipt { last_seq }));
+                return Ok((vec![], Reply::Done));
             }
             let event =
                 InboxEvent::Receipt { conversation: conversation.clone(), by: by.clone(), receipt: *receipt, seq };
@@ -216,7 +215,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event },
                 Change::PutIndex { user: user.clone(), conversation: conversation.clone(), entry: next, previous_ts },
             ];
-            Ok((changes, Reply::Receipt { last_seq }))
+            Ok((changes, Reply::Done))
         }
         Command::Register { user } => {
             if store.user_exists(user)? {
