@@ -205,7 +205,8 @@ impl Cluster {
             .arg("--config")
             .arg(self.dir.join(format!("node{}.toml", i + 1)))
             .envs(self.env[i].iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", std::env::var("RAFTCHAT_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            // The node's default filter unless the test run names one.
+            .envs(std::env::var("RAFTCHAT_TEST_LOG").ok().map(|f| ("RUST_LOG", f)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -268,12 +269,18 @@ impl Cluster {
 
     /// Whether node `i`'s process has exited on its own (e.g. an injected abort); reaps it.
     pub fn exited(&mut self, i: usize) -> bool {
+        self.reap(i);
+        self.children[i].is_none()
+    }
+
+    /// The exit status of node `i` if its process ended since the last look (reaps it).
+    pub fn reap(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         match self.children[i].as_mut().map(|c| c.try_wait()) {
-            Some(Ok(Some(_))) => {
+            Some(Ok(Some(status))) => {
                 self.children[i] = None;
-                true
+                Some(status)
             }
-            _ => self.children[i].is_none(),
+            _ => None,
         }
     }
 

@@ -1,5 +1,10 @@
 //! Prometheus metrics of a node. Per-shard Raft gauges are refreshed at scrape time from
-//! openraft's metrics; latencies are histograms observed where the work happens.
+//! openraft's metrics; latencies are histograms observed where the work happens. Every
+//! metric is exported from start-up: counters with labels are created at zero for every
+//! label value the code uses (`Metrics::new`), so a dashboard or an alert on `rate(...)`
+//! works before the first event. The process collector (`process_cpu_seconds_total`,
+//! `process_resident_memory_bytes`, `process_open_fds`, ...) lives in a registry of its own
+//! because those names carry no `raftchat_` prefix.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -8,6 +13,8 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    /// `process_*` (no prefix): CPU, memory, file descriptors of this process.
+    pub process: Registry,
     pub fsync_seconds: Histogram,
     pub fsync_batch: Histogram,
     /// Write-ahead log rounds that ended in `fdatasync` (the others carried lazy records only).
@@ -39,7 +46,15 @@ pub struct Metrics {
     pub ws_resumes: prometheus::IntCounter,
     pub ws_slow_closes: prometheus::IntCounter,
     pub ws_push_lag_seconds: Histogram,
+    pub build_info: IntGaugeVec,
 }
+
+/// Client operations, as counted in `raftchat_requests_total{via,op,code}`.
+pub const OPS: &[&str] = &["send", "history", "conversations", "mark_read", "ack", "register"];
+/// Bounds named in `raftchat_shed_total{bound}`.
+pub const SHED_BOUNDS: &[&str] = &["node", "shard", "user_rate", "connections", "connections_per_ip"];
+/// Outcomes named in `raftchat_forwards_total{result}`.
+pub const FORWARD_RESULTS: &[&str] = &["ok", "peer_stopped", "transport_error", "timeout"];
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192];
@@ -107,8 +122,11 @@ impl Metrics {
                 "End-to-end send latency on the coordinating leader (message + both index updates)",
             ),
             requests: IntCounterVec::new(
-                Opts::new("requests_total", "Client API requests by operation and outcome"),
-                &["op", "code"],
+                Opts::new(
+                    "requests_total",
+                    "Client API requests by transport (http, ws, grpc), operation and outcome (ok or the error code)",
+                ),
+                &["via", "op", "code"],
             )
             .expect("valid"),
             forwards: IntCounterVec::new(
@@ -164,7 +182,13 @@ impl Metrics {
                 "ws_push_lag_seconds",
                 "Time from a message's commit timestamp to its push on this node's WebSocket",
             ),
+            build_info: IntGaugeVec::new(
+                Opts::new("build_info", "Always 1; labels name the build (version, git commit)"),
+                &["version", "commit"],
+            )
+            .expect("valid"),
             registry: Registry::new(),
+            process: Registry::new(),
         };
         let reg = registry;
         macro_rules! register {
@@ -198,14 +222,41 @@ impl Metrics {
             ws_pushes,
             ws_resumes,
             ws_slow_closes,
-            ws_push_lag_seconds
+            ws_push_lag_seconds,
+            build_info
         );
-        Self { registry: reg, ..m }
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("RAFTCHAT_GIT_COMMIT")]).set(1);
+        for via in ["http", "ws", "grpc"] {
+            for op in OPS {
+                m.requests.with_label_values(&[via, op, "ok"]);
+            }
+        }
+        for b in SHED_BOUNDS {
+            m.shed.with_label_values(&[b]);
+        }
+        for kind in ["append", "index_update", "mark_read", "outbox_done", "register", "receipt"] {
+            m.proposal_seconds.with_label_values(&[kind]);
+        }
+        for r in FORWARD_RESULTS {
+            m.forwards.with_label_values(&[r]);
+        }
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        process.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("unique metric");
+        Self { registry: reg, process, ..m }
+    }
+
+    /// Counts one client request: `via` is `http`, `ws` or `grpc`; `code` is `ok` or the
+    /// error's code.
+    pub fn count_request(&self, via: &str, op: &str, code: &str) {
+        self.requests.with_label_values(&[via, op, code]).inc();
     }
 
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }

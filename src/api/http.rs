@@ -70,11 +70,11 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 fn respond<T: Serialize>(node: &Node, op: &str, r: Result<T, ApiError>) -> Response {
     match r {
         Ok(v) => {
-            node.metrics.requests.with_label_values(&[op, "ok"]).inc();
+            node.metrics.count_request("http", op, "ok");
             Json(v).into_response()
         }
         Err(e) => {
-            node.metrics.requests.with_label_values(&[op, e.code]).inc();
+            node.metrics.count_request("http", op, e.code);
             if e.status.is_server_error() {
                 tracing::warn!(op, error = %e, "request failed");
             }

@@ -13,8 +13,10 @@ pub struct BenchArgs {
     /// folder, and stop it afterwards.
     #[arg(long)]
     pub local: bool,
+    /// With --local: number of nodes to start.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// With --local: shard count of the cluster it starts.
     #[arg(long, default_value_t = 8)]
     pub shards: u32,
     /// Without --local: a running node's HTTP URL (repeat for every node to spread the load).
@@ -88,7 +90,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         _tmp = None;
         Nodes::Running {
             urls: a.servers.clone(),
-            keys: a.secret.keys()?,
+            keys: a.secret.keys_for(a.servers.first().map(String::as_str))?,
             data_dirs: a.data_dirs.clone(),
             ca: a.ca_file.clone(),
         }

@@ -66,6 +66,11 @@ pub async fn run(a: ChatArgs) -> anyhow::Result<()> {
         let (mut ws, _) =
             match tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector.clone()).await {
                 Ok(ok) => ok,
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status().is_client_error() => {
+                    // A bad token or an unknown user: retrying cannot help.
+                    let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                    anyhow::bail!("{server} refused the connection: {} {body}", resp.status());
+                }
                 Err(e) => {
                     eprintln!("-- cannot connect to {server}: {e}; retrying");
                     attempt += 1;

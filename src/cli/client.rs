@@ -8,25 +8,41 @@ use anyhow::{bail, Context};
 use clap::Args;
 use std::path::PathBuf;
 
-/// Where the cluster secret is looked for when no flag or env var names it.
-const SECRET_SEARCH: &[&str] = &["raftchat-data/secret", "raftchat-local/secret"];
+/// Where the cluster secret is looked for when no flag or env var names it: the zero-config
+/// node's folder, then `raftchat local`'s.
+const SECRET_SEARCH: &[&str] = &["raftchat-data", "raftchat-local"];
 
 #[derive(Debug, Args)]
 pub struct SecretArgs {
-    /// File with the cluster secret (default: ./raftchat-data/secret, then ./raftchat-local/secret;
+    /// File with the cluster secret (default: the `secret` of ./raftchat-local when --server
+    /// is one of its nodes, else ./raftchat-data/secret, then ./raftchat-local/secret;
     /// RAFTCHAT_SECRET overrides).
     #[arg(long, env = "RAFTCHAT_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
 }
 
 impl SecretArgs {
+    /// The cluster secret's keys, for no server in particular.
     pub(crate) fn keys(&self) -> anyhow::Result<Keys> {
+        self.keys_for(None)
+    }
+
+    /// The keys of the cluster `server` belongs to: a folder whose `node*.toml` names the
+    /// server's address comes first, so `raftchat-local`'s secret is used for its nodes even
+    /// when `raftchat-data` (a zero-config node's folder) is also here.
+    pub(crate) fn keys_for(&self, server: Option<&str>) -> anyhow::Result<Keys> {
         if let Some(s) = crate::config::secret_from_env() {
             return Ok(Keys::new(&s));
         }
         let candidates: Vec<PathBuf> = match &self.secret_file {
             Some(p) => vec![p.clone()],
-            None => SECRET_SEARCH.iter().map(PathBuf::from).collect(),
+            None => {
+                let mut dirs: Vec<&str> = SECRET_SEARCH.to_vec();
+                if let Some(addr) = server.and_then(host_port) {
+                    dirs.sort_by_key(|d| !folder_serves(std::path::Path::new(d), &addr));
+                }
+                dirs.iter().map(|d| PathBuf::from(d).join("secret")).collect()
+            }
         };
         for p in &candidates {
             if let Ok(s) = crate::config::read_secret_file(p) {
@@ -35,6 +51,24 @@ impl SecretArgs {
         }
         bail!("no cluster secret found (looked in {candidates:?}); pass --secret-file or set RAFTCHAT_SECRET")
     }
+}
+
+/// `host:port` of an `http(s)://host:port/...` URL.
+fn host_port(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hp = rest.split('/').next()?;
+    hp.contains(':').then(|| hp.replace("localhost", "127.0.0.1"))
+}
+
+/// Whether one of the node configs (`node*.toml`) in `dir` has `addr` as its HTTP address.
+fn folder_serves(dir: &std::path::Path, addr: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.starts_with("node")
+            && name.ends_with(".toml")
+            && crate::config::Config::from_file(&e.path()).is_ok_and(|c| c.http_addr.to_string() == addr)
+    })
 }
 
 /// An HTTP client that also trusts `ca` (a cluster's own CA) when given.
@@ -66,7 +100,7 @@ impl ClientArgs {
             return Ok(t.clone());
         }
         let Some(u) = &self.as_user else { bail!("pass --as <user> or --token <token>") };
-        Ok(self.secret.keys()?.mint(&UserId::parse(u)?, 3600, false))
+        Ok(self.secret.keys_for(Some(&self.server))?.mint(&UserId::parse(u)?, 3600, false))
     }
     pub fn user(&self) -> anyhow::Result<UserId> {
         if let Some(u) = &self.as_user {
@@ -96,6 +130,7 @@ async fn call<T: serde::de::DeserializeOwned + serde::Serialize>(req: reqwest::R
 
 #[derive(Debug, Args)]
 pub struct TokenArgs {
+    /// The user the token is for.
     pub user: String,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 86_400)]
@@ -117,11 +152,13 @@ pub fn token(a: TokenArgs) -> anyhow::Result<()> {
 pub struct SendArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// The recipient's user id.
     #[arg(long)]
     pub to: String,
     /// Idempotency key; a retry with the same key never creates a second message.
     #[arg(long)]
     pub id: Option<String>,
+    /// The message text (UTF-8).
     pub text: String,
 }
 
@@ -140,12 +177,16 @@ pub struct HistoryArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     /// The other participant.
+    /// The other participant of the conversation.
     #[arg(long)]
     pub with: String,
+    /// Only messages with a seq below this (page backwards).
     #[arg(long)]
     pub before: Option<u64>,
+    /// Only messages with a seq above this (page forwards).
     #[arg(long)]
     pub after: Option<u64>,
+    /// Messages per page (default 50, at most 200).
     #[arg(long)]
     pub limit: Option<u32>,
 }
@@ -173,8 +214,10 @@ pub async fn history(a: HistoryArgs) -> anyhow::Result<()> {
 pub struct ConversationsArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Conversations per page (default 50, at most 200).
     #[arg(long)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     #[arg(long)]
     pub cursor: Option<String>,
 }
@@ -198,8 +241,10 @@ pub async fn conversations(a: ConversationsArgs) -> anyhow::Result<()> {
 pub struct MarkReadArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// The other participant of the conversation.
     #[arg(long)]
     pub with: String,
+    /// Everything up to this seq counts as read.
     #[arg(long)]
     pub seq: u64,
 }
@@ -215,7 +260,9 @@ pub async fn mark_read(a: MarkReadArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct AddUserArgs {
+    /// The user id to register.
     pub user: String,
+    /// A node's HTTP address (`https://` for a cluster with TLS).
     #[arg(long, env = "RAFTCHAT_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
     /// CA certificate (PEM) to trust for `https://`.
@@ -226,7 +273,7 @@ pub struct AddUserArgs {
 }
 
 pub async fn add_user(a: AddUserArgs) -> anyhow::Result<()> {
-    let admin = a.secret.keys()?.mint(&UserId::parse("operator")?, 300, true);
+    let admin = a.secret.keys_for(Some(&a.server))?.mint(&UserId::parse("operator")?, 300, true);
     let req = http_client(a.ca_file.as_deref())?
         .post(format!("{}/v1/users", a.server))
         .bearer_auth(admin)

@@ -1,14 +1,18 @@
 //! `raftchat local`: a cluster of node processes on loopback in one step, data and logs
-//! under one folder. Ctrl-C (or SIGTERM) stops every node with SIGTERM and waits for each
-//! to flush and exit.
+//! under one folder. It says when the cluster is ready, reports a node's death the moment
+//! it happens (with its exit status, its log and how to start it again), takes `restart N`
+//! and `stop N` on stdin, and on Ctrl-C (or SIGTERM) stops every node with SIGTERM and
+//! waits for each to flush and exit.
 
 use crate::fixture::{Cluster, Spec};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Args)]
 pub struct LocalArgs {
+    /// Number of nodes (1 to 9).
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
     /// Folder for every node's data, config and log.
@@ -17,12 +21,13 @@ pub struct LocalArgs {
     /// Shard count (fixed once the cluster's data exists).
     #[arg(long, default_value_t = 8)]
     pub shards: u32,
-    /// HTTP port of node 1; node N listens on this + N - 1 (gRPC: 7081 + N - 1, peers:
-    /// 7091 + N - 1).
+    /// HTTP port of node 1; node N listens on this + N - 1.
     #[arg(long, default_value_t = 8081)]
     pub http_port: u16,
+    /// Client gRPC port of node 1; node N listens on this + N - 1.
     #[arg(long, default_value_t = 7081)]
     pub grpc_port: u16,
+    /// Peer (Raft) port of node 1; node N listens on this + N - 1.
     #[arg(long, default_value_t = 7091)]
     pub peer_port: u16,
     /// Serve HTTPS/WSS and talk mutual TLS, with a CA and node certificates made under
@@ -38,8 +43,9 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
     let spec = Spec { shards: a.shards, ports: Some(ports), tls: a.tls, ..Spec::new(a.nodes, &a.dir) };
     let mut cluster = Cluster::start(&bin, &spec)?;
     eprintln!("raftchat local: starting {} nodes, data and logs in {}", a.nodes, a.dir.display());
-    if let Err(e) = cluster.wait_all_ready(Duration::from_secs(60)).await {
-        eprintln!("raftchat local: {e:#}");
+    match cluster.wait_all_ready(Duration::from_secs(60)).await {
+        Ok(()) => eprintln!("raftchat local: the cluster is ready"),
+        Err(e) => eprintln!("raftchat local: {e:#}"),
     }
     for i in 0..cluster.len() {
         eprintln!("  node {}: {}  (grpc {})", i + 1, cluster.url(i), cluster.configs[i].grpc_addr);
@@ -53,11 +59,14 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
         cluster.url(0),
         ca
     );
-    eprintln!("Ctrl-C stops every node.");
-    super::terminated().await;
+    eprintln!("Type `restart N` to start node N again after it died, `stop N` to stop it; Ctrl-C stops every node.");
+    supervise(&mut cluster, &a.dir).await;
     eprintln!("raftchat local: stopping nodes");
     let mut failed = false;
     for i in 0..cluster.len() {
+        if !cluster.is_running(i) {
+            continue;
+        }
         match cluster.stop(i, Duration::from_secs(20)) {
             Ok(st) => eprintln!("  node {} stopped ({st})", i + 1),
             Err(e) => {
@@ -68,4 +77,69 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(!failed, "some nodes did not stop cleanly");
     Ok(())
+}
+
+/// Watches the nodes until Ctrl-C/SIGTERM: reports deaths at once, obeys `restart N` and
+/// `stop N` typed on stdin.
+async fn supervise(cluster: &mut Cluster, dir: &Path) {
+    let stop = super::terminated();
+    tokio::pin!(stop);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {
+                for i in 0..cluster.len() {
+                    if let Some(status) = cluster.reap(i) {
+                        eprintln!(
+                            "raftchat local: node {n} died ({status}); log: {log}; type `restart {n}` (or run `raftchat serve --config {cfg}`)",
+                            n = i + 1,
+                            log = dir.join(format!("node{}.log", i + 1)).display(),
+                            cfg = dir.join(format!("node{}.toml", i + 1)).display(),
+                        );
+                    }
+                }
+            }
+            line = lines.next_line(), if stdin_open => {
+                let Ok(Some(line)) = line else { stdin_open = false; continue };
+                command(cluster, line.trim()).await;
+            }
+        }
+    }
+}
+
+async fn command(cluster: &mut Cluster, line: &str) {
+    let mut words = line.split_whitespace();
+    let (verb, n) = (words.next().unwrap_or(""), words.next().and_then(|n| n.parse::<usize>().ok()));
+    let i = match n {
+        Some(n) if (1..=cluster.len()).contains(&n) => n - 1,
+        _ if verb.is_empty() => return,
+        _ => {
+            eprintln!("raftchat local: commands are `restart N` and `stop N`, N in 1..={}", cluster.len());
+            return;
+        }
+    };
+    match verb {
+        "restart" | "start" => {
+            if cluster.is_running(i) {
+                eprintln!("raftchat local: node {} is running", i + 1);
+                return;
+            }
+            if let Err(e) = cluster.spawn(i) {
+                eprintln!("raftchat local: cannot start node {}: {e:#}", i + 1);
+                return;
+            }
+            match cluster.wait_ready(i, Duration::from_secs(60)).await {
+                Ok(()) => eprintln!("raftchat local: node {} is back and ready at {}", i + 1, cluster.url(i)),
+                Err(e) => eprintln!("raftchat local: {e:#}"),
+            }
+        }
+        "stop" => match cluster.stop(i, Duration::from_secs(20)) {
+            Ok(st) => eprintln!("raftchat local: node {} stopped ({st}); `restart {}` starts it again", i + 1, i + 1),
+            Err(e) => eprintln!("raftchat local: node {}: {e:#}", i + 1),
+        },
+        _ => eprintln!("raftchat local: commands are `restart N` and `stop N`"),
+    }
 }

@@ -17,6 +17,11 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` (default) or `json` (one object per line, for log shippers).
+    /// The level comes from RUST_LOG (default: info, with openraft's and sled's
+    /// chatter trimmed; see docs/operations.md).
+    #[arg(long, global = true, env = "RAFTCHAT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,12 +57,16 @@ pub struct ServeArgs {
     /// TOML config file (see cluster/node1.toml).
     #[arg(long, short, env = "RAFTCHAT_CONFIG")]
     pub config: Option<PathBuf>,
+    /// This node's id; must be one of the config's [[nodes]].
     #[arg(long, env = "RAFTCHAT_NODE_ID")]
     pub node_id: Option<u64>,
+    /// Folder for the node's sled data and write-ahead log (default ./raftchat-data).
     #[arg(long, env = "RAFTCHAT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Client HTTP/WebSocket address, also /metrics and health (default 127.0.0.1:8080).
     #[arg(long, env = "RAFTCHAT_HTTP_ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Client gRPC address (default 127.0.0.1:7070).
     #[arg(long, env = "RAFTCHAT_GRPC_ADDR")]
     pub grpc_addr: Option<std::net::SocketAddr>,
     /// Node-to-node address (Raft and forwarding).
@@ -66,12 +75,16 @@ pub struct ServeArgs {
     /// Shard count; fixed when the cluster is created.
     #[arg(long, env = "RAFTCHAT_SHARDS")]
     pub shards: Option<u32>,
+    /// File with the cluster secret that signs tokens (made, mode 0600, if missing).
     #[arg(long, env = "RAFTCHAT_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Snapshot a shard after this many applied log entries.
     #[arg(long, env = "RAFTCHAT_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot for slow followers.
     #[arg(long, env = "RAFTCHAT_KEEP_LOGS")]
     pub keep_logs: Option<u64>,
+    /// Largest message text accepted, in bytes of UTF-8.
     #[arg(long, env = "RAFTCHAT_MAX_TEXT_BYTES")]
     pub max_text_bytes: Option<usize>,
     /// Serve without TLS on addresses other than loopback.
@@ -96,6 +109,24 @@ impl ServeArgs {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// An error and its causes on one line, `a: b: c`, leaving out a cause whose text its
+/// parent already ends with (errors that print their source, as most `thiserror` types here
+/// do, would otherwise show it twice).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
@@ -135,4 +166,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Certs(a) => certs::run(a),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_printed_by_its_parent_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use (os error 98)");
+        let e = anyhow::Error::new(crate::server::NodeError::Bind { addr: "127.0.0.1:1".parse().unwrap(), source: io })
+            .context("starting node 1");
+        assert_eq!(
+            super::error_chain(&e),
+            "starting node 1: cannot listen on 127.0.0.1:1: Address already in use (os error 98)"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_chain(&plain), "outer: inner");
+    }
 }

@@ -247,16 +247,16 @@ impl Node {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
                 self.metrics.forwards.with_label_values(&["transport_error"]).inc();
-                self.peers.note(target, false);
+                self.peers.note_failure(target, &status.message());
                 return Err(unavailable(format!("node {target}: {}", status.message())));
             }
             Err(_) => {
                 self.metrics.forwards.with_label_values(&["timeout"]).inc();
-                self.peers.note(target, false);
+                self.peers.note_failure(target, &format_args!("no answer within {budget:?}"));
                 return Err(unavailable(format!("node {target} did not answer within {budget:?}")));
             }
         };
-        self.peers.note(target, true);
+        self.peers.note_ok(target);
         self.metrics.forwards.with_label_values(&["ok"]).inc();
         serde_json::from_slice::<Result<ShardReply, ShardError>>(&reply.payload)
             .map_err(|e| unavailable(format!("node {target} sent an undecodable reply: {e}")))?

@@ -77,6 +77,8 @@ pub async fn start(
     let log = LogStore::new(shard, wal.clone(), flusher.clone());
     let committed_index = log.committed_index.clone();
     let label = shard.to_string();
+    // Exported at zero from start-up.
+    metrics.outbox_redriven.with_label_values(&[&label]);
     let cache = Arc::new(RecentCache::new(
         cache_budget,
         metrics.cache_hits.with_label_values(&[&label]),

@@ -35,12 +35,19 @@ struct PeersInner {
     epoch: std::time::Instant,
 }
 
-/// When a peer last answered and last failed to (ms since `epoch`, 0 = never).
+/// When a peer last answered and last failed to (ms since `epoch`, 0 = never), and whether
+/// its being unreachable was logged (one line when it goes, one when it comes back).
 #[derive(Default)]
 struct Health {
     ok: AtomicU64,
     err: AtomicU64,
+    down: std::sync::atomic::AtomicBool,
+    /// When "unreachable" was last logged, so a flapping peer logs at most every
+    /// [`LOG_DOWN_EVERY`].
+    logged_down: AtomicU64,
 }
+
+const LOG_DOWN_EVERY: Duration = Duration::from_secs(30);
 
 /// A peer that failed more recently than it answered, within this window, is suspect.
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
@@ -99,11 +106,32 @@ impl Peers {
         self.inner.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Records the outcome of an RPC to `id` (Raft or forwarded).
-    pub fn note(&self, id: NodeId, ok: bool) {
+    /// Records that an RPC to `id` (Raft or forwarded) was answered.
+    pub fn note_ok(&self, id: NodeId) {
         if let Some(h) = self.inner.health.get(&id) {
-            let slot = if ok { &h.ok } else { &h.err };
-            slot.store(self.now_ms(), Ordering::Relaxed);
+            h.ok.store(self.now_ms(), Ordering::Relaxed);
+            if h.down.swap(false, Ordering::Relaxed) {
+                tracing::info!(peer = id, "peer reachable again");
+            }
+        }
+    }
+
+    /// Records that an RPC to `id` failed. The first failure after a success logs one
+    /// WARN line (at most one per peer every 30 s); openraft's own per-retry replication
+    /// warnings are off by default (see `main.rs`), so a dead peer costs one log line, not
+    /// dozens a second.
+    pub fn note_failure(&self, id: NodeId, cause: &dyn std::fmt::Display) {
+        if let Some(h) = self.inner.health.get(&id) {
+            let now = self.now_ms();
+            h.err.store(now, Ordering::Relaxed);
+            if !h.down.swap(true, Ordering::Relaxed) {
+                let last = h.logged_down.load(Ordering::Relaxed);
+                if last == 0 || now.saturating_sub(last) >= LOG_DOWN_EVERY.as_millis() as u64 {
+                    h.logged_down.store(now, Ordering::Relaxed);
+                    let addr = self.inner.channels.get(&id).map(|(a, _)| a.as_str()).unwrap_or("?");
+                    tracing::warn!(peer = id, addr, %cause, "peer unreachable; retrying in the background (logged again when it answers)");
+                }
+            }
         }
     }
 
@@ -198,15 +226,15 @@ impl Conn {
         let reply = match tokio::time::timeout(ttl, client.raft(self.peers.request(msg, ttl))).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
-                self.peers.note(self.target, false);
+                self.peers.note_failure(self.target, &status.message());
                 return Err(status_to_rpc(status));
             }
             Err(e) => {
-                self.peers.note(self.target, false);
+                self.peers.note_failure(self.target, &format_args!("no answer within {ttl:?}"));
                 return Err(RPCError::Network(NetworkError::new(&e)));
             }
         };
-        self.peers.note(self.target, true);
+        self.peers.note_ok(self.target);
         let res: Result<Resp, RaftError<NodeId>> =
             serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

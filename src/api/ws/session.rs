@@ -299,6 +299,14 @@ async fn handle_text(
         let _permit = permit;
         let id = frame_id(&frame);
         let node = &conn.node;
+        let op = match &frame {
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Conversations { .. } => "conversations",
+            ClientFrame::MarkRead { .. } => "mark_read",
+            ClientFrame::Ack { .. } => "ack",
+            ClientFrame::Auth { .. } => "auth",
+        };
         let text = match frame {
             ClientFrame::Send { id, to, client_msg_id, text } => {
                 ops::send(node, &p, ops::SendRequest { to, client_msg_id, text })
@@ -323,9 +331,13 @@ async fn handle_text(
         };
         match text {
             Ok(t) => {
+                node.metrics.count_request("ws", op, "ok");
                 conn.send(t).await;
             }
-            Err(e) => conn.error(id, &e).await,
+            Err(e) => {
+                node.metrics.count_request("ws", op, e.code);
+                conn.error(id, &e).await
+            }
         }
         true
     });

@@ -1,0 +1,227 @@
+//! What an operator meets first: `raftchat local` (ready, a node's death reported at once,
+//! `restart N`), the CLI picking the right cluster's secret, a clear error for a refused
+//! `chat`, single-cause error messages, metrics present from start-up, one log line for a
+//! dead peer, JSON logs. Real processes, real sockets.
+
+mod common;
+
+use raftchat::fixture::free_port;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_raftchat");
+
+/// Lines of a child's stderr, read on a thread.
+fn lines_of(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `needle`; returns it (panics with what was seen otherwise).
+fn expect_line(rx: &mpsc::Receiver<String>, needle: &str, within: Duration) -> String {
+    let end = Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return l,
+            Ok(l) => seen.push(l),
+            Err(_) => break,
+        }
+    }
+    panic!("no line with {needle:?} within {within:?}; saw:\n{}", seen.join("\n"));
+}
+
+/// The pid of the `raftchat serve` started in `cwd` with config `cfg` (relative to `cwd`).
+fn pid_of_node(cwd: &Path, cfg: &str) -> Option<u32> {
+    let out = Command::new("pgrep").arg("-f").arg(cfg).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .find(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|d| d == cwd))
+}
+
+/// Three consecutive free ports' base (best effort: the first is free, the next two usually).
+fn port_base() -> u16 {
+    loop {
+        let p = free_port().unwrap();
+        if p < 60_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_cluster_reports_a_death_at_once_restarts_it_and_the_cli_finds_its_secret() {
+    let work = tempfile::tempdir().unwrap();
+    // A zero-config node's folder with another cluster's secret, as after the README's first
+    // section: the CLI must still use raftchat-local's secret for raftchat-local's nodes.
+    std::fs::create_dir(work.path().join("raftchat-data")).unwrap();
+    std::fs::write(work.path().join("raftchat-data/secret"), "another-cluster-secret-0123456789abcdef").unwrap();
+    let (http, grpc, peer) = (port_base(), port_base(), port_base());
+    let mut local = Command::new(BIN)
+        .current_dir(work.path())
+        .args(["local", "--dir", "raftchat-local"])
+        .args(["--http-port", &http.to_string(), "--grpc-port", &grpc.to_string(), "--peer-port", &peer.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(local.stderr.take().unwrap());
+    expect_line(&lines, "the cluster is ready", Duration::from_secs(90));
+
+    let server = format!("http://127.0.0.1:{}", http + 1);
+    let cli = |args: &[&str]| {
+        Command::new(BIN).current_dir(work.path()).args(args).env_remove("RAFTCHAT_SECRET").output().unwrap()
+    };
+    let out = cli(&["add-user", "bob", "--server", &server]);
+    assert!(out.status.success(), "add-user: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["send", "--server", &server, "--as", "alice", "--to", "bob", "hello"]);
+    assert!(out.status.success(), "send: {}", String::from_utf8_lossy(&out.stderr));
+    // The other secret is still what a zero-config node's address gets.
+    let out = cli(&[
+        "send",
+        "--server",
+        &server,
+        "--as",
+        "alice",
+        "--to",
+        "bob",
+        "x",
+        "--secret-file",
+        "raftchat-data/secret",
+    ]);
+    assert!(!out.status.success(), "a foreign secret must be refused");
+
+    // `chat` with a token the cluster refuses stops with the reason instead of retrying.
+    let mut chat = Command::new(BIN)
+        .current_dir(work.path())
+        .args(["chat", "--server", &server, "--as", "alice", "--with", "bob", "--secret-file", "raftchat-data/secret"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = chat.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = chat.kill();
+            panic!("chat kept retrying a refused token");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut chat.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("401") && err.contains("invalid_token"), "chat's error: {err}");
+
+    // A node's death is reported at once, with how to start it again; `restart 3` does.
+    let cwd = work.path().canonicalize().unwrap();
+    let pid = pid_of_node(&cwd, "raftchat-local/node3.toml").expect("node 3 runs");
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let died = expect_line(&lines, "node 3 died", Duration::from_secs(3));
+    assert!(died.contains("restart 3") && died.contains("node3.log"), "{died}");
+    local.stdin.as_mut().unwrap().write_all(b"restart 3\n").unwrap();
+    expect_line(&lines, "node 3 is back and ready", Duration::from_secs(60));
+    assert_ne!(pid_of_node(&cwd, "raftchat-local/node3.toml"), Some(pid));
+
+    // Ctrl-C (SIGTERM here) stops every node cleanly.
+    unsafe { libc::kill(local.id() as i32, libc::SIGTERM) };
+    let st = local.wait().unwrap();
+    assert!(st.success(), "raftchat local exited with {st}");
+    for n in 1..=3 {
+        assert_eq!(
+            pid_of_node(&cwd, &format!("raftchat-local/node{n}.toml")),
+            None,
+            "node {n} outlived raftchat local"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_port_is_reported_once_with_its_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--http-addr", &addr, "--data-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert_eq!(last.matches("Address already in use").count(), 1, "cause repeated: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_documented_metric_is_exported_from_start_up() {
+    let c = common::start(1, |_| {}).await;
+    let body = c.http.get(format!("{}/metrics", c.url(0))).send().await.unwrap().text().await.unwrap();
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+    let section = docs.split("## Metrics").nth(1).expect("a metrics section").split("\n## ").next().unwrap();
+    let mut names = Vec::new();
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let first_cell = row.split('|').nth(1).unwrap();
+        for name in first_cell.split('`').skip(1).step_by(2) {
+            names.push(name.split('{').next().unwrap().to_string());
+        }
+    }
+    assert!(names.len() >= 30, "metric table parsed: {names:?}");
+    let missing: Vec<_> =
+        names.iter().filter(|n| !body.lines().any(|l| !l.starts_with('#') && l.starts_with(n.as_str()))).collect();
+    assert!(missing.is_empty(), "documented but not exported at start-up: {missing:?}");
+    for needed in
+        ["process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total", "raftchat_build_info{"]
+    {
+        assert!(body.contains(needed), "{needed} missing");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_peer_costs_one_log_line_not_dozens_a_second() {
+    let mut c = common::start(3, |_| {}).await;
+    c.kill(2).unwrap();
+    let log = c.dir.join("node1.log");
+    let before = std::fs::read_to_string(&log).unwrap().lines().count();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let new: Vec<&str> = text.lines().skip(before).collect();
+    assert!(new.len() <= 10, "{} lines in 6 s with a dead peer:\n{}", new.len(), new.join("\n"));
+    let all_unreachable: Vec<&str> =
+        text.lines().filter(|l| l.contains("peer unreachable") && l.contains("peer=3")).collect();
+    assert!(!all_unreachable.is_empty(), "the dead peer was never reported");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let mut node = Command::new(BIN)
+        .args(["serve", "--log-format", "json", "--data-dir", dir.path().to_str().unwrap()])
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port().unwrap())])
+        .args(["--peer-addr", &format!("127.0.0.1:{}", free_port().unwrap())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(node.stderr.take().unwrap());
+    let first = lines.recv_timeout(Duration::from_secs(30)).expect("a log line");
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    let _ = node.wait();
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{v}");
+}
