@@ -85,6 +85,8 @@ struct Key {
     encoding: EncodingKey,
     decoding: DecodingKey,
     peer_token: String,
+    /// Signs invites (a key of its own, so an invite is never a bearer token).
+    invite_key: Vec<u8>,
 }
 
 #[derive(Clone)]
@@ -113,9 +115,18 @@ fn key(secret: &[u8]) -> Key {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
     mac.update(b"raftchat peer v1");
     let peer_token = B64.encode(mac.finalize().into_bytes());
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(b"raftchat invite v1");
+    let invite_key = mac.finalize().into_bytes().to_vec();
     let digest = Sha256::new().chain_update(b"raftchat kid v1").chain_update(secret).finalize();
     let kid = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    Key { kid, encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), peer_token }
+    Key {
+        kid,
+        encoding: EncodingKey::from_secret(secret),
+        decoding: DecodingKey::from_secret(secret),
+        peer_token,
+        invite_key,
+    }
 }
 
 impl Keys {
@@ -203,6 +214,41 @@ impl Keys {
         self.verify(token.trim())
     }
 
+    /// An invite to sign up (registration `invite`): `inv1.<id>.<exp>.<mac>`, valid for
+    /// `ttl_secs`, used once (the cluster records its id when an account is made with it).
+    /// Returns the invite and its expiry (seconds since the epoch).
+    pub fn mint_invite(&self, ttl_secs: u64) -> (String, u64) {
+        let id: [u8; 12] = rand::random();
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let exp = now_secs().saturating_add(ttl_secs);
+        let body = format!("{id}.{exp}");
+        let mac = invite_mac(&self.signing().invite_key, &body);
+        (format!("inv1.{body}.{mac}"), exp)
+    }
+
+    /// The id of a valid, unexpired invite.
+    pub fn verify_invite(&self, invite: &str) -> Result<String, AuthError> {
+        let mut parts = invite.trim().split('.');
+        let (Some("inv1"), Some(id), Some(exp), Some(mac), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed("an invite looks like inv1.<id>.<expiry>.<signature>"));
+        };
+        let body = format!("{id}.{exp}");
+        let good = self.keys.iter().any(|k| {
+            let want = invite_mac(&k.invite_key, &body);
+            want.len() == mac.len() && want.bytes().zip(mac.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        });
+        if !good {
+            return Err(AuthError::BadSignature);
+        }
+        let exp: u64 = exp.parse().map_err(|_| AuthError::Malformed("invite expiry is not a number"))?;
+        if exp < now_secs() {
+            return Err(AuthError::Expired);
+        }
+        Ok(id.to_string())
+    }
+
     /// The key this node presents to its peers.
     pub fn peer_token(&self) -> &str {
         &self.signing().peer_token
@@ -219,9 +265,32 @@ impl Keys {
     }
 }
 
+fn invite_mac(key: &[u8], body: &str) -> String {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(body.as_bytes());
+    B64.encode(mac.finalize().into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invites_verify_only_unchanged_unexpired_and_signed_by_the_cluster() {
+        let k = Keys::new(b"secret");
+        let (inv, _) = k.mint_invite(60);
+        let id = k.verify_invite(&inv).unwrap();
+        assert_eq!(id.len(), 24);
+        assert!(Keys::new(b"other").verify_invite(&inv).is_err());
+        let forged = inv.replacen(&id, "000000000000000000000000", 1);
+        assert_eq!(k.verify_invite(&forged), Err(AuthError::BadSignature));
+        let (old, _) = k.mint_invite(0);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(k.verify_invite(&old), Err(AuthError::Expired));
+        assert!(k.verify_invite("nonsense").is_err());
+        // An invite is not a bearer token.
+        assert!(k.verify(&inv).is_err());
+    }
 
     fn alice() -> UserId {
         UserId::parse("alice").unwrap()

@@ -32,6 +32,10 @@ pub struct NodeAddr {
     pub http: String,
     /// Peer address: Raft and forwarded operations, between nodes only.
     pub peer: String,
+    /// The URL browsers reach this node's HTTP address at (e.g. behind a proxy), listed by
+    /// `GET /v1/nodes` for clients to fail over to; default `http(s)://<http>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +123,39 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     /// Client HTTP listener: a connection on which nothing moves this long is closed.
     pub idle_timeout_ms: u64,
+    /// Accounts: who may sign up with a password. `open`: anyone; `invite`: with an invite
+    /// from `raftchat invite`; `closed`: only operators make accounts (`raftchat add-account`).
+    pub registration: Registration,
+    /// Accounts: lifetime of the access tokens a login or refresh gives (seconds).
+    pub access_token_ttl_secs: u64,
+    /// Accounts: a session (refresh token) unused this long lapses (seconds).
+    pub refresh_token_ttl_secs: u64,
+    /// Accounts: failed logins allowed per user id per minute (burst the same); 0 = no limit.
+    pub login_failures_per_user_per_minute: u32,
+    /// Accounts: failed logins allowed per client address per minute; 0 = no limit.
+    pub login_failures_per_ip_per_minute: u32,
+    /// Browser clients served from other origins that may call the API (CORS), e.g.
+    /// `["https://chat.example.org"]`. The page every node serves at `/` needs none.
+    pub cors_origins: Vec<String>,
+}
+
+/// Who may create a password account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    Open,
+    Invite,
+    Closed,
+}
+
+impl Registration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Registration::Open => "open",
+            Registration::Invite => "invite",
+            Registration::Closed => "closed",
+        }
+    }
 }
 
 impl Default for Config {
@@ -166,6 +203,12 @@ impl Default for Config {
             max_connections_per_ip: 256,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
+            registration: Registration::Open,
+            access_token_ttl_secs: 900,
+            refresh_token_ttl_secs: 30 * 86_400,
+            login_failures_per_user_per_minute: 5,
+            login_failures_per_ip_per_minute: 30,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -184,6 +227,7 @@ impl Config {
                 grpc: self.grpc_addr.to_string(),
                 http: self.http_addr.to_string(),
                 peer: self.peer_addr.to_string(),
+                public_url: None,
             }]
         } else {
             self.nodes.clone()
@@ -282,6 +326,23 @@ impl Config {
             // overflowing.
             if v > HOUR_MS {
                 return bad(format!("{name} must be at most {HOUR_MS} (one hour), got {v}"));
+            }
+        }
+        if self.access_token_ttl_secs < 30 || self.access_token_ttl_secs > self.max_token_ttl_secs {
+            return bad(format!(
+                "access_token_ttl_secs must be in 30..=max_token_ttl_secs ({}), got {}",
+                self.max_token_ttl_secs, self.access_token_ttl_secs
+            ));
+        }
+        if self.refresh_token_ttl_secs < 10 || self.refresh_token_ttl_secs > 365 * 86_400 {
+            return bad("refresh_token_ttl_secs must be in 10..=31536000 (a year)".into());
+        }
+        for o in &self.cors_origins {
+            let ok = (o.starts_with("http://") || o.starts_with("https://"))
+                && !o.ends_with('/')
+                && o.parse::<axum::http::HeaderValue>().is_ok();
+            if !ok {
+                return bad(format!("cors_origins: {o:?} is not an origin like \"https://chat.example.org\""));
             }
         }
         if self.ws_max_in_flight == 0 || self.ws_max_in_flight > 1024 {

@@ -85,6 +85,7 @@ pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
             http: format!("{}:{h}", host(i)),
             grpc: format!("{}:{g}", host(i)),
             peer: format!("{}:{p}", host(i)),
+            public_url: None,
         })
         .collect();
     let tls_dir = spec.dir.join("tls");

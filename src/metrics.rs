@@ -50,7 +50,22 @@ pub struct Metrics {
 }
 
 /// Client operations, as counted in `raftchat_requests_total{via,op,code}`.
-pub const OPS: &[&str] = &["send", "history", "conversations", "mark_read", "ack", "register"];
+pub const OPS: &[&str] = &[
+    "send",
+    "history",
+    "conversations",
+    "mark_read",
+    "ack",
+    "register",
+    "lookup_user",
+    "signup",
+    "login",
+    "refresh",
+    "logout",
+    "password",
+    "invite",
+    "nodes",
+];
 /// Bounds named in `raftchat_shed_total{bound}`.
 pub const SHED_BOUNDS: &[&str] = &["node", "shard", "user_rate", "connections", "connections_per_ip"];
 /// Outcomes named in `raftchat_forwards_total{result}`.

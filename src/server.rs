@@ -115,6 +115,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         metrics,
         shards,
         send_rate: crate::node::rate_limit::PerUser::new(cfg.user_send_rate, cfg.user_send_burst),
+        login_failures: crate::node::rate_limit::LoginFailures::new(
+            cfg.login_failures_per_user_per_minute,
+            cfg.login_failures_per_ip_per_minute,
+        ),
         admission: crate::node::admission::Limiter::new(
             64,
             8,

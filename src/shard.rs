@@ -47,6 +47,10 @@ impl Placement {
     pub fn shard_of_user(&self, u: &UserId) -> ShardId {
         (fnv1a64(format!("u/{u}").as_bytes()) % u64::from(self.shards)) as ShardId
     }
+    /// Where an invite's "used by" record lives.
+    pub fn shard_of_invite(&self, id: &str) -> ShardId {
+        (fnv1a64(format!("v/{id}").as_bytes()) % u64::from(self.shards)) as ShardId
+    }
     /// The min(3, N) replicas of `shard`, its preferred leader first. Consecutive shards
     /// start on consecutive nodes, so initial leaders are spread evenly.
     pub fn replicas(&self, shard: ShardId) -> Vec<NodeId> {

@@ -19,12 +19,16 @@ type St = State<Arc<Node>>;
 
 pub fn router(node: Arc<Node>) -> Router {
     let limit = node.cfg.max_body_bytes;
-    Router::new()
+    let cors = cors(&node);
+    let app = Router::new()
+        .merge(super::accounts::routes())
+        .merge(super::web::routes())
         .route("/v1/messages", post(send))
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{id}/messages", get(history))
         .route("/v1/conversations/{id}/read", post(mark_read))
         .route("/v1/users", post(register))
+        .route("/v1/users/{id}", get(lookup_user))
         .route("/v1/ws", get(super::ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -38,16 +42,48 @@ pub fn router(node: Arc<Node>) -> Router {
                 format!("{method} is not allowed on this endpoint; see docs/api.md"),
             )
         })
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(node)
+        .layer(DefaultBodyLimit::max(limit));
+    let app = match cors {
+        Some(c) => app.layer(c),
+        None => app,
+    };
+    app.with_state(node)
 }
 
-fn auth_header(h: &HeaderMap) -> Option<&str> {
+/// CORS for browser clients on other origins: the cluster's own nodes (the page served by
+/// one node fails over to another) and `cors_origins`. Requests from any other origin get
+/// no CORS headers, so browsers refuse to hand them the answers.
+fn cors(node: &Node) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    let scheme = if node.cfg.tls_cert_file.is_some() { "https" } else { "http" };
+    let mut origins: Vec<HeaderValue> = node
+        .cfg
+        .members()
+        .iter()
+        .map(|m| m.public_url.clone().unwrap_or_else(|| format!("{scheme}://{}", m.http)))
+        .chain(node.cfg.cors_origins.iter().cloned())
+        .filter_map(|o| o.trim_end_matches('/').parse().ok())
+        .collect();
+    origins.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    origins.dedup();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(tower_http::cors::AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+pub(crate) fn auth_header(h: &HeaderMap) -> Option<&str> {
     h.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
 }
 
 /// Parses a JSON body, turning every failure into a 4xx with a JSON error.
-fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body exceeds max_body_bytes")
@@ -67,7 +103,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 }
 
 /// Counts the request by operation and outcome, then renders it.
-fn respond<T: Serialize>(node: &Node, op: &str, r: Result<T, ApiError>) -> Response {
+pub(crate) fn respond<T: Serialize>(node: &Node, op: &str, r: Result<T, ApiError>) -> Response {
     match r {
         Ok(v) => {
             node.metrics.count_request("http", op, "ok");
@@ -167,6 +203,23 @@ async fn register(State(node): St, headers: HeaderMap, body: Result<Bytes, Bytes
     }
     .await;
     respond(&node, "register", r)
+}
+
+/// Whether a user id exists (any authenticated user may ask: ids are how people find each
+/// other). 404 `unknown_user` when it does not.
+#[tracing::instrument(skip_all)]
+async fn lookup_user(State(node): St, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> Response {
+    let r = async {
+        ops::authenticate(&node, auth_header(&headers)).await?;
+        let user = crate::chat::UserId::parse(&path_id(id)?)?;
+        if node.user_exists(&user, node.request_deadline()).await? {
+            Ok(serde_json::json!({ "user": user }))
+        } else {
+            Err(ApiError::not_found("unknown_user", format!("there is no user {user}")))
+        }
+    }
+    .await;
+    respond(&node, "lookup_user", r)
 }
 
 async fn healthz() -> &'static str {

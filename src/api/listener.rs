@@ -211,7 +211,12 @@ pub async fn serve(
         };
         let start = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
-        let svc = TowerToHyperService::new(app.clone());
+        // Handlers see the client's address as axum's `ConnectInfo` (login limits use it).
+        let routes = app.clone();
+        let svc = TowerToHyperService::new(tower::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+            tower::ServiceExt::oneshot(routes.clone(), req)
+        }));
         let idle = limits.idle_timeout;
         let conn = match &tls {
             None => {

@@ -35,6 +35,19 @@ pub enum Command {
     OutboxDone { items: Vec<(ConversationId, u64)> },
     /// Record that `user` exists (on the user's shard).
     Register { user: UserId },
+    /// Create `user`'s password account (on the user's shard); registers the user too.
+    /// `claim_existing` lets an operator give an account to a user registered without one.
+    CreateAccount { user: UserId, password: String, claim_existing: bool },
+    /// A login: a new session (refresh token hash `id`) for `user`, valid until `expires_ms`.
+    AddSession { user: UserId, id: String, expires_ms: u64, now_ms: u64 },
+    /// A refresh: session `old` is replaced by `new` if it is live at `now_ms`.
+    RotateSession { user: UserId, old: String, new: String, expires_ms: u64, now_ms: u64 },
+    /// A logout: session `id` ends (a no-op when it is gone already).
+    EndSession { user: UserId, id: String },
+    /// A password change: new hash, and every session of the user ends.
+    SetPassword { user: UserId, password: String },
+    /// Invite `invite` (its id) is used by `user` (on the invite's shard); first use wins.
+    UseInvite { invite: String, user: UserId },
     /// Several commands in one log entry, applied in order (the shard handle's batching);
     /// answered by [`Reply::Batch`] with one reply per command.
     Batch(Vec<Command>),
@@ -53,6 +66,12 @@ impl Command {
             Command::OutboxDone { .. } => "outbox_done",
             Command::Register { .. } => "register",
             Command::Receipt { .. } => "receipt",
+            Command::CreateAccount { .. } => "create_account",
+            Command::AddSession { .. }
+            | Command::RotateSession { .. }
+            | Command::EndSession { .. }
+            | Command::SetPassword { .. } => "session",
+            Command::UseInvite { .. } => "use_invite",
             Command::Batch(_) => "batch",
         }
     }
@@ -85,8 +104,29 @@ pub enum Reply {
     Registered {
         new: bool,
     },
+    /// What an account or invite command did.
+    Account(AccountOutcome),
     /// Blank and membership entries, outbox completion.
     Done,
     /// The replies of a [`Command::Batch`], in order.
     Batch(Vec<Reply>),
+}
+
+/// The outcome of an account command; the refusals change nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccountOutcome {
+    Created,
+    /// The user id has an account already (or is registered and `claim_existing` was off).
+    Taken,
+    NoAccount,
+    SessionAdded,
+    SessionRotated,
+    /// The refresh token's session is not live: logged out, rotated already, expired, or
+    /// ended by a password change.
+    SessionUnknown,
+    SessionEnded,
+    PasswordSet,
+    InviteAccepted,
+    /// The invite was used by someone else.
+    InviteUsed,
 }

@@ -4,9 +4,10 @@
 //! a list of [`Change`]s, which the storage layer commits atomically together with the
 //! applied log id. No I/O happens here, so every rule is unit-tested without a cluster.
 
-use super::command::{Command, Reply};
+use super::command::{AccountOutcome, Command, Reply};
 use super::types::{
-    preview as make_preview, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, Pending, ReceiptKind, UserId,
+    preview as make_preview, Account, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, Pending, ReceiptKind,
+    Session, UserId, MAX_SESSIONS,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -25,6 +26,9 @@ pub trait Store {
     fn user_exists(&self, user: &UserId) -> Result<bool, Self::Error>;
     /// Number of the user's last inbox event (0 if none).
     fn inbox_last(&self, user: &UserId) -> Result<u64, Self::Error>;
+    fn account(&self, user: &UserId) -> Result<Option<Account>, Self::Error>;
+    /// Who used invite `id`, if anyone.
+    fn invite(&self, id: &str) -> Result<Option<UserId>, Self::Error>;
 }
 
 /// One write the storage layer must make.
@@ -64,6 +68,14 @@ pub enum Change {
         user: UserId,
         n: u64,
         event: InboxEvent,
+    },
+    PutAccount {
+        user: UserId,
+        account: Account,
+    },
+    PutInvite {
+        id: String,
+        user: UserId,
     },
 }
 
@@ -224,8 +236,73 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 Ok((vec![Change::PutUser(user.clone())], Reply::Registered { new: true }))
             }
         }
+        Command::CreateAccount { .. }
+        | Command::AddSession { .. }
+        | Command::RotateSession { .. }
+        | Command::EndSession { .. }
+        | Command::SetPassword { .. }
+        | Command::UseInvite { .. } => apply_account(cmd, store),
         // Batches are built by the shard handle and never nested.
         Command::Batch(_) => Ok((vec![], Reply::Done)),
+    }
+}
+
+/// Accounts, sessions and invites. A refusal writes nothing.
+fn apply_account<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Reply), S::Error> {
+    let done = |changes: Vec<Change>, outcome| Ok((changes, Reply::Account(outcome)));
+    let put = |user: &UserId, account: Account| Change::PutAccount { user: user.clone(), account };
+    match cmd {
+        Command::CreateAccount { user, password, claim_existing } => {
+            if store.account(user)?.is_some() || (!claim_existing && store.user_exists(user)?) {
+                return done(vec![], AccountOutcome::Taken);
+            }
+            let account = Account { password: password.clone(), generation: 0, sessions: vec![] };
+            let mut changes = vec![put(user, account)];
+            if !store.user_exists(user)? {
+                changes.push(Change::PutUser(user.clone()));
+            }
+            done(changes, AccountOutcome::Created)
+        }
+        Command::AddSession { user, id, expires_ms, now_ms } => {
+            let Some(mut a) = store.account(user)? else { return done(vec![], AccountOutcome::NoAccount) };
+            a.sessions.retain(|s| s.expires_ms > *now_ms && s.id != *id);
+            a.sessions.push(Session { id: id.clone(), expires_ms: *expires_ms });
+            if a.sessions.len() > MAX_SESSIONS {
+                a.sessions.sort_by_key(|s| s.expires_ms);
+                let excess = a.sessions.len() - MAX_SESSIONS;
+                a.sessions.drain(..excess);
+            }
+            done(vec![put(user, a)], AccountOutcome::SessionAdded)
+        }
+        Command::RotateSession { user, old, new, expires_ms, now_ms } => {
+            let Some(mut a) = store.account(user)? else { return done(vec![], AccountOutcome::NoAccount) };
+            let Some(s) = a.sessions.iter_mut().find(|s| s.id == *old && s.expires_ms > *now_ms) else {
+                return done(vec![], AccountOutcome::SessionUnknown);
+            };
+            *s = Session { id: new.clone(), expires_ms: *expires_ms };
+            a.sessions.retain(|s| s.expires_ms > *now_ms);
+            done(vec![put(user, a)], AccountOutcome::SessionRotated)
+        }
+        Command::EndSession { user, id } => {
+            let Some(mut a) = store.account(user)? else { return done(vec![], AccountOutcome::NoAccount) };
+            let before = a.sessions.len();
+            a.sessions.retain(|s| s.id != *id);
+            let changes = if a.sessions.len() == before { vec![] } else { vec![put(user, a)] };
+            done(changes, AccountOutcome::SessionEnded)
+        }
+        Command::SetPassword { user, password } => {
+            let Some(a) = store.account(user)? else { return done(vec![], AccountOutcome::NoAccount) };
+            let next = Account { password: password.clone(), generation: a.generation + 1, sessions: vec![] };
+            done(vec![put(user, next)], AccountOutcome::PasswordSet)
+        }
+        Command::UseInvite { invite, user } => match store.invite(invite)? {
+            Some(u) if u == *user => done(vec![], AccountOutcome::InviteAccepted),
+            Some(_) => done(vec![], AccountOutcome::InviteUsed),
+            None => {
+                done(vec![Change::PutInvite { id: invite.clone(), user: user.clone() }], AccountOutcome::InviteAccepted)
+            }
+        },
+        _ => Ok((vec![], Reply::Done)),
     }
 }
 
@@ -237,6 +314,8 @@ struct Overlay<'a, S> {
     index: HashMap<(UserId, ConversationId), IndexEntry>,
     users: HashSet<UserId>,
     inbox_last: HashMap<UserId, u64>,
+    accounts: HashMap<UserId, Account>,
+    invites: HashMap<String, UserId>,
 }
 
 impl<'a, S: Store> Overlay<'a, S> {
@@ -248,6 +327,8 @@ impl<'a, S: Store> Overlay<'a, S> {
             index: HashMap::new(),
             users: HashSet::new(),
             inbox_last: HashMap::new(),
+            accounts: HashMap::new(),
+            invites: HashMap::new(),
         }
     }
 
@@ -267,6 +348,12 @@ impl<'a, S: Store> Overlay<'a, S> {
             }
             Change::PutInbox { user, n, .. } => {
                 self.inbox_last.insert(user.clone(), *n);
+            }
+            Change::PutAccount { user, account } => {
+                self.accounts.insert(user.clone(), account.clone());
+            }
+            Change::PutInvite { id, user } => {
+                self.invites.insert(id.clone(), user.clone());
             }
             Change::PutMessage { .. } | Change::PutPending(_) | Change::DeletePending { .. } => {}
         }
@@ -305,6 +392,18 @@ impl<S: Store> Store for Overlay<'_, S> {
             None => self.base.inbox_last(user),
         }
     }
+    fn account(&self, user: &UserId) -> Result<Option<Account>, S::Error> {
+        match self.accounts.get(user) {
+            Some(a) => Ok(Some(a.clone())),
+            None => self.base.account(user),
+        }
+    }
+    fn invite(&self, id: &str) -> Result<Option<UserId>, S::Error> {
+        match self.invites.get(id) {
+            Some(u) => Ok(Some(u.clone())),
+            None => self.base.invite(id),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +422,8 @@ mod tests {
         messages: BTreeMap<(ConversationId, u64), Message>,
         pending: BTreeSet<(ConversationId, u64)>,
         inbox: BTreeMap<(UserId, u64), InboxEvent>,
+        accounts: BTreeMap<UserId, Account>,
+        invites: BTreeMap<String, UserId>,
     }
 
     impl Store for Mem {
@@ -341,6 +442,12 @@ mod tests {
         }
         fn inbox_last(&self, u: &UserId) -> Result<u64, Infallible> {
             Ok(self.inbox.range((u.clone(), 0)..=(u.clone(), u64::MAX)).next_back().map(|((_, n), _)| *n).unwrap_or(0))
+        }
+        fn account(&self, u: &UserId) -> Result<Option<Account>, Infallible> {
+            Ok(self.accounts.get(u).cloned())
+        }
+        fn invite(&self, id: &str) -> Result<Option<UserId>, Infallible> {
+            Ok(self.invites.get(id).cloned())
         }
     }
 
@@ -373,6 +480,12 @@ mod tests {
                     Change::PutInbox { user, n, event } => {
                         assert_eq!(n, self.inbox_last(&user).unwrap() + 1, "inbox numbers are dense");
                         self.inbox.insert((user, n), event);
+                    }
+                    Change::PutAccount { user, account } => {
+                        self.accounts.insert(user, account);
+                    }
+                    Change::PutInvite { id, user } => {
+                        self.invites.insert(id, user);
                     }
                 }
             }
@@ -582,5 +695,66 @@ mod tests {
         let reply = m.run(index("mallory", "alice", 1, 1));
         assert_eq!(reply, Reply::Indexed);
         assert!(m.index.is_empty());
+    }
+
+    #[test]
+    fn accounts_sessions_rotate_end_and_a_password_change_ends_them_all() {
+        let mut m = Mem::default();
+        let acct =
+            |claim| Command::CreateAccount { user: u("ann"), password: "$argon2id$h1".into(), claim_existing: claim };
+        assert_eq!(m.run(acct(false)), Reply::Account(AccountOutcome::Created));
+        assert!(m.users.contains(&u("ann")), "an account registers its user");
+        assert_eq!(m.run(acct(true)), Reply::Account(AccountOutcome::Taken));
+        // A user registered by an operator is not claimed by a sign-up, only by the operator.
+        m.run(Command::Register { user: u("op_made") });
+        let claim = |c| Command::CreateAccount { user: u("op_made"), password: "h".into(), claim_existing: c };
+        assert_eq!(m.run(claim(false)), Reply::Account(AccountOutcome::Taken));
+        assert_eq!(m.run(claim(true)), Reply::Account(AccountOutcome::Created));
+
+        let add = |id: &str, exp| Command::AddSession { user: u("ann"), id: id.into(), expires_ms: exp, now_ms: 100 };
+        assert_eq!(m.run(add("s1", 1000)), Reply::Account(AccountOutcome::SessionAdded));
+        assert_eq!(m.run(add("s2", 1000)), Reply::Account(AccountOutcome::SessionAdded));
+        let rotate = |old: &str, new: &str, now| Command::RotateSession {
+            user: u("ann"),
+            old: old.into(),
+            new: new.into(),
+            expires_ms: 2000,
+            now_ms: now,
+        };
+        assert_eq!(m.run(rotate("s1", "s1b", 200)), Reply::Account(AccountOutcome::SessionRotated));
+        // A rotated token is spent; an expired one is dead.
+        assert_eq!(m.run(rotate("s1", "s1c", 200)), Reply::Account(AccountOutcome::SessionUnknown));
+        assert_eq!(m.run(rotate("s2", "s2b", 1000)), Reply::Account(AccountOutcome::SessionUnknown));
+        assert_eq!(
+            m.run(Command::EndSession { user: u("ann"), id: "s1b".into() }),
+            Reply::Account(AccountOutcome::SessionEnded)
+        );
+        assert_eq!(m.run(rotate("s1b", "x", 300)), Reply::Account(AccountOutcome::SessionUnknown));
+        m.run(add("s3", 5000));
+        assert_eq!(
+            m.run(Command::SetPassword { user: u("ann"), password: "$argon2id$h2".into() }),
+            Reply::Account(AccountOutcome::PasswordSet)
+        );
+        assert_eq!(m.run(rotate("s3", "y", 300)), Reply::Account(AccountOutcome::SessionUnknown));
+        let a = m.accounts[&u("ann")].clone();
+        assert_eq!((a.generation, a.password.as_str(), a.sessions.len()), (1, "$argon2id$h2", 0));
+        // Sessions are bounded.
+        for i in 0..(MAX_SESSIONS + 5) {
+            m.run(add(&format!("many{i}"), 10_000 + i as u64));
+        }
+        assert_eq!(m.accounts[&u("ann")].sessions.len(), MAX_SESSIONS);
+        assert_eq!(
+            m.run(Command::AddSession { user: u("nobody"), id: "z".into(), expires_ms: 1, now_ms: 0 }),
+            Reply::Account(AccountOutcome::NoAccount)
+        );
+    }
+
+    #[test]
+    fn an_invite_is_used_once() {
+        let mut m = Mem::default();
+        let use_by = |who: &str| Command::UseInvite { invite: "inv1".into(), user: u(who) };
+        assert_eq!(m.run(use_by("ann")), Reply::Account(AccountOutcome::InviteAccepted));
+        assert_eq!(m.run(use_by("ann")), Reply::Account(AccountOutcome::InviteAccepted), "a retry is fine");
+        assert_eq!(m.run(use_by("bob")), Reply::Account(AccountOutcome::InviteUsed));
     }
 }

@@ -243,6 +243,26 @@ impl InboxEvent {
 }
 
 /// Conversation metadata on the conversation's shard.
+/// A password account (on the user's shard). `password` is an Argon2id PHC string, never
+/// the password; `sessions` are the live refresh tokens, by the SHA-256 of the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub password: String,
+    /// Bumped by every password change (which also ends every session).
+    pub generation: u64,
+    pub sessions: Vec<Session>,
+}
+
+/// One logged-in device: the hash of its current refresh token and when it lapses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    pub expires_ms: u64,
+}
+
+/// Sessions kept per account; logging in once more ends the oldest.
+pub const MAX_SESSIONS: usize = 32;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvMeta {
     pub last_seq: u64,

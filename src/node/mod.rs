@@ -48,6 +48,8 @@ pub struct Node {
     pub admission: Arc<admission::Limiter>,
     /// Per-user send rate (`user_send_rate`, `user_send_burst`).
     pub send_rate: rate_limit::PerUser,
+    /// Failed logins per user id and per client address (`login_failures_per_*`).
+    pub login_failures: rate_limit::LoginFailures,
     pub(crate) leader_hints: Mutex<HashMap<ShardId, NodeId>>,
     pub(crate) known_users: Mutex<HashSet<UserId>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,
@@ -86,7 +88,7 @@ impl Node {
         self.known_users.lock().unwrap_or_else(|p| p.into_inner()).contains(u)
     }
 
-    fn remember_user(&self, u: &UserId) {
+    pub(crate) fn remember_user(&self, u: &UserId) {
         let mut k = self.known_users.lock().unwrap_or_else(|p| p.into_inner());
         if k.len() > 1_000_000 {
             k.clear();

@@ -61,6 +61,10 @@ pub enum ShardOp {
     InboxLast {
         user: UserId,
     },
+    /// The user's password account (hash, generation, sessions), for a login.
+    Account {
+        user: UserId,
+    },
 }
 
 impl ShardOp {
@@ -85,6 +89,7 @@ impl ShardOp {
             ShardOp::LastSeq { .. } => "last_seq",
             ShardOp::UserExists { .. } => "user_exists",
             ShardOp::InboxLast { .. } => "inbox_last",
+            ShardOp::Account { .. } => "account",
         }
     }
 }
@@ -97,6 +102,7 @@ pub enum ShardReply {
     Recent { items: Vec<(ConversationId, IndexEntry)>, next: Option<Vec<u8>> },
     LastSeq(u64),
     Exists(bool),
+    Account(Option<crate::chat::Account>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

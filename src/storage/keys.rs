@@ -19,7 +19,7 @@
 
 use super::{decode, encode, StoreError};
 use crate::chat::state::{Change, Store};
-use crate::chat::types::{ConvMeta, Pending};
+use crate::chat::types::{Account, ConvMeta, Pending};
 use crate::chat::{ConversationId, InboxEvent, IndexEntry, Message, UserId};
 
 pub const APPLIED: &[u8] = b"\0applied";
@@ -157,6 +157,12 @@ pub fn order(u: &UserId, ts: u64, c: &ConversationId) -> Vec<u8> {
 pub fn user(u: &UserId) -> Vec<u8> {
     k(&[b"u/", u.as_str().as_bytes()])
 }
+pub fn account(u: &UserId) -> Vec<u8> {
+    k(&[b"a/", u.as_str().as_bytes()])
+}
+pub fn invite(id: &str) -> Vec<u8> {
+    k(&[b"v/", id.as_bytes()])
+}
 pub fn inbox_prefix(u: &UserId) -> Vec<u8> {
     k(&[b"e/", u.as_str().as_bytes(), b"\0"])
 }
@@ -213,6 +219,8 @@ impl ShardView {
                 Change::PutPending(p) => batch.insert(pending(&p.conversation, p.seq), encode(&p)),
                 Change::DeletePending { conversation, seq } => batch.remove(pending(&conversation, seq)),
                 Change::PutUser(u) => batch.insert(user(&u), []),
+                Change::PutAccount { user: u, account: a } => batch.insert(account(&u), encode(&a)),
+                Change::PutInvite { id, user: u } => batch.insert(invite(&id), encode(&u)),
                 Change::PutInbox { user: u, n, event } => {
                     batch.insert(inbox(&u, n), encode(&event));
                     batch.insert(inbox_last(&u), n.to_be_bytes());
@@ -310,6 +318,12 @@ impl Store for ShardView {
     }
     fn user_exists(&self, u: &UserId) -> Result<bool, StoreError> {
         Ok(self.tree.contains_key(user(u))?)
+    }
+    fn account(&self, u: &UserId) -> Result<Option<Account>, StoreError> {
+        self.get(&account(u))
+    }
+    fn invite(&self, id: &str) -> Result<Option<UserId>, StoreError> {
+        self.get(&invite(id))
     }
     fn inbox_last(&self, u: &UserId) -> Result<u64, StoreError> {
         match self.tree.get(inbox_last(u))? {

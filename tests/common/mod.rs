@@ -2,6 +2,8 @@
 //! (from `raftchat::fixture`) and a small typed HTTP client.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use raftchat::api::ops::{ConversationsResponse, HistoryResponse, SendResponse};
 use raftchat::fixture::{Cluster, Spec};
 use serde_json::{json, Value};
