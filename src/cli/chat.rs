@@ -47,7 +47,6 @@ pub async fn run(a: ChatArgs) -> anyhow::Result<()> {
     let me = a.client.user()?;
     let peer = UserId::parse(&a.with)?;
     let conv = ConversationId::between(&me, &peer)?;
-    let token = a.client.token()?;
     // wss:// trusts the cluster's CA (--ca-file).
     let connector =
         a.client.ca_file.as_deref().map(crate::tls::trusting).transpose()?.map(tokio_tungstenite::Connector::Rustls);
@@ -62,6 +61,17 @@ pub async fn run(a: ChatArgs) -> anyhow::Result<()> {
     let session = format!("{}-{}", std::process::id(), crate::storage::sm::now_ms());
     loop {
         let server = &servers[attempt % servers.len()];
+        // A fresh token per connection: a password login's access token is short-lived.
+        let token = match a.client.token_at(server).await {
+            Ok(t) => t,
+            Err(e) if e.to_string().starts_with("login refused") => return Err(e),
+            Err(e) => {
+                eprintln!("-- cannot log in at {server}: {e:#}; retrying");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let url = ws_url(server, &token, cursor.as_deref());
         let (mut ws, _) =
             match tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector.clone()).await {

@@ -53,6 +53,15 @@ impl SecretArgs {
     }
 }
 
+/// A password from `file` (its first line) or RAFTCHAT_PASSWORD, if either is given.
+fn password(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
+    }
+    Ok(std::env::var("RAFTCHAT_PASSWORD").ok().filter(|p| !p.is_empty()))
+}
+
 /// `host:port` of an `http(s)://host:port/...` URL.
 fn host_port(url: &str) -> Option<String> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -90,17 +99,43 @@ pub struct ClientArgs {
     /// Bearer token to use instead of --as.
     #[arg(long, env = "RAFTCHAT_TOKEN")]
     pub token: Option<String>,
+    /// With --as: log in with the password in this file (first line) instead of minting a
+    /// token from the cluster secret. RAFTCHAT_PASSWORD does the same with the password itself.
+    #[arg(long, env = "RAFTCHAT_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
 
 impl ClientArgs {
-    pub fn token(&self) -> anyhow::Result<String> {
+    /// The bearer token: `--token`, else a login with `--as` and a password (file or
+    /// RAFTCHAT_PASSWORD), else one minted for `--as` from the cluster secret.
+    pub async fn token(&self) -> anyhow::Result<String> {
+        self.token_at(&self.server).await
+    }
+
+    /// [`ClientArgs::token`], logging in at `server` (a failover node) when a password is given.
+    pub async fn token_at(&self, server: &str) -> anyhow::Result<String> {
         if let Some(t) = &self.token {
             return Ok(t.clone());
         }
         let Some(u) = &self.as_user else { bail!("pass --as <user> or --token <token>") };
-        Ok(self.secret.keys_for(Some(&self.server))?.mint(&UserId::parse(u)?, 3600, false))
+        let user = UserId::parse(u)?;
+        if let Some(password) = password(self.password_file.as_deref())? {
+            let resp = http_client(self.ca_file.as_deref())?
+                .post(format!("{server}/v1/sessions"))
+                .json(&serde_json::json!({ "user": user, "password": password }))
+                .send()
+                .await
+                .context("logging in")?;
+            let status = resp.status();
+            let body: serde_json::Value = resp.json().await.context("login reply")?;
+            if !status.is_success() {
+                bail!("login refused: {status} {}", body["message"].as_str().unwrap_or_default());
+            }
+            return body["access_token"].as_str().map(str::to_string).context("login reply without access_token");
+        }
+        Ok(self.secret.keys_for(Some(&self.server))?.mint(&user, 3600, false))
     }
     pub fn user(&self) -> anyhow::Result<UserId> {
         if let Some(u) = &self.as_user {
@@ -167,7 +202,7 @@ pub async fn send(a: SendArgs) -> anyhow::Result<()> {
     let body = serde_json::json!({ "to": a.to, "client_msg_id": id, "text": a.text });
     let req = http_client(a.client.ca_file.as_deref())?
         .post(format!("{}/v1/messages", a.client.server))
-        .bearer_auth(a.client.token()?)
+        .bearer_auth(a.client.token().await?)
         .json(&body);
     call::<SendResponse>(req).await.map(|_| ())
 }
@@ -205,7 +240,7 @@ pub async fn history(a: HistoryArgs) -> anyhow::Result<()> {
     }
     let req = http_client(a.client.ca_file.as_deref())?
         .get(format!("{}/v1/conversations/{conv}/messages", a.client.server))
-        .bearer_auth(a.client.token()?)
+        .bearer_auth(a.client.token().await?)
         .query(&q);
     call::<HistoryResponse>(req).await.map(|_| ())
 }
@@ -232,7 +267,7 @@ pub async fn conversations(a: ConversationsArgs) -> anyhow::Result<()> {
     }
     let req = http_client(a.client.ca_file.as_deref())?
         .get(format!("{}/v1/conversations", a.client.server))
-        .bearer_auth(a.client.token()?)
+        .bearer_auth(a.client.token().await?)
         .query(&q);
     call::<ConversationsResponse>(req).await.map(|_| ())
 }
@@ -253,7 +288,7 @@ pub async fn mark_read(a: MarkReadArgs) -> anyhow::Result<()> {
     let conv = ConversationId::between(&a.client.user()?, &UserId::parse(&a.with)?)?;
     let req = http_client(a.client.ca_file.as_deref())?
         .post(format!("{}/v1/conversations/{conv}/read", a.client.server))
-        .bearer_auth(a.client.token()?)
+        .bearer_auth(a.client.token().await?)
         .json(&serde_json::json!({ "seq": a.seq }));
     call::<MarkReadResponse>(req).await.map(|_| ())
 }
@@ -278,5 +313,66 @@ pub async fn add_user(a: AddUserArgs) -> anyhow::Result<()> {
         .post(format!("{}/v1/users", a.server))
         .bearer_auth(admin)
         .json(&serde_json::json!({ "user": a.user }));
+    call::<serde_json::Value>(req).await.map(|_| ())
+}
+
+#[derive(Debug, Args)]
+pub struct AddAccountArgs {
+    /// The user id of the new account (an existing user without an account gets one).
+    pub user: String,
+    /// A node's HTTP address (`https://` for a cluster with TLS).
+    #[arg(long, env = "RAFTCHAT_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// CA certificate (PEM) to trust for `https://`.
+    #[arg(long, env = "RAFTCHAT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// File whose first line is the password (else RAFTCHAT_PASSWORD, else a line of stdin).
+    #[arg(long, env = "RAFTCHAT_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+/// An operator makes a password account (any registration policy).
+pub async fn add_account(a: AddAccountArgs) -> anyhow::Result<()> {
+    let password = match password(a.password_file.as_deref())? {
+        Some(p) => p,
+        None => {
+            eprintln!("password for {} (one line):", a.user);
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    let admin = a.secret.keys_for(Some(&a.server))?.mint(&UserId::parse("operator")?, 300, true);
+    let req = http_client(a.ca_file.as_deref())?
+        .post(format!("{}/v1/accounts", a.server))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({ "user": a.user, "password": password }));
+    call::<serde_json::Value>(req).await.map(|_| ())
+}
+
+#[derive(Debug, Args)]
+pub struct InviteArgs {
+    /// A node's HTTP address (`https://` for a cluster with TLS).
+    #[arg(long, env = "RAFTCHAT_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// CA certificate (PEM) to trust for `https://`.
+    #[arg(long, env = "RAFTCHAT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// How long the invite stays valid, in seconds (default a week).
+    #[arg(long, default_value_t = 7 * 86_400)]
+    pub ttl_secs: u64,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+/// An invite for `registration = "invite"`, usable once.
+pub async fn invite(a: InviteArgs) -> anyhow::Result<()> {
+    let admin = a.secret.keys_for(Some(&a.server))?.mint(&UserId::parse("operator")?, 300, true);
+    let req = http_client(a.ca_file.as_deref())?
+        .post(format!("{}/v1/invites", a.server))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({ "ttl_secs": a.ttl_secs }));
     call::<serde_json::Value>(req).await.map(|_| ())
 }

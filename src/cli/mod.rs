@@ -42,6 +42,10 @@ pub enum Command {
     MarkRead(client::MarkReadArgs),
     /// Register a user so others can message them (operator token minted from the secret).
     AddUser(client::AddUserArgs),
+    /// Make a password account for a user (operator; works whatever the registration policy).
+    AddAccount(client::AddAccountArgs),
+    /// Make a single-use sign-up invite (operator; for `registration = "invite"`).
+    Invite(client::InviteArgs),
     /// Chat interactively over the WebSocket: history, live messages, receipts.
     Chat(chat::ChatArgs),
     /// Open-loop load: sends (and reads) at fixed rates, latency percentiles, an etcd peer.
@@ -161,6 +165,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Conversations(a) => client::conversations(a).await,
             Command::MarkRead(a) => client::mark_read(a).await,
             Command::AddUser(a) => client::add_user(a).await,
+            Command::AddAccount(a) => client::add_account(a).await,
+            Command::Invite(a) => client::invite(a).await,
             Command::Chat(a) => chat::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Certs(a) => certs::run(a),

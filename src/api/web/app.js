@@ -15,7 +15,7 @@ import { Connection } from "./conn.js";
 import { $, el, messageItem, conversationItem } from "./view.js";
 
 const PAGE = 50;
-const PERMANENT = new Set(["empty_text", "text_too_long", "self_send", "unknown_user", "invalid_request", "forbidden", "invalid_user_id"]);
+const PERMANENT = new Set(["empty_text", "text_too_long", "self_send", "unknown_user", "invalid_request", "forbidden", "invalid_user", "invalid_text"]);
 
 const cluster = new Cluster();
 let session = null;
