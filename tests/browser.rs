@@ -182,6 +182,9 @@ async fn when_the_pages_node_is_killed_it_reconnects_elsewhere_and_misses_nothin
 
     c.kill(0).unwrap();
     alice.wait_text("#conn-state", "reconnecting", T).await;
+    // Typed while the page has no connection (or has just found another node): shown as
+    // pending, sent when it can be, stored once.
+    send(&alice, "typed during the outage").await;
     for i in 1..=5 {
         let node = 1 + (i % 2);
         let (id, text) = (format!("during-{i}"), format!("while down {i}"));
@@ -194,18 +197,25 @@ async fn when_the_pages_node_is_killed_it_reconnects_elsewhere_and_misses_nothin
     }
     alice.wait_text("#conn-state", "connected", T).await;
     alice.wait_text("#message-list", "while down 5", T).await;
-    let got = shown(&alice).await;
-    let want: Vec<(u64, String)> = std::iter::once((1, "before the crash".to_string()))
-        .chain((1..=5).map(|i| (1 + i, format!("while down {i}"))))
-        .collect();
-    assert_eq!(got, want, "every message once, in order");
-    // And alice can still send, through another node.
-    send(&alice, "still here").await;
     alice
-        .wait_for("confirmed", "return document.querySelector('#message-list li[data-seq=\"7\"]');", json!([]), T)
+        .wait_for(
+            "the outage message confirmed",
+            "return [...document.querySelectorAll('#message-list li[data-seq]')].some(li => li.textContent.includes('typed during the outage'));",
+            json!([]),
+            T,
+        )
         .await;
+    let got: Vec<String> = shown(&alice).await.into_iter().map(|(_, t)| t).collect();
+    let bobs: Vec<String> = got.iter().filter(|t| !t.starts_with("typed")).cloned().collect();
+    let want: Vec<String> =
+        std::iter::once("before the crash".to_string()).chain((1..=5).map(|i| format!("while down {i}"))).collect();
+    assert_eq!(bobs, want, "every message of bob's once, in order");
+    assert_eq!(got.iter().filter(|t| t.starts_with("typed")).count(), 1, "alice's message shown once");
+    let seqs: Vec<u64> = shown(&alice).await.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<u64>>(), "one gap-free order");
+    // Stored once, whatever number of tries it took.
     let hist = c.full_history(1, "bob", "alice~bob").await;
-    assert_eq!(hist.messages.last().unwrap().text, "still here");
+    assert_eq!(hist.messages.iter().filter(|m| m.text == "typed during the outage").count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,4 +293,54 @@ async fn a_wrong_password_an_expired_session_and_a_revoked_one_each_say_so() {
     gina.wait_text("#auth-notice", "Your session has ended", T).await;
     // The new password works.
     log_in(&gina, &c.url(2), "gina", "a new password").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_works_with_the_keyboard_alone_is_labelled_and_fits_a_phone() {
+    let c = common::start(3, |_| {}).await;
+    c.register(0, "kai").await;
+    let driver = Driver::start().await;
+    let b = driver.browser().await;
+    b.window_size(390, 800).await;
+    b.goto(&c.url(0)).await;
+    b.wait_for("the login form", "return !document.getElementById('auth-view').hidden;", json!([]), T).await;
+    // Every control has a name a screen reader can say.
+    let unlabelled = b
+        .js(
+            "return [...document.querySelectorAll('input, textarea, button')].filter(e => {
+               const byLabel = e.id && document.querySelector('label[for=\"' + e.id + '\"]');
+               return !(byLabel || e.getAttribute('aria-label') || (e.textContent || '').trim());
+             }).map(e => e.id || e.outerHTML);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(unlabelled, json!([]), "controls without an accessible name");
+
+    // Sign up with keys only: type, Tab to the next field, Enter submits.
+    b.click("#signup-user").await;
+    b.keys("lea\u{E004}lea's password\u{E007}").await;
+    b.wait_text("#conn-state", "connected", T).await;
+    // Focus lands on "Chat with": a user id and Enter open the conversation.
+    b.keys("kai\u{E007}").await;
+    b.wait_text("#conv-title", "kai", T).await;
+    // One pane at a time at a phone's width: the list is hidden while a conversation is open.
+    let list_shown =
+        b.js("return getComputedStyle(document.getElementById('list-pane')).display !== 'none';", json!([])).await;
+    assert_eq!(list_shown, json!(false));
+    // Focus is in the message box: Enter sends.
+    b.keys("typed with keys only\u{E007}").await;
+    b.wait_for("confirmed", "return document.querySelector('#message-list li[data-seq=\"1\"]');", json!([]), T).await;
+    let hist = c.full_history(1, "kai", "kai~lea").await;
+    assert_eq!(hist.messages[0].text, "typed with keys only");
+    // Escape goes back to the list, which then fills the screen.
+    b.keys("\u{E00C}").await;
+    b.wait_for(
+        "the list back",
+        "return getComputedStyle(document.getElementById('list-pane')).display !== 'none';",
+        json!([]),
+        T,
+    )
+    .await;
+    let overflow = b.js("return document.documentElement.scrollWidth > window.innerWidth;", json!([])).await;
+    assert_eq!(overflow, json!(false), "no sideways scrolling at a phone's width");
 }

@@ -225,3 +225,41 @@ async fn json_logs_are_one_object_per_line() {
     let v: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_folder_of_an_unknown_format_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |d: &Path| {
+        vec![
+            "serve".to_string(),
+            "--data-dir".into(),
+            d.display().to_string(),
+            "--http-addr".into(),
+            format!("127.0.0.1:{}", free_port().unwrap()),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{}", free_port().unwrap()),
+            "--peer-addr".into(),
+            format!("127.0.0.1:{}", free_port().unwrap()),
+        ]
+    };
+    // A new folder is labelled with this build's format...
+    let a = args(dir.path());
+    let mut node = Command::new(BIN).args(&a).stderr(Stdio::null()).spawn().unwrap();
+    let format = dir.path().join("FORMAT");
+    let health = format!("http://{}/healthz", a[4]);
+    let end = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(&health).await.is_err() {
+        assert!(Instant::now() < end, "node did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+    assert!(node.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&format).unwrap().trim(), "raftchat-data 1");
+    // ...and one of a format this build does not know is refused, untouched.
+    std::fs::write(&format, "raftchat-data 99\n").unwrap();
+    let out = Command::new(BIN).args(args(dir.path())).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("on-disk format \"raftchat-data 99\"") && err.contains("does not know"), "{err}");
+    assert_eq!(std::fs::read_to_string(&format).unwrap(), "raftchat-data 99\n");
+}

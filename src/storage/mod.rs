@@ -37,6 +37,45 @@ pub enum StoreError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("data directory was created with {found} shards but the config says {configured}; the shard count is fixed at cluster creation")]
     ShardCountMismatch { found: u32, configured: u32 },
+    #[error("{path} holds data of on-disk format {found:?}, which this build of raftchat (format {FORMAT_VERSION}) does not know: run the build that wrote it, or a newer one that can read it")]
+    UnknownFormat { path: std::path::PathBuf, found: String },
+}
+
+/// The on-disk format (the WAL's records, the state machine's key layout and values) this
+/// build reads and writes. A data folder carries it in `FORMAT`; a node refuses to start on
+/// a folder of another version instead of misreading it. Bump it with any change older
+/// builds would misread, and teach the new build to read (or convert) the old version.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_FILE: &str = "FORMAT";
+
+/// Checks (or, for a new folder, writes) `<dir>/FORMAT`. A folder made before the file
+/// existed holds format 1 and is labelled so.
+pub fn check_format(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(FORMAT_FILE);
+    let io = |source| StoreError::Io { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let found = text.trim();
+            match found.strip_prefix("raftchat-data ").and_then(|v| v.parse::<u32>().ok()) {
+                Some(FORMAT_VERSION) => Ok(()),
+                _ => Err(StoreError::UnknownFormat { path, found: found.chars().take(64).collect() }),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let tmp = dir.join("FORMAT.tmp");
+            let write = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                writeln!(f, "raftchat-data {FORMAT_VERSION}")?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write().map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
 }
 
 /// The node's database.

@@ -107,6 +107,24 @@ impl Browser {
         self.cmd(reqwest::Method::POST, &format!("/element/{e}/value"), json!({ "text": text })).await;
     }
 
+    /// Presses keys (W3C key codes, e.g. "\u{E007}" for Enter) on the focused element.
+    pub async fn keys(&self, keys: &str) {
+        let actions: Vec<Value> = keys
+            .chars()
+            .flat_map(|k| {
+                [json!({"type": "keyDown", "value": k.to_string()}), json!({"type": "keyUp", "value": k.to_string()})]
+            })
+            .collect();
+        let all = json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]});
+        self.cmd(reqwest::Method::POST, "/actions", all).await;
+        self.cmd(reqwest::Method::DELETE, "/actions", Value::Null).await;
+    }
+
+    /// Resizes the window (a phone's width, say).
+    pub async fn window_size(&self, width: u32, height: u32) {
+        self.cmd(reqwest::Method::POST, "/window/rect", json!({"width": width, "height": height})).await;
+    }
+
     /// Runs `script` (a function body; `arguments` holds `args`) and returns its result.
     pub async fn js(&self, script: &str, args: Value) -> Value {
         self.cmd(reqwest::Method::POST, "/execute/sync", json!({ "script": script, "args": args })).await
