@@ -47,6 +47,10 @@ pub struct Metrics {
     pub ws_slow_closes: prometheus::IntCounter,
     pub ws_push_lag_seconds: Histogram,
     pub build_info: IntGaugeVec,
+    /// On a shard's leader: log entries each follower is behind.
+    pub replication_lag: IntGaugeVec,
+    /// The data folder's size by part (`wal`, `db`).
+    pub disk_bytes: IntGaugeVec,
 }
 
 /// Client operations, as counted in `raftchat_requests_total{via,op,code}`.
@@ -202,6 +206,19 @@ impl Metrics {
                 &["version", "commit"],
             )
             .expect("valid"),
+            replication_lag: IntGaugeVec::new(
+                Opts::new(
+                    "replication_lag_entries",
+                    "On a shard's leader: log entries a follower's matched log is behind the leader's last entry",
+                ),
+                &["shard", "follower"],
+            )
+            .expect("valid"),
+            disk_bytes: IntGaugeVec::new(
+                Opts::new("disk_bytes", "Bytes of the node's data folder: the write-ahead log (wal) and sled (db)"),
+                &["part"],
+            )
+            .expect("valid"),
             registry: Registry::new(),
             process: Registry::new(),
         };
@@ -238,13 +255,18 @@ impl Metrics {
             ws_resumes,
             ws_slow_closes,
             ws_push_lag_seconds,
-            build_info
+            build_info,
+            replication_lag,
+            disk_bytes
         );
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("RAFTCHAT_GIT_COMMIT")]).set(1);
         for via in ["http", "ws", "grpc"] {
             for op in OPS {
                 m.requests.with_label_values(&[via, op, "ok"]);
             }
+        }
+        for part in ["wal", "db"] {
+            m.disk_bytes.with_label_values(&[part]);
         }
         for b in SHED_BOUNDS {
             m.shed.with_label_values(&[b]);

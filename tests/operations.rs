@@ -6,6 +6,7 @@
 mod common;
 
 use raftchat::fixture::free_port;
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -169,7 +170,8 @@ async fn a_taken_port_is_reported_once_with_its_cause() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_metric_is_exported_from_start_up() {
-    let c = common::start(1, |_| {}).await;
+    // Three nodes: some metrics exist only where there are followers (replication lag).
+    let c = common::start(3, |_| {}).await;
     let body = c.http.get(format!("{}/metrics", c.url(0))).send().await.unwrap().text().await.unwrap();
     let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
     let section = docs.split("## Metrics").nth(1).expect("a metrics section").split("\n## ").next().unwrap();
@@ -262,4 +264,35 @@ async fn a_data_folder_of_an_unknown_format_is_refused_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("on-disk format \"raftchat-data 99\"") && err.contains("does not know"), "{err}");
     assert_eq!(std::fs::read_to_string(&format).unwrap(), "raftchat-data 99\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_status_shows_every_shard_its_leader_and_who_is_down() {
+    let mut c = common::start(3, |_| {}).await;
+    c.register(0, "ben").await;
+    c.send_ok(0, "amy", "ben", "a1", "hello").await;
+    let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let out = run(&["admin", "status", "--server", &c.url(1)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    for node in 0..3 {
+        assert!(text.contains(&c.url(node)), "node {node} missing:\n{text}");
+    }
+    // Every shard, each with a leader.
+    let shard_rows: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("SHARD")).skip(1).collect();
+    assert_eq!(shard_rows.len(), 8, "{text}");
+    assert!(shard_rows.iter().all(|r| !r.contains("none")), "{text}");
+    // The JSON view carries the same, per node.
+    let json_out = run(&["admin", "status", "--json", "--server", &c.url(0)]);
+    let v: Value = serde_json::from_slice(&json_out.stdout).unwrap();
+    assert_eq!(v["status"]["2"]["shards"].as_array().unwrap().len(), 8);
+    assert!(v["status"]["1"]["disk_bytes"]["wal"].as_u64().unwrap() > 0);
+
+    c.kill(2).unwrap();
+    let out = run(&["admin", "status", "--server", &c.url(0)]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("nodes not answering: 3"), "{text}");
+    let members = run(&["admin", "members", "--server", &c.url(0)]);
+    let text = String::from_utf8_lossy(&members.stdout).to_string();
+    assert!(text.lines().any(|l| l.starts_with('3') && l.contains("down")), "{text}");
 }

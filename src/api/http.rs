@@ -262,10 +262,22 @@ async fn status(State(node): St) -> Response {
                 "applied_index": m.last_applied.map(|l| l.index),
                 "snapshot_index": m.snapshot.map(|l| l.index),
                 "purged_index": m.purged.map(|l| l.index),
+                // On the leader: each replica's matched log index.
+                "matched": m.replication.as_ref().map(|r| {
+                    r.iter().map(|(id, l)| (id.to_string(), l.map(|l| l.index).unwrap_or(0))).collect::<std::collections::BTreeMap<_, _>>()
+                }),
             })
         })
         .collect();
     shards.sort_by_key(|v| v["shard"].as_u64());
-    Json(serde_json::json!({ "node": node.id, "shard_count": node.placement.shard_count(), "shards": shards }))
-        .into_response()
+    let disk: std::collections::BTreeMap<&str, u64> = crate::node::disk_usage(&node.cfg.data_dir).into_iter().collect();
+    Json(serde_json::json!({
+        "node": node.id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "commit": env!("RAFTCHAT_GIT_COMMIT"),
+        "shard_count": node.placement.shard_count(),
+        "disk_bytes": disk,
+        "shards": shards,
+    }))
+    .into_response()
 }

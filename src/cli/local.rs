@@ -38,6 +38,8 @@ pub struct LocalArgs {
 
 pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
     anyhow::ensure!((1..=9).contains(&a.nodes), "--nodes must be in 1..=9");
+    // Signals are caught from here on: a Ctrl-C during start-up still stops the nodes.
+    let stop = super::terminated();
     let bin = std::env::current_exe()?;
     let ports = (0..a.nodes as u16).map(|i| (a.http_port + i, a.grpc_port + i, a.peer_port + i)).collect();
     let spec = Spec { shards: a.shards, ports: Some(ports), tls: a.tls, ..Spec::new(a.nodes, &a.dir) };
@@ -60,7 +62,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
         ca
     );
     eprintln!("Type `restart N` to start node N again after it died, `stop N` to stop it; Ctrl-C stops every node.");
-    supervise(&mut cluster, &a.dir).await;
+    supervise(&mut cluster, &a.dir, stop).await;
     eprintln!("raftchat local: stopping nodes");
     let mut failed = false;
     for i in 0..cluster.len() {
@@ -81,8 +83,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
 
 /// Watches the nodes until Ctrl-C/SIGTERM: reports deaths at once, obeys `restart N` and
 /// `stop N` typed on stdin.
-async fn supervise(cluster: &mut Cluster, dir: &Path) {
-    let stop = super::terminated();
+async fn supervise(cluster: &mut Cluster, dir: &Path, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;

@@ -1,6 +1,7 @@
 //! The `raftchat` command line: `serve` (one node), `local` (a 3-node cluster on loopback
 //! in one step) and client commands that talk to a node's HTTP API.
 
+mod admin;
 mod bench;
 mod certs;
 mod chat;
@@ -52,6 +53,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Make a cluster CA and node certificates for TLS; print a certificate's fingerprint.
     Certs(certs::CertsArgs),
+    /// Operator views of a running cluster: `status` (nodes, shards, leaders, lag), `members`.
+    Admin(admin::AdminArgs),
 }
 
 /// Flags of `serve`; each also reads `RAFTCHAT_<NAME>` from the environment and overrides
@@ -133,19 +136,27 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-/// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
-pub async fn terminated() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(cause = %e, "cannot install SIGTERM handler; only Ctrl-C stops the node");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM. The handlers are installed
+/// when this is called, not when the future is first polled, so a signal that arrives while
+/// a node is still starting is not lost (nor kills it without a clean stop). Must be called
+/// inside the runtime.
+pub fn terminated() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(cause = %e, "cannot install signal handlers; only Ctrl-C stops the node");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 
@@ -170,6 +181,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Chat(a) => chat::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Certs(a) => certs::run(a),
+            Command::Admin(a) => admin::run(a).await,
         }
     })
 }

@@ -147,8 +147,45 @@ impl Node {
             m.shard_applied.with_label_values(&l).set(rm.last_applied.map(|x| x.index as i64).unwrap_or(0));
             m.shard_last_log.with_label_values(&l).set(rm.last_log_index.map(|x| x as i64).unwrap_or(0));
             m.shard_snapshot.with_label_values(&l).set(rm.snapshot.map(|x| x.index as i64).unwrap_or(0));
+            // On the leader: how far each follower's matched log is behind the leader's
+            // last entry. Gone (not stale) on a node that no longer leads the shard.
+            let last = rm.last_log_index.unwrap_or(0);
+            for follower in self.placement.replicas(g.shard) {
+                if follower == self.id {
+                    continue;
+                }
+                let labels = [s.as_str(), &follower.to_string()];
+                match rm.replication.as_ref() {
+                    Some(r) => {
+                        let matched = r.get(&follower).and_then(|m| m.map(|l| l.index)).unwrap_or(0);
+                        m.replication_lag.with_label_values(&labels).set(last.saturating_sub(matched) as i64);
+                    }
+                    None => {
+                        let _ = m.replication_lag.remove_label_values(&labels);
+                    }
+                }
+            }
+        }
+        for (part, bytes) in disk_usage(&self.cfg.data_dir) {
+            m.disk_bytes.with_label_values(&[part]).set(bytes as i64);
         }
         m.admission_limit.set(self.admission.limit() as i64);
         m.admission_inflight.set(self.admission.inflight() as i64);
     }
+}
+
+/// Bytes on disk of a node's data folder: the write-ahead log (`wal`), sled (`db`).
+pub fn disk_usage(dir: &std::path::Path) -> [(&'static str, u64); 2] {
+    fn walk(p: &std::path::Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(p) else { return 0 };
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    [("wal", walk(&dir.join("wal"))), ("db", walk(&dir.join("db")))]
 }
