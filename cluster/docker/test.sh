@@ -14,6 +14,7 @@ if [[ -z $bin ]]; then
   if [[ -x target/release/raftchat ]]; then bin=target/release/raftchat; else bin=target/debug/raftchat; fi
 fi
 [[ -x $bin ]] || { echo "no raftchat binary at $bin (cargo build first)" >&2; exit 2; }
+command -v docker-compose >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; }
 compose() { docker-compose -p raftchat-test -f cluster/compose.yaml "$@"; }
 
 # 1. The base image, from local files when no registry is reachable.
