@@ -109,6 +109,25 @@ impl RecentCache {
         hit
     }
 
+    /// Drops cached messages of `conv` up to `seq` (deleted by message retention, oldest
+    /// first).
+    pub fn forget_through(&self, conv: &ConversationId, seq: u64) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(q) = inner.convs.get_mut(conv) else { return };
+        let mut freed = 0;
+        while q.front().is_some_and(|m| m.seq <= seq) {
+            if let Some(m) = q.pop_front() {
+                freed += size_of(&m);
+            }
+        }
+        if q.is_empty() {
+            inner.convs.remove(conv);
+        }
+        // Their `order` entries are stale now; eviction skips those.
+        inner.bytes -= freed;
+    }
+
     /// Drops everything (snapshot install replaces the shard's state).
     pub fn clear(&self) {
         *self.lock() = Inner::default();

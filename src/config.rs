@@ -134,6 +134,19 @@ pub struct Config {
     pub login_failures_per_user_per_minute: u32,
     /// Accounts: failed logins allowed per client address per minute; 0 = no limit.
     pub login_failures_per_ip_per_minute: u32,
+    /// Retention: idempotency keys older than this are deleted; a retry of a send after it
+    /// is a new message (the retry horizon). Seconds.
+    pub dedup_retention_secs: u64,
+    /// Retention: inbox events (the delivery backlog of devices that were away) older than
+    /// this are deleted; a device away longer resumes with 4002 and resyncs. Seconds.
+    pub inbox_retention_secs: u64,
+    /// Retention: messages older than this (seconds; e.g. 31536000 for a year) are deleted
+    /// on every replica; 0 keeps them forever.
+    pub message_retention_secs: u64,
+    /// Retention: how often each shard leader sweeps, in seconds.
+    pub sweep_interval_secs: u64,
+    /// Retention: records one sweep entry scans at most.
+    pub sweep_batch: u32,
     /// Browser clients served from other origins that may call the API (CORS), e.g.
     /// `["https://chat.example.org"]`. The page every node serves at `/` needs none.
     pub cors_origins: Vec<String>,
@@ -209,6 +222,11 @@ impl Default for Config {
             login_failures_per_user_per_minute: 5,
             login_failures_per_ip_per_minute: 30,
             cors_origins: Vec::new(),
+            dedup_retention_secs: 7 * 86_400,
+            inbox_retention_secs: 7 * 86_400,
+            message_retention_secs: 0,
+            sweep_interval_secs: 60,
+            sweep_batch: 1000,
         }
     }
 }
@@ -336,6 +354,24 @@ impl Config {
         }
         if self.refresh_token_ttl_secs < 10 || self.refresh_token_ttl_secs > 365 * 86_400 {
             return bad("refresh_token_ttl_secs must be in 10..=31536000 (a year)".into());
+        }
+        const CENTURY: u64 = 100 * 365 * 86_400;
+        let windows = [self.dedup_retention_secs, self.inbox_retention_secs, self.message_retention_secs];
+        if self.dedup_retention_secs == 0 || self.inbox_retention_secs == 0 || windows.iter().any(|w| *w > CENTURY) {
+            return bad(
+                "dedup_retention_secs and inbox_retention_secs must be > 0, and retention windows at most a century"
+                    .into(),
+            );
+        }
+        if self.message_retention_secs > 0 && self.inbox_retention_secs >= self.message_retention_secs {
+            // An inbox event must go before the messages it points to.
+            return bad("with message_retention_secs set, inbox_retention_secs must be shorter".into());
+        }
+        if self.sweep_interval_secs == 0
+            || self.sweep_interval_secs > 86_400
+            || !(1..=100_000).contains(&self.sweep_batch)
+        {
+            return bad("sweep_interval_secs must be in 1..=86400 and sweep_batch in 1..=100000".into());
         }
         for o in &self.cors_origins {
             let ok = (o.starts_with("http://") || o.starts_with("https://"))

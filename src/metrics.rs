@@ -51,6 +51,8 @@ pub struct Metrics {
     pub replication_lag: IntGaugeVec,
     /// The data folder's size by part (`wal`, `db`).
     pub disk_bytes: IntGaugeVec,
+    /// Records deleted by retention sweeps, by kind.
+    pub swept: IntCounterVec,
 }
 
 /// Client operations, as counted in `raftchat_requests_total{via,op,code}`.
@@ -219,6 +221,11 @@ impl Metrics {
                 &["part"],
             )
             .expect("valid"),
+            swept: IntCounterVec::new(
+                Opts::new("swept_total", "Records deleted by retention sweeps (dedup, inbox, messages)"),
+                &["kind"],
+            )
+            .expect("valid"),
             registry: Registry::new(),
             process: Registry::new(),
         };
@@ -257,7 +264,8 @@ impl Metrics {
             ws_push_lag_seconds,
             build_info,
             replication_lag,
-            disk_bytes
+            disk_bytes,
+            swept
         );
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("RAFTCHAT_GIT_COMMIT")]).set(1);
         for via in ["http", "ws", "grpc"] {
@@ -265,13 +273,27 @@ impl Metrics {
                 m.requests.with_label_values(&[via, op, "ok"]);
             }
         }
+        for kind in ["dedup", "inbox", "messages"] {
+            m.swept.with_label_values(&[kind]);
+        }
         for part in ["wal", "db"] {
             m.disk_bytes.with_label_values(&[part]);
         }
         for b in SHED_BOUNDS {
             m.shed.with_label_values(&[b]);
         }
-        for kind in ["append", "index_update", "mark_read", "outbox_done", "register", "receipt"] {
+        for kind in [
+            "append",
+            "index_update",
+            "mark_read",
+            "outbox_done",
+            "register",
+            "receipt",
+            "create_account",
+            "session",
+            "use_invite",
+            "sweep",
+        ] {
             m.proposal_seconds.with_label_values(&[kind]);
         }
         for r in FORWARD_RESULTS {

@@ -149,7 +149,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let tasks = crate::node::send::spawn(node.clone(), outbox_rx, stop_rx.clone());
+    let mut tasks = crate::node::send::spawn(node.clone(), outbox_rx, stop_rx.clone());
+    tasks.push(crate::node::retention::spawn(node.clone(), stop_rx.clone()));
 
     let peer = {
         let svc = crate::node::peer_service::PeerService::new(node.clone());

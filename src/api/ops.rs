@@ -323,6 +323,7 @@ async fn send_receipt(
         by: who.user.clone(),
         receipt,
         seq,
+        ts: crate::storage::sm::now_ms(),
     };
     node.call(node.placement.shard_of_user(peer), ShardOp::Write(cmd), deadline).await?;
     Ok(())

@@ -53,7 +53,43 @@ pub enum Command {
     Batch(Vec<Command>),
     /// `by` received or read `user`'s messages in `conversation` up to `seq` (on `user`'s
     /// shard, so it reaches `user`'s devices through their inbox).
-    Receipt { user: UserId, conversation: ConversationId, by: UserId, receipt: ReceiptKind, seq: u64 },
+    Receipt {
+        user: UserId,
+        conversation: ConversationId,
+        by: UserId,
+        receipt: ReceiptKind,
+        seq: u64,
+        /// The proposer's clock (ms), stamped on the inbox event.
+        #[serde(default)]
+        ts: u64,
+    },
+    /// Retention: delete up to `limit` records of `kind` older than `before_ms`, scanning in
+    /// key order from just after `after` (empty: the start). Proposed by the shard leader's
+    /// sweeper with its clock; every replica deletes the same records because the scan
+    /// depends only on the state at this entry. Answered by [`Reply::Swept`].
+    Sweep { kind: SweepKind, before_ms: u64, after: Vec<u8>, limit: u32 },
+}
+
+/// What a [`Command::Sweep`] expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SweepKind {
+    /// Idempotency keys (`client_msg_id` records): the retry horizon.
+    Dedup,
+    /// Users' inbox events (delivery backlog for devices that were away).
+    Inbox,
+    /// Messages themselves (message retention policy).
+    Messages,
+}
+
+impl SweepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepKind::Dedup => "dedup",
+            SweepKind::Inbox => "inbox",
+            SweepKind::Messages => "messages",
+        }
+    }
 }
 
 impl Command {
@@ -72,6 +108,7 @@ impl Command {
             | Command::EndSession { .. }
             | Command::SetPassword { .. } => "session",
             Command::UseInvite { .. } => "use_invite",
+            Command::Sweep { .. } => "sweep",
             Command::Batch(_) => "batch",
         }
     }
@@ -106,6 +143,11 @@ pub enum Reply {
     },
     /// What an account or invite command did.
     Account(AccountOutcome),
+    /// A sweep: records deleted, and where the next one starts (None: the end was reached).
+    Swept {
+        deleted: u64,
+        next: Option<Vec<u8>>,
+    },
     /// Blank and membership entries, outbox completion.
     Done,
     /// The replies of a [`Command::Batch`], in order.

@@ -10,5 +10,5 @@ pub mod command;
 pub mod state;
 pub mod types;
 
-pub use command::{AccountOutcome, Command, Reply};
+pub use command::{AccountOutcome, Command, Reply, SweepKind};
 pub use types::{Account, ConversationId, InboxEvent, IndexEntry, Message, ReceiptKind, UserId, ValidationError};

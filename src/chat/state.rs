@@ -4,7 +4,7 @@
 //! a list of [`Change`]s, which the storage layer commits atomically together with the
 //! applied log id. No I/O happens here, so every rule is unit-tested without a cluster.
 
-use super::command::{AccountOutcome, Command, Reply};
+use super::command::{AccountOutcome, Command, Reply, SweepKind};
 use super::types::{
     preview as make_preview, Account, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, Pending, ReceiptKind,
     Session, UserId, MAX_SESSIONS,
@@ -29,6 +29,29 @@ pub trait Store {
     fn account(&self, user: &UserId) -> Result<Option<Account>, Self::Error>;
     /// Who used invite `id`, if anyone.
     fn invite(&self, id: &str) -> Result<Option<UserId>, Self::Error>;
+    /// The lowest inbox event of `user` still kept (events before it were swept); 1 when
+    /// nothing was swept.
+    fn inbox_first(&self, user: &UserId) -> Result<u64, Self::Error>;
+    /// Up to `limit` records of `kind` in key order after the cursor `after` (empty: from
+    /// the start), with their times.
+    fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, Self::Error>;
+}
+
+/// A record a sweep may delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepItem {
+    /// Where the scan goes on after this record.
+    pub cursor: Vec<u8>,
+    /// When the record was made (ms since the epoch).
+    pub ts: u64,
+    pub record: SweepRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SweepRecord {
+    Dedup { conversation: ConversationId, from: UserId, client_msg_id: String },
+    Inbox { user: UserId, n: u64 },
+    Message { conversation: ConversationId, seq: u64 },
 }
 
 /// One write the storage layer must make.
@@ -76,6 +99,13 @@ pub enum Change {
     PutInvite {
         id: String,
         user: UserId,
+    },
+    /// Retention: a record older than its window goes.
+    Delete(SweepRecord),
+    /// Inbox events of `user` before `first` are gone (a resume cursor before it is refused).
+    PutInboxFirst {
+        user: UserId,
+        first: u64,
     },
 }
 
@@ -153,6 +183,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                     conversation: conversation.clone(),
                     after_seq: entry.last_seq,
                     to_seq: *seq,
+                    ts: *ts,
                 };
                 changes.push(Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event });
                 entry.last_seq = *seq;
@@ -199,7 +230,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 items.iter().map(|(c, seq)| Change::DeletePending { conversation: c.clone(), seq: *seq }).collect();
             Ok((changes, Reply::Done))
         }
-        Command::Receipt { user, conversation, by, receipt, seq } => {
+        Command::Receipt { user, conversation, by, receipt, seq, ts } => {
             let Some(entry) = store.index_entry(user, conversation)? else {
                 return Ok((vec![], Reply::Done));
             };
@@ -220,8 +251,13 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             if !advanced {
                 return Ok((vec![], Reply::Done));
             }
-            let event =
-                InboxEvent::Receipt { conversation: conversation.clone(), by: by.clone(), receipt: *receipt, seq };
+            let event = InboxEvent::Receipt {
+                conversation: conversation.clone(),
+                by: by.clone(),
+                receipt: *receipt,
+                seq,
+                ts: *ts,
+            };
             let previous_ts = (entry.last_seq > 0).then_some(entry.last_ts);
             let changes = vec![
                 Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event },
@@ -235,6 +271,34 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             } else {
                 Ok((vec![Change::PutUser(user.clone())], Reply::Registered { new: true }))
             }
+        }
+        Command::Sweep { kind, before_ms, after, limit } => {
+            let items = store.sweep_page(*kind, after, (*limit).max(1) as usize)?;
+            let next =
+                (items.len() >= (*limit).max(1) as usize).then(|| items.last().map(|i| i.cursor.clone())).flatten();
+            let mut changes = Vec::new();
+            let mut firsts: HashMap<UserId, u64> = HashMap::new();
+            for item in items {
+                if item.ts >= *before_ms {
+                    continue;
+                }
+                if let SweepRecord::Inbox { user, n } = &item.record {
+                    // Never the user's last event: it numbers the next one.
+                    if *n >= store.inbox_last(user)? {
+                        continue;
+                    }
+                    let f = firsts.entry(user.clone()).or_insert(0);
+                    *f = (*f).max(n + 1);
+                }
+                changes.push(Change::Delete(item.record));
+            }
+            for (user, first) in firsts {
+                if first > store.inbox_first(&user)? {
+                    changes.push(Change::PutInboxFirst { user, first });
+                }
+            }
+            let deleted = changes.iter().filter(|c| matches!(c, Change::Delete(_))).count() as u64;
+            Ok((changes, Reply::Swept { deleted, next }))
         }
         Command::CreateAccount { .. }
         | Command::AddSession { .. }
@@ -355,6 +419,9 @@ impl<'a, S: Store> Overlay<'a, S> {
             Change::PutInvite { id, user } => {
                 self.invites.insert(id.clone(), user.clone());
             }
+            // A swept record is older than its retention window; a command in the same entry
+            // that reads it still sees it, as it would have one entry earlier.
+            Change::Delete(_) | Change::PutInboxFirst { .. } => {}
             Change::PutMessage { .. } | Change::PutPending(_) | Change::DeletePending { .. } => {}
         }
     }
@@ -404,6 +471,12 @@ impl<S: Store> Store for Overlay<'_, S> {
             None => self.base.invite(id),
         }
     }
+    fn inbox_first(&self, user: &UserId) -> Result<u64, S::Error> {
+        self.base.inbox_first(user)
+    }
+    fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, S::Error> {
+        self.base.sweep_page(kind, after, limit)
+    }
 }
 
 #[cfg(test)]
@@ -424,6 +497,7 @@ mod tests {
         inbox: BTreeMap<(UserId, u64), InboxEvent>,
         accounts: BTreeMap<UserId, Account>,
         invites: BTreeMap<String, UserId>,
+        inbox_first: BTreeMap<UserId, u64>,
     }
 
     impl Store for Mem {
@@ -448,6 +522,47 @@ mod tests {
         }
         fn invite(&self, id: &str) -> Result<Option<UserId>, Infallible> {
             Ok(self.invites.get(id).cloned())
+        }
+        fn inbox_first(&self, u: &UserId) -> Result<u64, Infallible> {
+            Ok(self.inbox_first.get(u).copied().unwrap_or(1))
+        }
+        fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, Infallible> {
+            // Cursors here are the records' debug strings: ordered, unique, enough for tests.
+            let mut all: Vec<SweepItem> = match kind {
+                SweepKind::Dedup => self
+                    .dedup
+                    .iter()
+                    .map(|((c, f, id), (_, ts, _))| SweepItem {
+                        cursor: format!("{c}\0{f}\0{id}").into_bytes(),
+                        ts: *ts,
+                        record: SweepRecord::Dedup {
+                            conversation: c.clone(),
+                            from: f.clone(),
+                            client_msg_id: id.clone(),
+                        },
+                    })
+                    .collect(),
+                SweepKind::Inbox => self
+                    .inbox
+                    .iter()
+                    .map(|((u, n), e)| SweepItem {
+                        cursor: format!("{u}\0{n:020}").into_bytes(),
+                        ts: e.ts(),
+                        record: SweepRecord::Inbox { user: u.clone(), n: *n },
+                    })
+                    .collect(),
+                SweepKind::Messages => self
+                    .messages
+                    .iter()
+                    .map(|((c, seq), m)| SweepItem {
+                        cursor: format!("{c}\0{seq:020}").into_bytes(),
+                        ts: m.ts,
+                        record: SweepRecord::Message { conversation: c.clone(), seq: *seq },
+                    })
+                    .collect(),
+            };
+            all.sort_by(|a, b| a.cursor.cmp(&b.cursor));
+            Ok(all.into_iter().filter(|i| after.is_empty() || i.cursor.as_slice() > after).take(limit).collect())
         }
     }
 
@@ -486,6 +601,18 @@ mod tests {
                     }
                     Change::PutInvite { id, user } => {
                         self.invites.insert(id, user);
+                    }
+                    Change::Delete(SweepRecord::Dedup { conversation, from, client_msg_id }) => {
+                        self.dedup.remove(&(conversation, from, client_msg_id));
+                    }
+                    Change::Delete(SweepRecord::Inbox { user, n }) => {
+                        self.inbox.remove(&(user, n));
+                    }
+                    Change::Delete(SweepRecord::Message { conversation, seq }) => {
+                        self.messages.remove(&(conversation, seq));
+                    }
+                    Change::PutInboxFirst { user, first } => {
+                        self.inbox_first.insert(user, first);
                     }
                 }
             }
@@ -584,8 +711,14 @@ mod tests {
         for s in 1..=3 {
             m.run(index("alice", "alice", s, s));
         }
-        let receipt =
-            |kind, seq| Command::Receipt { user: u("alice"), conversation: conv(), by: u("bob"), receipt: kind, seq };
+        let receipt = |kind, seq| Command::Receipt {
+            user: u("alice"),
+            conversation: conv(),
+            by: u("bob"),
+            receipt: kind,
+            seq,
+            ts: 0,
+        };
         m.run(receipt(ReceiptKind::Delivered, 2));
         m.run(receipt(ReceiptKind::Delivered, 1)); // backwards: nothing
         m.run(receipt(ReceiptKind::Read, 99)); // clamped to last_seq 3
@@ -607,8 +740,53 @@ mod tests {
             by: u("alice"),
             receipt: ReceiptKind::Read,
             seq: 3,
+            ts: 0,
         };
         assert!(apply(&forged, &m).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn sweeps_expire_old_keys_and_inbox_events_in_bounded_steps() {
+        let mut m = Mem::default();
+        // Ten messages from alice at ts 1000..1009, indexed for bob (ten inbox events).
+        for i in 0..10u64 {
+            m.run(append("alice", "bob", &format!("k{i}"), 1000 + i));
+            m.run(index("bob", "alice", i + 1, 1000 + i));
+        }
+        assert_eq!(m.dedup.len(), 10);
+        let sweep = |kind, after: Vec<u8>| Command::Sweep { kind, before_ms: 1005, after, limit: 4 };
+        // Dedup: three steps of at most four records; the five older than 1005 go.
+        let mut after = Vec::new();
+        let mut steps = 0;
+        loop {
+            let Reply::Swept { next, .. } = m.run(sweep(SweepKind::Dedup, after.clone())) else { panic!() };
+            steps += 1;
+            match next {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        assert_eq!(steps, 3);
+        assert_eq!(m.dedup.len(), 5);
+        // A retry of a swept key is a new message (past the retry horizon); a kept one is not.
+        assert!(matches!(m.run(append("alice", "bob", "k0", 2000)), Reply::Appended { duplicate: false, seq: 11, .. }));
+        assert!(matches!(m.run(append("alice", "bob", "k9", 2000)), Reply::Appended { duplicate: true, seq: 10, .. }));
+        // Inbox: events 1..=5 go, the first kept is 6.
+        let mut after = Vec::new();
+        while let Reply::Swept { next: Some(n), .. } = m.run(sweep(SweepKind::Inbox, after.clone())) {
+            after = n;
+        }
+        assert_eq!(m.inbox.keys().map(|(_, n)| *n).collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
+        assert_eq!(m.inbox_first(&u("bob")).unwrap(), 6);
+        // The last event is kept whatever its age (it numbers the next one).
+        let all = Command::Sweep { kind: SweepKind::Inbox, before_ms: u64::MAX, after: vec![], limit: 100 };
+        m.run(all);
+        assert_eq!(m.inbox.keys().map(|(_, n)| *n).collect::<Vec<_>>(), vec![10]);
+        assert_eq!(m.inbox_first(&u("bob")).unwrap(), 10);
+        // Messages: retention deletes by age, seqs of the rest unchanged.
+        let msgs = Command::Sweep { kind: SweepKind::Messages, before_ms: 1003, after: vec![], limit: 100 };
+        assert_eq!(m.run(msgs), Reply::Swept { deleted: 3, next: None });
+        assert_eq!(m.messages.keys().next().map(|(_, s)| *s), Some(4));
     }
 
     #[test]

@@ -227,12 +227,34 @@ pub enum ReceiptKind {
 pub enum InboxEvent {
     /// Messages `after_seq + 1 ..= to_seq` of `conversation` are new for this user. Ranges
     /// of one conversation follow each other without gap or overlap.
-    Messages { conversation: ConversationId, after_seq: u64, to_seq: u64 },
+    Messages {
+        conversation: ConversationId,
+        after_seq: u64,
+        to_seq: u64,
+        /// When the event was made (ms since the epoch; 0 in data from before this field),
+        /// for the inbox retention window.
+        #[serde(default)]
+        ts: u64,
+    },
     /// The peer's devices received (or read) this user's messages up to `seq`.
-    Receipt { conversation: ConversationId, by: UserId, receipt: ReceiptKind, seq: u64 },
+    Receipt {
+        conversation: ConversationId,
+        by: UserId,
+        receipt: ReceiptKind,
+        seq: u64,
+        #[serde(default)]
+        ts: u64,
+    },
 }
 
 impl InboxEvent {
+    /// When the event was made (0: before events carried a time).
+    pub fn ts(&self) -> u64 {
+        match self {
+            InboxEvent::Messages { ts, .. } | InboxEvent::Receipt { ts, .. } => *ts,
+        }
+    }
+
     /// How many frames the event becomes on the wire.
     pub fn frames(&self) -> u64 {
         match self {

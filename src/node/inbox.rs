@@ -40,6 +40,12 @@ impl Node {
         if after > last {
             return Err(ShardError::Invalid(format!("cursor event {after} is past the inbox's last event {last}")));
         }
+        let first = group.sm.view.inbox_first(&user).map_err(|e| ShardError::Storage(e.to_string()))?;
+        if after + 1 < first {
+            return Err(ShardError::Invalid(format!(
+                "cursor event {after} is older than the oldest kept event {first} (inbox_retention_secs): resync with history and connect without a cursor"
+            )));
+        }
         let (tx, rx) = mpsc::channel(64);
         let node = self.clone();
         tokio::spawn(async move {

@@ -15,6 +15,7 @@ pub mod inbox;
 pub mod ops;
 pub mod peer_service;
 pub mod rate_limit;
+pub mod retention;
 pub mod router;
 pub mod send;
 pub mod shard_handle;

@@ -18,8 +18,9 @@
 //! Ids never contain `\0`, so prefix scans cannot run into a neighbouring id.
 
 use super::{decode, encode, StoreError};
-use crate::chat::state::{Change, Store};
+use crate::chat::state::{Change, Store, SweepItem, SweepRecord};
 use crate::chat::types::{Account, ConvMeta, Pending};
+use crate::chat::SweepKind;
 use crate::chat::{ConversationId, InboxEvent, IndexEntry, Message, UserId};
 
 pub const APPLIED: &[u8] = b"\0applied";
@@ -169,6 +170,10 @@ pub fn inbox_prefix(u: &UserId) -> Vec<u8> {
 pub fn inbox(u: &UserId, n: u64) -> Vec<u8> {
     k(&[&inbox_prefix(u), &n.to_be_bytes()])
 }
+/// The user's first inbox event still kept (after sweeps).
+pub fn inbox_first(u: &UserId) -> Vec<u8> {
+    k(&[b"g/", u.as_str().as_bytes()])
+}
 pub fn inbox_last(u: &UserId) -> Vec<u8> {
     k(&[b"n/", u.as_str().as_bytes()])
 }
@@ -177,6 +182,8 @@ pub fn inbox_last(u: &UserId) -> Vec<u8> {
 #[derive(Default)]
 pub struct Staged {
     pub messages: Vec<(ConversationId, Message)>,
+    /// Messages deleted by retention (the cache forgets them).
+    pub deleted_messages: Vec<(ConversationId, u64)>,
     pub inbox: Vec<(UserId, u64, InboxEvent)>,
 }
 
@@ -221,6 +228,15 @@ impl ShardView {
                 Change::PutUser(u) => batch.insert(user(&u), []),
                 Change::PutAccount { user: u, account: a } => batch.insert(account(&u), encode(&a)),
                 Change::PutInvite { id, user: u } => batch.insert(invite(&id), encode(&u)),
+                Change::Delete(SweepRecord::Dedup { conversation, from, client_msg_id }) => {
+                    batch.remove(dedup(&conversation, &from, &client_msg_id))
+                }
+                Change::Delete(SweepRecord::Inbox { user: u, n }) => batch.remove(inbox(&u, n)),
+                Change::Delete(SweepRecord::Message { conversation, seq }) => {
+                    batch.remove(message(&conversation, seq));
+                    staged.deleted_messages.push((conversation, seq));
+                }
+                Change::PutInboxFirst { user: u, first } => batch.insert(inbox_first(&u), first.to_be_bytes()),
                 Change::PutInbox { user: u, n, event } => {
                     batch.insert(inbox(&u, n), encode(&event));
                     batch.insert(inbox_last(&u), n.to_be_bytes());
@@ -321,6 +337,67 @@ impl Store for ShardView {
     }
     fn account(&self, u: &UserId) -> Result<Option<Account>, StoreError> {
         self.get(&account(u))
+    }
+    fn inbox_first(&self, u: &UserId) -> Result<u64, StoreError> {
+        match self.tree.get(inbox_first(u))? {
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt { key: format!("g/{u}"), reason: "not 8 bytes".into() })?,
+            )),
+            None => Ok(1),
+        }
+    }
+    fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, StoreError> {
+        let prefix: &[u8] = match kind {
+            SweepKind::Dedup => b"d/",
+            SweepKind::Inbox => b"e/",
+            SweepKind::Messages => b"m/",
+        };
+        // Just after `after` (a key of this kind), or the start of the kind's keys.
+        let start = if after.starts_with(prefix) { [after, &[0u8]].concat() } else { prefix.to_vec() };
+        let end = [&prefix[..1], &[prefix[1] + 1]].concat();
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..end).take(limit) {
+            let (key, value) = kv?;
+            let corrupt = |reason: &str| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                reason: reason.to_string(),
+            };
+            let body = &key[2..];
+            let (record, ts) = match kind {
+                SweepKind::Dedup => {
+                    let mut parts = body.splitn(3, |b| *b == 0);
+                    let (Some(c), Some(f), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+                        return Err(corrupt("dedup key without its three parts"));
+                    };
+                    let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_string).map_err(|_| corrupt("not UTF-8"));
+                    let conversation = ConversationId::parse(&text(c)?).map_err(|e| corrupt(&e.to_string()))?;
+                    let from = UserId::parse(&text(f)?).map_err(|e| corrupt(&e.to_string()))?;
+                    let (_, ts, _): (u64, u64, u64) = decode(&key, &value)?;
+                    (SweepRecord::Dedup { conversation, from, client_msg_id: text(id)? }, ts)
+                }
+                SweepKind::Inbox | SweepKind::Messages => {
+                    if body.len() < 9 || body[body.len() - 9] != 0 {
+                        return Err(corrupt("key does not end in \\0 and 8 bytes"));
+                    }
+                    let (name, n) = body.split_at(body.len() - 9);
+                    let n = u64::from_be_bytes(n[1..].try_into().map_err(|_| corrupt("short number"))?);
+                    let name = std::str::from_utf8(name).map_err(|_| corrupt("not UTF-8"))?;
+                    if kind == SweepKind::Inbox {
+                        let user = UserId::parse(name).map_err(|e| corrupt(&e.to_string()))?;
+                        let event: InboxEvent = decode(&key, &value)?;
+                        (SweepRecord::Inbox { user, n }, event.ts())
+                    } else {
+                        let conversation = ConversationId::parse(name).map_err(|e| corrupt(&e.to_string()))?;
+                        let m: Message = decode(&key, &value)?;
+                        (SweepRecord::Message { conversation, seq: n }, m.ts)
+                    }
+                }
+            };
+            out.push(SweepItem { cursor: key.to_vec(), ts, record });
+        }
+        Ok(out)
     }
     fn invite(&self, id: &str) -> Result<Option<UserId>, StoreError> {
         self.get(&invite(id))

@@ -107,6 +107,9 @@ impl StateMachine {
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
         batch.commit(&self.view.tree)?;
         let now = now_ms();
+        for (c, seq) in staged.deleted_messages {
+            self.cache.forget_through(&c, seq);
+        }
         for (c, m) in staged.messages {
             self.cache.insert(&c, m, now);
         }

@@ -102,7 +102,7 @@ pub async fn run(conn: Conn, user: UserId, start: Option<Cursor>) {
 async fn expand(conn: &Conn, n: u64, event: &InboxEvent, skip: u64, cur: &mut Cursor) -> bool {
     let node = &conn.node;
     match event {
-        InboxEvent::Receipt { conversation, by, receipt, seq } => {
+        InboxEvent::Receipt { conversation, by, receipt, seq, .. } => {
             if skip == 0 {
                 let c = Cursor { event: n, frames: 1 };
                 let f = json!({"type": "receipt", "cursor": c.to_string(), "conversation_id": conversation,
@@ -115,7 +115,7 @@ async fn expand(conn: &Conn, n: u64, event: &InboxEvent, skip: u64, cur: &mut Cu
             *cur = Cursor { event: n, frames: 1 };
             true
         }
-        InboxEvent::Messages { conversation, after_seq, to_seq } => {
+        InboxEvent::Messages { conversation, after_seq, to_seq, .. } => {
             let shard = node.placement.shard_of_conversation(conversation);
             let mut last = after_seq + skip;
             *cur = Cursor { event: n, frames: skip };
@@ -128,6 +128,11 @@ async fn expand(conn: &Conn, n: u64, event: &InboxEvent, skip: u64, cur: &mut Cu
                     limit: (to_seq - last).min(PAGE) as u32,
                 };
                 let page = match node.call(shard, op, node.request_deadline()).await {
+                    // Every message of the range is gone (message retention): nothing to push.
+                    Ok(ShardReply::History { messages, .. }) if messages.first().is_some_and(|m| m.seq > *to_seq) => {
+                        last = *to_seq;
+                        continue;
+                    }
                     Ok(ShardReply::History { messages, .. }) if !messages.is_empty() => messages,
                     other => {
                         // The conversation shard is electing or unreachable: wait, retry.
