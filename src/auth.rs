@@ -13,6 +13,13 @@
 //! - Claims: `sub` (the user id), `iat`, `exp`, optional `nbf`, and `adm` for operator
 //!   tokens that may register users.
 //!
+//! - External issuers (optional): tokens signed with RS256 or ES256 by the operator's own
+//!   login system verify against the public keys of a JWKS file (`jwks_file`), found by
+//!   `kid`; `iss` must be `jwks_issuer` and `aud`, when `jwks_audience` is set, must match.
+//!   The lifetime rules are the same; such a token is never an operator token. Algorithms
+//!   are tied to key kinds (HS256 only with the cluster's keys, RS256 only with RSA keys of
+//!   the set, ES256 only with P-256 keys), so no token can pick its own verification path.
+//!
 //! Peers authenticate to each other with a key derived from the first secret; a peer
 //! presenting the key of any listed secret is accepted, so a rotation can roll.
 
@@ -63,6 +70,8 @@ pub struct Principal {
     pub admin: bool,
     /// The token's `exp` (seconds since the epoch).
     pub exp: u64,
+    /// The token's `iat`: a per-user revocation refuses tokens issued before it.
+    pub iat: u64,
 }
 
 /// Limits every token must keep.
@@ -93,6 +102,42 @@ struct Key {
 pub struct Keys {
     keys: std::sync::Arc<Vec<Key>>,
     rules: TokenRules,
+    external: Option<std::sync::Arc<External>>,
+}
+
+/// Public keys of an external issuer, from a JWKS file.
+pub struct External {
+    keys: Vec<(String, Algorithm, DecodingKey)>,
+    issuer: String,
+    audience: Option<String>,
+}
+
+impl External {
+    /// Reads a JWKS document (`{"keys": [...]}`); every key needs a `kid` and must be RSA
+    /// (used with RS256) or EC P-256 (ES256).
+    pub fn from_jwks(json: &[u8], issuer: &str, audience: Option<&str>) -> Result<Self, String> {
+        use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+        let set: JwkSet = serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            let kid = jwk.common.key_id.clone().ok_or("every key of the JWKS needs a kid")?;
+            let alg = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
+                _ => return Err(format!("key {kid}: only RSA (RS256) and EC P-256 (ES256) keys are accepted")),
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid}: {e}"))?;
+            keys.push((kid, alg, key));
+        }
+        if keys.is_empty() {
+            return Err("the JWKS has no keys".into());
+        }
+        Ok(Self { keys, issuer: issuer.to_string(), audience: audience.map(str::to_string) })
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
 }
 
 impl std::fmt::Debug for Keys {
@@ -141,7 +186,13 @@ impl Keys {
         if keys.is_empty() {
             keys.push(key(secret));
         }
-        Self { keys: std::sync::Arc::new(keys), rules }
+        Self { keys: std::sync::Arc::new(keys), rules, external: None }
+    }
+
+    /// Also accepts tokens of an external issuer (see the module docs).
+    pub fn with_external(mut self, external: External) -> Self {
+        self.external = Some(std::sync::Arc::new(external));
+        self
     }
 
     pub fn rules(&self) -> TokenRules {
@@ -160,6 +211,15 @@ impl Keys {
         self.sign(&claims)
     }
 
+    /// Mints a token for `user` issued at `iat` (not before now: a node issuing tokens right
+    /// after a revocation dates them past its mark).
+    pub fn mint_from(&self, user: &UserId, iat: u64, ttl_secs: u64, admin: bool) -> String {
+        let iat = iat.max(now_secs());
+        let ttl = ttl_secs.min(self.rules.max_ttl_secs);
+        let claims = Claims { sub: user.to_string(), iat, exp: iat.saturating_add(ttl), nbf: None, adm: admin };
+        self.sign(&claims)
+    }
+
     /// Signs `claims` as they are (tests and tools use this to make unusual tokens).
     pub fn sign(&self, claims: &Claims) -> String {
         let mut header = Header::new(Algorithm::HS256);
@@ -170,8 +230,11 @@ impl Keys {
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed("header is not a JWT header"))?;
+        if matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) && self.external.is_some() {
+            return self.verify_external(token, &header);
+        }
         if header.alg != Algorithm::HS256 {
-            return Err(AuthError::Malformed("only alg HS256 is accepted"));
+            return Err(AuthError::Malformed("only alg HS256 is accepted (RS256/ES256 with an external issuer)"));
         }
         let key = match &header.kid {
             None => self.signing(),
@@ -192,7 +255,12 @@ impl Keys {
             }
             _ => AuthError::Malformed("not a valid JWT"),
         })?;
-        let c = data.claims;
+        self.check_claims(data.claims)
+    }
+
+    /// The rules every token keeps whoever signed it: not issued in the future, not living
+    /// longer than the cluster allows, a valid user id.
+    fn check_claims(&self, c: Claims) -> Result<Principal, AuthError> {
         let now = now_secs();
         if c.iat > now.saturating_add(self.rules.leeway_secs) {
             return Err(AuthError::NotYetValid);
@@ -201,7 +269,42 @@ impl Keys {
             return Err(AuthError::TooLong { max_secs: self.rules.max_ttl_secs });
         }
         let user = UserId::parse(&c.sub).map_err(|_| AuthError::Malformed("sub is not a valid user id"))?;
-        Ok(Principal { user, admin: c.adm, exp: c.exp })
+        Ok(Principal { user, admin: c.adm, exp: c.exp, iat: c.iat })
+    }
+
+    /// An external issuer's token: its `kid` names a key of the JWKS of the algorithm's kind.
+    fn verify_external(&self, token: &str, header: &Header) -> Result<Principal, AuthError> {
+        let ext = self.external.as_ref().ok_or(AuthError::Malformed("no external issuer is configured"))?;
+        let kid = header.kid.as_deref().ok_or(AuthError::Malformed("an external token needs a kid"))?;
+        let (_, alg, key) = ext
+            .keys
+            .iter()
+            .find(|(k, a, _)| k == kid && *a == header.alg)
+            .ok_or_else(|| AuthError::UnknownKey(kid.to_string()))?;
+        let mut v = Validation::new(*alg);
+        v.leeway = self.rules.leeway_secs;
+        v.validate_nbf = true;
+        v.set_issuer(&[ext.issuer.as_str()]);
+        match &ext.audience {
+            Some(a) => v.set_audience(&[a.as_str()]),
+            None => v.validate_aud = false,
+        }
+        v.set_required_spec_claims(&["exp", "sub", "iss"]);
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidIssuer => AuthError::Malformed("token of another issuer"),
+            ErrorKind::InvalidAudience => AuthError::Malformed("token for another audience"),
+            ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => {
+                AuthError::Malformed("claims must be JSON with string sub and iss and numeric iat and exp")
+            }
+            _ => AuthError::Malformed("not a valid JWT"),
+        })?;
+        let mut p = self.check_claims(data.claims)?;
+        // Operators come from the cluster's own keys only.
+        p.admin = false;
+        Ok(p)
     }
 
     /// Verifies an `Authorization` header value (`Bearer <token>`).
@@ -274,6 +377,63 @@ fn invite_mac(key: &[u8], body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ES256 key pair as an issuer would have it: the private key (PKCS#8 DER) and its
+    /// public key as a JWKS entry.
+    fn es256_issuer(kid: &str) -> (EncodingKey, serde_json::Value) {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let point = pair.public_key_raw(); // 0x04 || X || Y
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+            "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65]),
+        });
+        (EncodingKey::from_ec_der(&pair.serialize_der()), jwk)
+    }
+
+    #[test]
+    fn an_external_issuers_es256_tokens_verify_against_its_jwks_and_nothing_else_does() {
+        let (sk, jwk) = es256_issuer("idp-1");
+        let (other_sk, _) = es256_issuer("idp-1");
+        let jwks = serde_json::json!({ "keys": [jwk] }).to_string();
+        let ext = External::from_jwks(jwks.as_bytes(), "https://login.example", Some("raftchat")).unwrap();
+        let k = Keys::new(b"secret").with_external(ext);
+        let now = now_secs();
+        let token = |key: &EncodingKey, kid: &str, claims: serde_json::Value| {
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = Some(kid.into());
+            jsonwebtoken::encode(&h, &claims, key).unwrap()
+        };
+        let good = serde_json::json!({"sub": "alice", "iat": now, "exp": now + 600, "iss": "https://login.example", "aud": "raftchat", "adm": true});
+        let p = k.verify(&token(&sk, "idp-1", good.clone())).unwrap();
+        assert_eq!(p.user, alice());
+        assert!(!p.admin, "an external token is never an operator's");
+        // Wrong signer, unknown kid, other issuer, other audience, too long, missing iss.
+        assert_eq!(k.verify(&token(&other_sk, "idp-1", good.clone())), Err(AuthError::BadSignature));
+        assert!(matches!(k.verify(&token(&sk, "idp-2", good.clone())), Err(AuthError::UnknownKey(_))));
+        let mut c = good.clone();
+        c["iss"] = "https://evil.example".into();
+        assert!(k.verify(&token(&sk, "idp-1", c)).is_err());
+        let mut c = good.clone();
+        c["aud"] = "someone-else".into();
+        assert!(k.verify(&token(&sk, "idp-1", c)).is_err());
+        let mut c = good.clone();
+        c["exp"] = (now + 365 * 86_400).into();
+        assert!(matches!(k.verify(&token(&sk, "idp-1", c)), Err(AuthError::TooLong { .. })));
+        let mut c = good.clone();
+        c.as_object_mut().unwrap().remove("iss");
+        assert!(k.verify(&token(&sk, "idp-1", c)).is_err());
+        // HS256 tokens of the cluster still work; an HS256 token cannot name the external kid.
+        assert!(k.verify(&k.mint(&alice(), 60, false)).is_ok());
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("idp-1".into());
+        let forged = jsonwebtoken::encode(&h, &good, &EncodingKey::from_secret(b"guess")).unwrap();
+        assert!(k.verify(&forged).is_err());
+        // Without an external issuer, ES256 is refused outright.
+        assert!(Keys::new(b"secret").verify(&token(&sk, "idp-1", good)).is_err());
+        // Symmetric keys in a JWKS are refused.
+        let oct = serde_json::json!({"keys": [{"kty": "oct", "kid": "x", "k": "c2VjcmV0"}]}).to_string();
+        assert!(External::from_jwks(oct.as_bytes(), "i", None).is_err());
+    }
 
     #[test]
     fn invites_verify_only_unchanged_unexpired_and_signed_by_the_cluster() {

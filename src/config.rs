@@ -134,6 +134,16 @@ pub struct Config {
     pub login_failures_per_user_per_minute: u32,
     /// Accounts: failed logins allowed per client address per minute; 0 = no limit.
     pub login_failures_per_ip_per_minute: u32,
+    /// Tokens: a JWKS file (`{"keys": [...]}`) of an external issuer whose RS256/ES256
+    /// tokens are accepted too (your own login system); read at start.
+    pub jwks_file: Option<PathBuf>,
+    /// Tokens: the `iss` an external token must carry (required with `jwks_file`).
+    pub jwks_issuer: Option<String>,
+    /// Tokens: the `aud` an external token must carry, if set.
+    pub jwks_audience: Option<String>,
+    /// Tokens: how long a node reuses a user's revocation mark before reading it again (a
+    /// revocation reaches every node within this). Seconds.
+    pub revocation_check_secs: u64,
     /// Retention: idempotency keys older than this are deleted; a retry of a send after it
     /// is a new message (the retry horizon). Seconds.
     pub dedup_retention_secs: u64,
@@ -222,6 +232,10 @@ impl Default for Config {
             login_failures_per_user_per_minute: 5,
             login_failures_per_ip_per_minute: 30,
             cors_origins: Vec::new(),
+            jwks_file: None,
+            jwks_issuer: None,
+            jwks_audience: None,
+            revocation_check_secs: 2,
             dedup_retention_secs: 7 * 86_400,
             inbox_retention_secs: 7 * 86_400,
             message_retention_secs: 0,
@@ -354,6 +368,12 @@ impl Config {
         }
         if self.refresh_token_ttl_secs < 10 || self.refresh_token_ttl_secs > 365 * 86_400 {
             return bad("refresh_token_ttl_secs must be in 10..=31536000 (a year)".into());
+        }
+        if self.jwks_file.is_some() && self.jwks_issuer.as_deref().is_none_or(str::is_empty) {
+            return bad("jwks_file needs jwks_issuer: the iss that external tokens must carry".into());
+        }
+        if self.revocation_check_secs == 0 || self.revocation_check_secs > 3600 {
+            return bad("revocation_check_secs must be in 1..=3600".into());
         }
         const CENTURY: u64 = 100 * 365 * 86_400;
         let windows = [self.dedup_retention_secs, self.inbox_retention_secs, self.message_retention_secs];

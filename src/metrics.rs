@@ -71,6 +71,7 @@ pub const OPS: &[&str] = &[
     "password",
     "invite",
     "nodes",
+    "revoke_tokens",
 ];
 /// Bounds named in `raftchat_shed_total{bound}`.
 pub const SHED_BOUNDS: &[&str] = &["node", "shard", "user_rate", "connections", "connections_per_ip"];

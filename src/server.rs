@@ -47,7 +47,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
     let rules = TokenRules { max_ttl_secs: cfg.max_token_ttl_secs, leeway_secs: cfg.token_leeway_secs };
-    let keys = Keys::with_rules(&cfg.load_or_create_secret()?, rules);
+    let mut keys = Keys::with_rules(&cfg.load_or_create_secret()?, rules);
+    if let (Some(path), Some(issuer)) = (&cfg.jwks_file, &cfg.jwks_issuer) {
+        let json = std::fs::read(path)
+            .map_err(|e| NodeError::Serve(format!("cannot read jwks_file {}: {e}", path.display())))?;
+        let ext = crate::auth::External::from_jwks(&json, issuer, cfg.jwks_audience.as_deref())
+            .map_err(|e| NodeError::Serve(format!("jwks_file {}: {e}", path.display())))?;
+        tracing::info!(issuer, keys = ext.key_count(), "accepting tokens of an external issuer");
+        keys = keys.with_external(ext);
+    }
     let tls = match (&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_ca_file) {
         (Some(c), Some(k), Some(ca)) => Some(crate::tls::Tls::load(c, k, ca, cfg.tls_revoked_file.as_deref())?),
         _ => None,
@@ -129,6 +137,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         groups,
         leader_hints: Mutex::new(HashMap::new()),
         known_users: Mutex::new(HashSet::new()),
+        revocations: Mutex::new(HashMap::new()),
         outbox_done: outbox_tx,
         fault: std::env::var("RAFTCHAT_FAULT").ok().filter(|s| !s.is_empty()),
         stopping: stop_rx.clone(),

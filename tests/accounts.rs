@@ -92,6 +92,19 @@ async fn refresh_rotates_logout_ends_and_a_password_change_ends_every_session() 
     let changed = post(&c, 2, "/v1/accounts/password", Some(&token), ok).await;
     assert_eq!(changed.status, 200, "{}", changed.body);
     post(&c, 0, "/v1/sessions/refresh", None, json!({ "refresh_token": rt2b })).await.err(401, "session_ended");
+    // The access token from before the change is refused too: on the node that made the
+    // change at once, on the others within `revocation_check_secs`.
+    c.req(2, "GET", "/v1/conversations", Some(&token), None).await.unwrap().err(401, "token_revoked");
+    let cref = &c;
+    let tok = token.clone();
+    common::eventually(T, "the revocation on another node", || {
+        let tok = tok.clone();
+        async move {
+            let a = cref.req(1, "GET", "/v1/conversations", Some(&tok), None).await.unwrap();
+            (a.status == 401 && a.body["code"] == "token_revoked").then_some(())
+        }
+    })
+    .await;
     login(&c, 1, "carol", "carol's password").await.err(401, "invalid_credentials");
     assert_eq!(login(&c, 1, "carol", "brand new password").await.status, 200);
 }
@@ -219,4 +232,113 @@ async fn cors_answers_the_clusters_own_nodes_and_configured_origins_only() {
         let acao = r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
         assert_eq!(acao.as_deref() == Some(origin), allowed, "{origin}: {acao:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_tokens_are_refused_on_every_node_and_close_their_websockets() {
+    let c = common::start(3, |c| c.revocation_check_secs = 1).await;
+    c.register(0, "zed").await;
+    c.register(0, "amy").await;
+    let old = c.token("zed");
+    let mut ws = common::Ws::connect(&c.url(2), Some(&old), None).await.unwrap();
+    ws.next_of("ready", T).await;
+    for n in 0..3 {
+        assert_eq!(c.req(n, "GET", "/v1/conversations", Some(&old), None).await.unwrap().status, 200);
+    }
+    // Only the user (or an operator) may do it.
+    post(&c, 1, "/v1/users/zed/revoke-tokens", Some(&c.token("amy")), json!({})).await.err(403, "forbidden");
+    // Marks have a resolution of one second: revoke in a later second than `old` was made.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = post(&c, 1, "/v1/users/zed/revoke-tokens", Some(&old), json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for n in 0..3 {
+        let cref = &c;
+        let old = old.clone();
+        common::eventually(T, "the revocation reaches every node", || {
+            let old = old.clone();
+            async move {
+                let a = cref.req(n, "GET", "/v1/conversations", Some(&old), None).await.unwrap();
+                (a.status == 401 && a.body["code"] == "token_revoked").then_some(())
+            }
+        })
+        .await;
+    }
+    // The open WebSocket is told and closed.
+    let mut closed = None;
+    for _ in 0..20 {
+        match ws.next(T).await {
+            common::WsEvent::Closed(code) => {
+                closed = code;
+                break;
+            }
+            common::WsEvent::Json(_) => {}
+        }
+    }
+    assert_eq!(closed, Some(4001));
+    // Tokens made afterwards work; other users are not affected.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(c.req(0, "GET", "/v1/conversations", Some(&c.token("zed")), None).await.unwrap().status, 200);
+    assert_eq!(c.req(0, "GET", "/v1/conversations", Some(&c.token("amy")), None).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_of_an_external_issuer_from_a_jwks_file_are_accepted_on_every_node() {
+    use base64::Engine;
+    let mut c = common::start(3, |_| {}).await;
+    // The issuer's key pair: ES256 (P-256); its public half as a JWKS file.
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let point = pair.public_key_raw();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "login-1", "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..65])}]});
+    let jwks_path = c.dir.join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    // Point every node at it and restart them one by one.
+    for i in 0..3 {
+        let cfg_path = c.dir.join(format!("node{}.toml", i + 1));
+        let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+        let head = format!(
+            "jwks_file = {:?}\njwks_issuer = \"https://login.example\"\njwks_audience = \"chat\"\n",
+            jwks_path.display().to_string()
+        );
+        std::fs::write(&cfg_path, head + &cfg).unwrap();
+        c.kill(i).unwrap();
+        c.spawn(i).unwrap();
+        c.wait_ready(i, T).await.unwrap();
+    }
+    let now = raftchat::auth::now_secs();
+    let mint = |claims: Value| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("login-1".into());
+        jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der())).unwrap()
+    };
+    let good = mint(
+        json!({"sub": "external_user", "iat": now, "exp": now + 300, "iss": "https://login.example", "aud": "chat"}),
+    );
+    for node in 0..3 {
+        let a = c.req(node, "GET", "/v1/conversations", Some(&good), None).await.unwrap();
+        assert_eq!(a.status, 200, "node {node}: {}", a.body);
+    }
+    c.register(0, "bob").await;
+    let sent = c
+        .req(
+            1,
+            "POST",
+            "/v1/messages",
+            Some(&good),
+            Some(json!({"to": "bob", "client_msg_id": "e1", "text": "hi from outside"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let wrong_aud = mint(
+        json!({"sub": "external_user", "iat": now, "exp": now + 300, "iss": "https://login.example", "aud": "other"}),
+    );
+    assert_eq!(c.req(2, "GET", "/v1/conversations", Some(&wrong_aud), None).await.unwrap().status, 401);
+    // Cannot claim operator rights.
+    let adm = mint(
+        json!({"sub": "external_user", "iat": now, "exp": now + 300, "iss": "https://login.example", "aud": "chat", "adm": true}),
+    );
+    c.req(0, "POST", "/v1/users", Some(&adm), Some(json!({"user": "x"}))).await.unwrap().err(403, "forbidden");
+    // The cluster's own tokens still work.
+    assert_eq!(c.req(0, "GET", "/v1/conversations", Some(&c.token("bob")), None).await.unwrap().status, 200);
 }

@@ -11,6 +11,13 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
+/// One browser test at a time: each runs a 3-node cluster and Chromium, and two of those
+/// side by side starve a 2-core machine (elections time out, pages crawl).
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+}
+
 /// Quick token renewal so session changes show within seconds: access tokens live 30 s (the
 /// page renews every few seconds) and a session unused for 12 s lapses.
 fn short_sessions(c: &mut raftchat::config::Config) {
@@ -63,6 +70,7 @@ async fn shown(b: &Browser) -> Vec<(u64, String)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_people_sign_up_on_different_nodes_and_chat_live_with_ticks() {
+    let _serial = one_at_a_time().await;
     let c = common::start(3, |_| {}).await;
     let driver = Driver::start().await;
     let (alice, bob) = (driver.browser().await, driver.browser().await);
@@ -135,6 +143,7 @@ async fn open_chat_expect_error(b: &Browser, peer: &str, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hundred_earlier_messages_are_reached_by_scrolling_back() {
+    let _serial = one_at_a_time().await;
     let c = common::start(3, |_| {}).await;
     let a = c
         .req(0, "POST", "/v1/accounts", None, Some(json!({"user": "carol", "password": "carol's password"})))
@@ -168,6 +177,7 @@ async fn two_hundred_earlier_messages_are_reached_by_scrolling_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn when_the_pages_node_is_killed_it_reconnects_elsewhere_and_misses_nothing() {
+    let _serial = one_at_a_time().await;
     let mut c = common::start(3, |_| {}).await;
     for (u, p) in [("alice", "alice's password"), ("bob", "bob's password")] {
         let a = c.req(1, "POST", "/v1/accounts", None, Some(json!({"user": u, "password": p}))).await.unwrap();
@@ -220,6 +230,7 @@ async fn when_the_pages_node_is_killed_it_reconnects_elsewhere_and_misses_nothin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn markup_in_messages_and_user_ids_shows_as_text_and_runs_nothing() {
+    let _serial = one_at_a_time().await;
     let c = common::start(3, |_| {}).await;
     let a = c
         .req(0, "POST", "/v1/accounts", None, Some(json!({"user": "erin", "password": "erin's password"})))
@@ -247,6 +258,7 @@ async fn markup_in_messages_and_user_ids_shows_as_text_and_runs_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_password_an_expired_session_and_a_revoked_one_each_say_so() {
+    let _serial = one_at_a_time().await;
     let c = common::start(3, short_sessions).await;
     let a = c
         .req(0, "POST", "/v1/accounts", None, Some(json!({"user": "gina", "password": "gina's password"})))
@@ -297,6 +309,7 @@ async fn a_wrong_password_an_expired_session_and_a_revoked_one_each_say_so() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_page_works_with_the_keyboard_alone_is_labelled_and_fits_a_phone() {
+    let _serial = one_at_a_time().await;
     let c = common::start(3, |_| {}).await;
     c.register(0, "kai").await;
     let driver = Driver::start().await;

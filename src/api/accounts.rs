@@ -226,11 +226,15 @@ async fn open_session(node: &Arc<Node>, user: &UserId, replaces: Option<String>)
         other => return Err(internal(format!("unexpected session outcome {other:?}"))),
     }
     let ttl = node.cfg.access_token_ttl_secs;
-    let access_token = node.keys.mint(user, ttl, false);
+    // Dated after the user's revocation mark, read fresh: a login right after a password
+    // change (in the same second) must not be born revoked.
+    let mark = node.revocation_mark(user, std::time::Duration::ZERO).await?;
+    let iat = mark.saturating_add(1).max(crate::auth::now_secs());
+    let access_token = node.keys.mint_from(user, iat, ttl, false);
     Ok(SessionTokens {
         user: user.to_string(),
         access_token,
-        access_expires_at: crate::auth::now_secs() + ttl,
+        access_expires_at: iat + ttl,
         refresh_token,
         refresh_expires_at_ms: expires_ms,
     })
@@ -395,7 +399,9 @@ async fn change_password(
         let password = hash_password(req.new_password).await?;
         let cmd = Command::SetPassword { user: who.user.clone(), password };
         account_write(&node, node.placement.shard_of_user(&who.user), cmd).await?;
-        tracing::info!(user = %who.user, "password changed; every session ended");
+        // Access tokens issued before the change stop working too.
+        super::ops::revoke_tokens(&node, &who.user).await?;
+        tracing::info!(user = %who.user, "password changed; every session and token ended");
         Ok(serde_json::json!({ "user": who.user, "sessions_ended": true }))
     }
     .await;

@@ -29,6 +29,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/conversations/{id}/read", post(mark_read))
         .route("/v1/users", post(register))
         .route("/v1/users/{id}", get(lookup_user))
+        .route("/v1/users/{id}/revoke-tokens", post(revoke_tokens))
         .route("/v1/ws", get(super::ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -220,6 +221,24 @@ async fn lookup_user(State(node): St, headers: HeaderMap, id: Result<Path<String
     }
     .await;
     respond(&node, "lookup_user", r)
+}
+
+/// Revokes every token of a user issued before now ("log out everywhere"): the user
+/// themselves, or an operator. Refresh tokens (sessions) are not touched; a password change
+/// ends those too.
+#[tracing::instrument(skip_all)]
+async fn revoke_tokens(State(node): St, headers: HeaderMap, id: Result<Path<String>, PathRejection>) -> Response {
+    let r = async {
+        let who = ops::authenticate(&node, auth_header(&headers)).await?;
+        let user = crate::chat::UserId::parse(&path_id(id)?)?;
+        if who.user != user && !who.admin {
+            return Err(ApiError::forbidden("only the user or an operator may revoke a user's tokens"));
+        }
+        let before = ops::revoke_tokens(&node, &user).await?;
+        Ok(serde_json::json!({ "user": user, "revoked_before": before }))
+    }
+    .await;
+    respond(&node, "revoke_tokens", r)
 }
 
 async fn healthz() -> &'static str {

@@ -83,8 +83,31 @@ pub struct RegisterRequest {
 /// Verifies the bearer token and registers its user on first sight.
 pub async fn authenticate(node: &Arc<Node>, header: Option<&str>) -> Result<Principal, ApiError> {
     let who = node.keys.verify_header(header)?;
+    if node.token_revoked(&who).await? {
+        return Err(token_revoked());
+    }
     node.ensure_registered(&who.user, node.request_deadline()).await?;
     Ok(who)
+}
+
+/// Revokes every token of `user` issued before this second; returns the mark. This node
+/// knows at once, the others within `revocation_check_secs`.
+pub async fn revoke_tokens(node: &Arc<Node>, user: &UserId) -> Result<u64, ApiError> {
+    let before = crate::auth::now_secs();
+    let cmd = crate::chat::Command::RevokeTokens { user: user.clone(), before };
+    node.call(node.placement.shard_of_user(user), ShardOp::Write(cmd), node.request_deadline()).await?;
+    node.note_revocation(user, before);
+    tracing::info!(%user, before, "tokens revoked");
+    Ok(before)
+}
+
+/// A token issued before its user's revocation mark.
+pub fn token_revoked() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::UNAUTHORIZED,
+        "token_revoked",
+        "this token was revoked (a password change or a log-out everywhere); log in again",
+    )
 }
 
 fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {

@@ -46,6 +46,9 @@ pub enum Command {
     EndSession { user: UserId, id: String },
     /// A password change: new hash, and every session of the user ends.
     SetPassword { user: UserId, password: String },
+    /// Every token of `user` issued before `before` (seconds since the epoch) is refused
+    /// from now on (on the user's shard). The mark only moves forward.
+    RevokeTokens { user: UserId, before: u64 },
     /// Invite `invite` (its id) is used by `user` (on the invite's shard); first use wins.
     UseInvite { invite: String, user: UserId },
     /// Several commands in one log entry, applied in order (the shard handle's batching);
@@ -108,6 +111,7 @@ impl Command {
             | Command::EndSession { .. }
             | Command::SetPassword { .. } => "session",
             Command::UseInvite { .. } => "use_invite",
+            Command::RevokeTokens { .. } => "revoke_tokens",
             Command::Sweep { .. } => "sweep",
             Command::Batch(_) => "batch",
         }

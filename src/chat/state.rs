@@ -29,6 +29,8 @@ pub trait Store {
     fn account(&self, user: &UserId) -> Result<Option<Account>, Self::Error>;
     /// Who used invite `id`, if anyone.
     fn invite(&self, id: &str) -> Result<Option<UserId>, Self::Error>;
+    /// Tokens of `user` issued before this (seconds) are revoked; 0 if none.
+    fn revoked_before(&self, user: &UserId) -> Result<u64, Self::Error>;
     /// The lowest inbox event of `user` still kept (events before it were swept); 1 when
     /// nothing was swept.
     fn inbox_first(&self, user: &UserId) -> Result<u64, Self::Error>;
@@ -102,6 +104,10 @@ pub enum Change {
     },
     /// Retention: a record older than its window goes.
     Delete(SweepRecord),
+    PutRevokedBefore {
+        user: UserId,
+        before: u64,
+    },
     /// Inbox events of `user` before `first` are gone (a resume cursor before it is refused).
     PutInboxFirst {
         user: UserId,
@@ -272,6 +278,14 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 Ok((vec![Change::PutUser(user.clone())], Reply::Registered { new: true }))
             }
         }
+        Command::RevokeTokens { user, before } => {
+            let changes = if *before > store.revoked_before(user)? {
+                vec![Change::PutRevokedBefore { user: user.clone(), before: *before }]
+            } else {
+                vec![]
+            };
+            Ok((changes, Reply::Done))
+        }
         Command::Sweep { kind, before_ms, after, limit } => {
             let items = store.sweep_page(*kind, after, (*limit).max(1) as usize)?;
             let next =
@@ -380,6 +394,7 @@ struct Overlay<'a, S> {
     inbox_last: HashMap<UserId, u64>,
     accounts: HashMap<UserId, Account>,
     invites: HashMap<String, UserId>,
+    revoked: HashMap<UserId, u64>,
 }
 
 impl<'a, S: Store> Overlay<'a, S> {
@@ -393,6 +408,7 @@ impl<'a, S: Store> Overlay<'a, S> {
             inbox_last: HashMap::new(),
             accounts: HashMap::new(),
             invites: HashMap::new(),
+            revoked: HashMap::new(),
         }
     }
 
@@ -422,6 +438,9 @@ impl<'a, S: Store> Overlay<'a, S> {
             // A swept record is older than its retention window; a command in the same entry
             // that reads it still sees it, as it would have one entry earlier.
             Change::Delete(_) | Change::PutInboxFirst { .. } => {}
+            Change::PutRevokedBefore { user, before } => {
+                self.revoked.insert(user.clone(), *before);
+            }
             Change::PutMessage { .. } | Change::PutPending(_) | Change::DeletePending { .. } => {}
         }
     }
@@ -474,6 +493,12 @@ impl<S: Store> Store for Overlay<'_, S> {
     fn inbox_first(&self, user: &UserId) -> Result<u64, S::Error> {
         self.base.inbox_first(user)
     }
+    fn revoked_before(&self, user: &UserId) -> Result<u64, S::Error> {
+        match self.revoked.get(user) {
+            Some(b) => Ok(*b),
+            None => self.base.revoked_before(user),
+        }
+    }
     fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, S::Error> {
         self.base.sweep_page(kind, after, limit)
     }
@@ -498,6 +523,7 @@ mod tests {
         accounts: BTreeMap<UserId, Account>,
         invites: BTreeMap<String, UserId>,
         inbox_first: BTreeMap<UserId, u64>,
+        revoked: BTreeMap<UserId, u64>,
     }
 
     impl Store for Mem {
@@ -525,6 +551,9 @@ mod tests {
         }
         fn inbox_first(&self, u: &UserId) -> Result<u64, Infallible> {
             Ok(self.inbox_first.get(u).copied().unwrap_or(1))
+        }
+        fn revoked_before(&self, u: &UserId) -> Result<u64, Infallible> {
+            Ok(self.revoked.get(u).copied().unwrap_or(0))
         }
         fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, Infallible> {
             // Cursors here are the records' debug strings: ordered, unique, enough for tests.
@@ -613,6 +642,9 @@ mod tests {
                     }
                     Change::PutInboxFirst { user, first } => {
                         self.inbox_first.insert(user, first);
+                    }
+                    Change::PutRevokedBefore { user, before } => {
+                        self.revoked.insert(user, before);
                     }
                 }
             }
@@ -925,6 +957,15 @@ mod tests {
             m.run(Command::AddSession { user: u("nobody"), id: "z".into(), expires_ms: 1, now_ms: 0 }),
             Reply::Account(AccountOutcome::NoAccount)
         );
+    }
+
+    #[test]
+    fn a_revocation_mark_only_moves_forward() {
+        let mut m = Mem::default();
+        m.run(Command::RevokeTokens { user: u("ann"), before: 100 });
+        m.run(Command::RevokeTokens { user: u("ann"), before: 50 });
+        assert_eq!(m.revoked_before(&u("ann")).unwrap(), 100);
+        assert_eq!(m.revoked_before(&u("bob")).unwrap(), 0);
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct Node {
     pub login_failures: rate_limit::LoginFailures,
     pub(crate) leader_hints: Mutex<HashMap<ShardId, NodeId>>,
     pub(crate) known_users: Mutex<HashSet<UserId>>,
+    /// Users' token revocation marks as last read, and when (see [`Node::token_revoked`]).
+    pub(crate) revocations: Mutex<HashMap<UserId, (u64, std::time::Instant)>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,
     /// Test-only fault injection (`RAFTCHAT_FAULT`), see `docs/operations.md`.
     pub(crate) fault: Option<String>,
@@ -121,6 +123,66 @@ impl Node {
             }
             _ => Ok(false),
         }
+    }
+
+    /// Whether `who`'s token was issued before its user's revocation mark (a password change
+    /// or "log out everywhere"). The mark is read from the user's shard (this node's own
+    /// replica when it has one, else its leader) and reused for `revocation_check_secs`, so a
+    /// revocation reaches every node within that; when the shard cannot be read, the last
+    /// mark read is used, and with none the check fails.
+    pub async fn token_revoked(self: &Arc<Self>, who: &crate::auth::Principal) -> Result<bool, ShardError> {
+        let ttl = Duration::from_secs(self.cfg.revocation_check_secs);
+        let mark = self.revocation_mark(&who.user, ttl).await?;
+        // A mark is a second: tokens issued in it or before are refused (so tokens minted
+        // here afterwards start one second later, see `api::accounts`).
+        Ok(mark > 0 && who.iat <= mark)
+    }
+
+    /// `user`'s revocation mark, read again when the one cached is older than `max_age`.
+    pub async fn revocation_mark(self: &Arc<Self>, user: &UserId, max_age: Duration) -> Result<u64, ShardError> {
+        use crate::chat::state::Store as _;
+        let ttl = max_age;
+        let cached = self.revocations.lock().unwrap_or_else(|p| p.into_inner()).get(user).copied();
+        let before = match cached {
+            Some((b, at)) if at.elapsed() < ttl => b,
+            _ => {
+                let shard = self.placement.shard_of_user(user);
+                // A fresh read (max_age zero) is linearizable, through the shard's leader;
+                // otherwise this node's own replica is close enough.
+                let local = self.groups.get(&shard).filter(|_| !max_age.is_zero());
+                let read = match local {
+                    Some(g) => g.sm.view.revoked_before(user).map_err(|e| ShardError::Storage(e.to_string())),
+                    None => {
+                        let op = ShardOp::RevokedBefore { user: user.clone() };
+                        match self.call(shard, op, Instant::now() + Duration::from_secs(2)).await {
+                            Ok(ShardReply::LastSeq(b)) => Ok(b),
+                            Ok(other) => Err(ShardError::Storage(format!("unexpected reply {other:?}"))),
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                match (read, cached) {
+                    (Ok(b), _) => {
+                        self.note_revocation(user, b);
+                        b
+                    }
+                    (Err(_), Some((b, _))) => b,
+                    (Err(e), None) => return Err(e),
+                }
+            }
+        };
+        Ok(before)
+    }
+
+    /// Remembers `user`'s revocation mark (read, or just written by this node).
+    pub(crate) fn note_revocation(&self, user: &UserId, before: u64) {
+        let mut r = self.revocations.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() > 1_000_000 {
+            r.clear();
+        }
+        let now = std::time::Instant::now();
+        let e = r.entry(user.clone()).or_insert((before, now));
+        *e = (e.0.max(before), now);
     }
 
     /// Shards of this node that have no known leader.

@@ -101,6 +101,9 @@ impl Node {
             ShardOp::UserExists { user } => Ok(ShardReply::Exists(view.user_exists(&user).map_err(storage_err)?)),
             ShardOp::InboxLast { user } => Ok(ShardReply::LastSeq(view.inbox_last(&user).map_err(storage_err)?)),
             ShardOp::Account { user } => Ok(ShardReply::Account(view.account(&user).map_err(storage_err)?)),
+            ShardOp::RevokedBefore { user } => {
+                Ok(ShardReply::LastSeq(view.revoked_before(&user).map_err(storage_err)?))
+            }
             ShardOp::Write(_) | ShardOp::Send { .. } => Err(ShardError::Invalid("not a read".into())),
         }
     }

@@ -65,6 +65,10 @@ pub enum ShardOp {
     Account {
         user: UserId,
     },
+    /// When the user's tokens were last revoked (seconds; 0: never).
+    RevokedBefore {
+        user: UserId,
+    },
 }
 
 impl ShardOp {
@@ -90,6 +94,7 @@ impl ShardOp {
             ShardOp::UserExists { .. } => "user_exists",
             ShardOp::InboxLast { .. } => "inbox_last",
             ShardOp::Account { .. } => "account",
+            ShardOp::RevokedBefore { .. } => "revoked_before",
         }
     }
 }

@@ -170,6 +170,10 @@ pub fn inbox_prefix(u: &UserId) -> Vec<u8> {
 pub fn inbox(u: &UserId, n: u64) -> Vec<u8> {
     k(&[&inbox_prefix(u), &n.to_be_bytes()])
 }
+/// Tokens of the user issued before this are revoked.
+pub fn revoked_before(u: &UserId) -> Vec<u8> {
+    k(&[b"r/", u.as_str().as_bytes()])
+}
 /// The user's first inbox event still kept (after sweeps).
 pub fn inbox_first(u: &UserId) -> Vec<u8> {
     k(&[b"g/", u.as_str().as_bytes()])
@@ -237,6 +241,7 @@ impl ShardView {
                     staged.deleted_messages.push((conversation, seq));
                 }
                 Change::PutInboxFirst { user: u, first } => batch.insert(inbox_first(&u), first.to_be_bytes()),
+                Change::PutRevokedBefore { user: u, before } => batch.insert(revoked_before(&u), before.to_be_bytes()),
                 Change::PutInbox { user: u, n, event } => {
                     batch.insert(inbox(&u, n), encode(&event));
                     batch.insert(inbox_last(&u), n.to_be_bytes());
@@ -337,6 +342,16 @@ impl Store for ShardView {
     }
     fn account(&self, u: &UserId) -> Result<Option<Account>, StoreError> {
         self.get(&account(u))
+    }
+    fn revoked_before(&self, u: &UserId) -> Result<u64, StoreError> {
+        match self.tree.get(revoked_before(u))? {
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt { key: format!("r/{u}"), reason: "not 8 bytes".into() })?,
+            )),
+            None => Ok(0),
+        }
     }
     fn inbox_first(&self, u: &UserId) -> Result<u64, StoreError> {
         match self.tree.get(inbox_first(u))? {

@@ -460,8 +460,9 @@ impl Wal {
                 .ok_or_else(|| io::Error::other(format!("log entry {index}: segment {} is gone", loc.segment)))?;
             let mut buf = vec![0u8; loc.len as usize];
             file.read_exact_at(&mut buf, loc.offset)?;
-            let payload = &buf[FRAME_HEADER..];
-            let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap_or_default());
+            let short = || io::Error::other(format!("log entry {index}: frame shorter than its header"));
+            let payload = buf.get(FRAME_HEADER..).ok_or_else(short)?;
+            let crc = u32::from_le_bytes(buf.get(4..8).ok_or_else(short)?.try_into().unwrap_or_default());
             if crc32fast::hash(payload) != crc {
                 return Err(io::Error::other(format!("log entry {index}: checksum mismatch")));
             }

@@ -37,12 +37,24 @@ const peerOf = (id) => id.split("~").find((u) => u !== me()) || me();
 
 // ---- session and tokens ----
 
-/// A valid access token; refreshes (one refresh at a time: each spends its refresh token).
+const fresh = (s) => s && s.access_expires_at - Date.now() / 1000 > 60;
+
+/// A valid access token; refreshes when needed. One refresh at a time, also across this
+/// origin's tabs (they share the stored session and each refresh spends its refresh token):
+/// under a Web Lock, a tab first adopts what another tab may just have stored.
 async function getToken() {
   if (!session) throw { code: "no_session", message: "not logged in" };
-  if (session.access_expires_at - Date.now() / 1000 > 60) return session.access_token;
+  if (fresh(session)) return session.access_token;
   if (!refreshing) {
-    refreshing = refresh(cluster, session)
+    const doRefresh = async () => {
+      const stored = loadSession();
+      if (stored && stored.user === session.user && stored.refresh_token !== session.refresh_token && fresh(stored)) {
+        return stored;
+      }
+      return refresh(cluster, stored && stored.user === session.user ? stored : session);
+    };
+    const locked = navigator.locks ? navigator.locks.request("raftchat-refresh", doRefresh) : doRefresh();
+    refreshing = locked
       .then((s) => {
         session = s;
         scheduleRenew();
@@ -113,6 +125,9 @@ function showChat() {
     },
     onReady,
     onAuthLost: sessionLost,
+    onTokenRejected: () => {
+      if (session) session.access_expires_at = 0;
+    },
   });
   conn.start();
   scheduleRenew();

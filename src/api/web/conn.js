@@ -11,13 +11,14 @@ export class Connection {
   /// `getToken()` resolves to a valid access token (refreshing it if needed) or throws
   /// when the session has ended; `onPush(frame)` gets every message and receipt;
   /// `onState(state, detail)` every change of state; `onReady()` each (re)connection.
-  constructor(cluster, { getToken, onPush, onState, onReady, onAuthLost }) {
+  constructor(cluster, { getToken, onPush, onState, onReady, onAuthLost, onTokenRejected }) {
     this.cluster = cluster;
     this.getToken = getToken;
     this.onPush = onPush;
     this.onState = onState;
     this.onReady = onReady;
     this.onAuthLost = onAuthLost;
+    this.onTokenRejected = onTokenRejected;
     this.ws = null;
     this.cursor = null;
     this.pending = new Map(); // request id -> {resolve, reject, timer}
@@ -105,6 +106,9 @@ export class Connection {
       this.failAll("connection lost");
       if (this.stopped) return;
       if (ev.code === 4002) this.cursor = null; // the cursor is not in this stream: start afresh
+      // Refused or revoked token (4001), or an upgrade that failed (a browser cannot see its
+      // 401): the next try uses a freshly refreshed token.
+      if (ev.code === 4001 || !ready) this.onTokenRejected();
       // 4001 (token refused or expired) gets a fresh token on the next try; a node that
       // went away or never answered is left for the next one.
       if (!ready || ev.code === 1001 || ev.code === 1006) this.cluster.next();

@@ -131,6 +131,8 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
     let mut last_seen = Instant::now();
     let mut close_asked: Option<Instant> = None;
     let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+    let revocation_every = Duration::from_secs(cfg.revocation_check_secs);
+    let mut revocation_checked = Instant::now();
     let mut stopping = node.stopping.clone();
     let mut stopping = Box::pin(async move {
         let _ = stopping.wait_for(|s| *s).await.map(|_| ());
@@ -182,6 +184,19 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
                 }
             }
             _ = watchdog.tick() => {
+                // A revoked token (password change, log-out everywhere) ends its connections.
+                if close_asked.is_none() && revocation_checked.elapsed() >= revocation_every {
+                    revocation_checked = Instant::now();
+                    if let Some(w) = who.clone() {
+                        let check = tokio::time::timeout(Duration::from_secs(2), node.token_revoked(&w)).await;
+                        if matches!(check, Ok(Ok(true))) {
+                            conn.error(None, &super::super::ops::token_revoked()).await;
+                            conn.close(close::UNAUTHORIZED, "token_revoked: log in again");
+                            close_asked.get_or_insert_with(Instant::now);
+                            tracing::debug!(user = %w.user, "closing a WebSocket whose token was revoked");
+                        }
+                    }
+                }
                 if let Some(w) = who.as_ref().filter(|w| w.exp <= crate::auth::now_secs()) {
                     if close_asked.is_none() {
                         let e = ApiError::from(crate::auth::AuthError::Expired);
@@ -241,9 +256,15 @@ async fn handle_text(
     if let ClientFrame::Auth { id, token, cursor } = frame {
         if let Some(current) = who.as_mut() {
             // A fresh token for the same user extends the connection past the old one's expiry.
-            return match conn.node.keys.verify(&token) {
+            let verified = conn.node.keys.verify(&token).map_err(ApiError::from);
+            let verified = match verified {
+                Ok(p) if conn.node.token_revoked(&p).await.unwrap_or(false) => Err(super::super::ops::token_revoked()),
+                other => other,
+            };
+            return match verified {
                 Ok(p) if p.user == current.user => {
                     current.exp = p.exp;
+                    current.iat = p.iat;
                     conn.send(protocol::reply("authenticated", id, json!({ "user": p.user, "exp": p.exp }))).await;
                 }
                 Ok(p) => {
@@ -253,7 +274,7 @@ async fn handle_text(
                     ));
                     conn.error(id, &e).await;
                 }
-                Err(e) => conn.error(id, &ApiError::from(e)).await,
+                Err(e) => conn.error(id, &e).await,
             };
         }
         let cursor = match cursor.as_deref().map(Cursor::parse).transpose() {
