@@ -72,6 +72,8 @@ pub const OPS: &[&str] = &[
     "invite",
     "nodes",
     "revoke_tokens",
+    "backup",
+    "restore",
 ];
 /// Bounds named in `raftchat_shed_total{bound}`.
 pub const SHED_BOUNDS: &[&str] = &["node", "shard", "user_rate", "connections", "connections_per_ip"];

@@ -1,6 +1,7 @@
 //! Property-based fuzzing (proptest, stable Rust) of every decoder that takes bytes from
 //! outside: WebSocket frames, cursors, tokens, ids and texts of HTTP bodies, peer payloads,
-//! and records read back from disk. Each must answer with a value or an error, never panic,
+//! records read back from disk, and (accounts and operations) invites, refresh tokens,
+//! JWKS files and backup records. Each must answer with a value or an error, never panic,
 //! and the round trips must hold.
 //!
 //! `cargo test --test fuzz` runs 256 cases per target (CI); for a longer run:
@@ -148,5 +149,33 @@ proptest! {
         std::fs::write(dir.path().join("00000000000000000001.wal"), &b).unwrap();
         std::fs::write(dir.path().join("00000000000000000002.wal"), &second).unwrap();
         let _ = raftchat::storage::wal::Wal::open(dir.path(), raftchat::metrics::Metrics::new());
+    }
+}
+
+proptest! {
+    #[test]
+    fn invites_refresh_tokens_and_jwks_files_decode_or_fail_cleanly(
+        s in prop_oneof![".{0,120}", "inv1\\.[0-9a-f]{0,30}\\.[0-9]{0,12}\\.[A-Za-z0-9_-]{0,50}", "[a-z]{1,8}:[A-Za-z0-9_-]{0,50}"],
+        b in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let k = Keys::new(b"secret");
+        // A made-up invite never verifies; a refresh token either names a user or is refused.
+        prop_assert!(k.verify_invite(&s).is_err());
+        if let Ok(u) = raftchat::api::accounts::refresh_user(&s) {
+            let prefix = format!("{u}:");
+            prop_assert!(s.starts_with(&prefix));
+        }
+        let _ = raftchat::auth::External::from_jwks(&b, "issuer", None);
+        let _ = raftchat::auth::External::from_jwks(s.as_bytes(), "issuer", Some("aud"));
+        let jwks_like = format!("{{\"keys\":[{{\"kty\":\"EC\",\"crv\":\"P-256\",\"kid\":\"k\",\"x\":{:?},\"y\":{:?}}}]}}", s, s);
+        let _ = raftchat::auth::External::from_jwks(jwks_like.as_bytes(), "issuer", None);
+    }
+
+    #[test]
+    fn backup_records_decode_or_fail_cleanly(b in prop::collection::vec(any::<u8>(), 0..400)) {
+        if let Ok(records) = raftchat::storage::sm::decode_snapshot(&b) {
+            let total: usize = records.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+            prop_assert_eq!(total, b.len());
+        }
     }
 }

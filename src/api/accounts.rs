@@ -169,7 +169,9 @@ fn new_refresh_token(user: &UserId) -> String {
     format!("{user}:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
-fn refresh_user(token: &str) -> Result<UserId, ApiError> {
+/// The user a refresh token names (it routes the token to the user's shard); anything else
+/// is `invalid_refresh_token`.
+pub fn refresh_user(token: &str) -> Result<UserId, ApiError> {
     let (user, rest) = token.split_once(':').ok_or_else(malformed_refresh)?;
     if rest.len() != 43 {
         return Err(malformed_refresh());

@@ -22,6 +22,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let cors = cors(&node);
     let app = Router::new()
         .merge(super::accounts::routes())
+        .merge(super::admin::routes())
         .merge(super::web::routes())
         .route("/v1/messages", post(send))
         .route("/v1/conversations", get(conversations))

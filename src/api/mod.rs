@@ -3,6 +3,7 @@
 //! ([`accounts`]); the browser client every node serves at `/` ([`web`]).
 
 pub mod accounts;
+pub mod admin;
 pub mod error;
 pub mod grpc;
 pub mod http;

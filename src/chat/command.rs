@@ -49,6 +49,10 @@ pub enum Command {
     /// Every token of `user` issued before `before` (seconds since the epoch) is refused
     /// from now on (on the user's shard). The mark only moves forward.
     RevokeTokens { user: UserId, before: u64 },
+    /// Restore: write these records of a backup as they are (`raftchat admin restore`). The
+    /// first chunk of a shard (`first`) is refused unless the shard holds no chat data yet,
+    /// so a restore never mixes into a live shard.
+    Ingest { records: Vec<(Vec<u8>, Vec<u8>)>, first: bool },
     /// Invite `invite` (its id) is used by `user` (on the invite's shard); first use wins.
     UseInvite { invite: String, user: UserId },
     /// Several commands in one log entry, applied in order (the shard handle's batching);
@@ -112,6 +116,7 @@ impl Command {
             | Command::SetPassword { .. } => "session",
             Command::UseInvite { .. } => "use_invite",
             Command::RevokeTokens { .. } => "revoke_tokens",
+            Command::Ingest { .. } => "ingest",
             Command::Sweep { .. } => "sweep",
             Command::Batch(_) => "batch",
         }
@@ -124,6 +129,7 @@ impl Command {
             Command::IndexUpdate { preview, .. } => 96 + preview.len(),
             Command::OutboxDone { items } => 16 + items.len() * 48,
             Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
+            Command::Ingest { records, .. } => 16 + records.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>(),
             _ => 96,
         }
     }
@@ -147,6 +153,8 @@ pub enum Reply {
     },
     /// What an account or invite command did.
     Account(AccountOutcome),
+    /// An ingest: `false` when a first chunk met a shard that holds data already.
+    Ingested(bool),
     /// A sweep: records deleted, and where the next one starts (None: the end was reached).
     Swept {
         deleted: u64,

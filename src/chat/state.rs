@@ -29,6 +29,8 @@ pub trait Store {
     fn account(&self, user: &UserId) -> Result<Option<Account>, Self::Error>;
     /// Who used invite `id`, if anyone.
     fn invite(&self, id: &str) -> Result<Option<UserId>, Self::Error>;
+    /// Whether the shard holds any chat data (a restore goes only into an empty shard).
+    fn has_data(&self) -> Result<bool, Self::Error>;
     /// Tokens of `user` issued before this (seconds) are revoked; 0 if none.
     fn revoked_before(&self, user: &UserId) -> Result<u64, Self::Error>;
     /// The lowest inbox event of `user` still kept (events before it were swept); 1 when
@@ -107,6 +109,11 @@ pub enum Change {
     PutRevokedBefore {
         user: UserId,
         before: u64,
+    },
+    /// A record of a backup, written as it is.
+    PutRaw {
+        key: Vec<u8>,
+        value: Vec<u8>,
     },
     /// Inbox events of `user` before `first` are gone (a resume cursor before it is refused).
     PutInboxFirst {
@@ -278,6 +285,13 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 Ok((vec![Change::PutUser(user.clone())], Reply::Registered { new: true }))
             }
         }
+        Command::Ingest { records, first } => {
+            if *first && store.has_data()? {
+                return Ok((vec![], Reply::Ingested(false)));
+            }
+            let changes = records.iter().map(|(k, v)| Change::PutRaw { key: k.clone(), value: v.clone() }).collect();
+            Ok((changes, Reply::Ingested(true)))
+        }
         Command::RevokeTokens { user, before } => {
             let changes = if *before > store.revoked_before(user)? {
                 vec![Change::PutRevokedBefore { user: user.clone(), before: *before }]
@@ -441,6 +455,8 @@ impl<'a, S: Store> Overlay<'a, S> {
             Change::PutRevokedBefore { user, before } => {
                 self.revoked.insert(user.clone(), *before);
             }
+            // Ingest is proposed alone by `admin restore`, never batched with chat commands.
+            Change::PutRaw { .. } => {}
             Change::PutMessage { .. } | Change::PutPending(_) | Change::DeletePending { .. } => {}
         }
     }
@@ -492,6 +508,9 @@ impl<S: Store> Store for Overlay<'_, S> {
     }
     fn inbox_first(&self, user: &UserId) -> Result<u64, S::Error> {
         self.base.inbox_first(user)
+    }
+    fn has_data(&self) -> Result<bool, S::Error> {
+        self.base.has_data()
     }
     fn revoked_before(&self, user: &UserId) -> Result<u64, S::Error> {
         match self.revoked.get(user) {
@@ -554,6 +573,9 @@ mod tests {
         }
         fn revoked_before(&self, u: &UserId) -> Result<u64, Infallible> {
             Ok(self.revoked.get(u).copied().unwrap_or(0))
+        }
+        fn has_data(&self) -> Result<bool, Infallible> {
+            Ok(!self.meta.is_empty() || !self.users.is_empty())
         }
         fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, Infallible> {
             // Cursors here are the records' debug strings: ordered, unique, enough for tests.
@@ -646,6 +668,7 @@ mod tests {
                     Change::PutRevokedBefore { user, before } => {
                         self.revoked.insert(user, before);
                     }
+                    Change::PutRaw { .. } => {}
                 }
             }
             reply

@@ -6,7 +6,14 @@
 //!   (leader, term, replicas, commit index, and per replica its applied index and how far it
 //!   is behind), from every node's `/status`.
 //!
-//! Both read the operations endpoints, which need no token.
+//! - `admin backup DIR`: a snapshot of every shard, each from its leader, with the log index
+//!   it covers, into DIR (one file per shard and `manifest.json` with sizes and SHA-256),
+//!   while the cluster serves.
+//! - `admin restore DIR`: writes a backup into a new, empty cluster with the same shard
+//!   count, shard by shard through each shard's Raft log.
+//!
+//! `status` and `members` read the operations endpoints, which need no token; backup and
+//! restore use an operator token minted from the cluster secret.
 
 use clap::{Args, Subcommand};
 use serde_json::Value;
@@ -27,6 +34,8 @@ pub struct AdminArgs {
     /// Print the raw JSON gathered instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub secret: super::client::SecretArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,10 +44,26 @@ pub enum AdminCommand {
     Status,
     /// The cluster's nodes and whether each answers.
     Members,
+    /// Write a consistent snapshot of every shard (with the log index it covers) into DIR.
+    Backup {
+        /// A new or empty folder.
+        dir: PathBuf,
+    },
+    /// Restore a backup made by `admin backup` into a new, empty cluster with the same
+    /// shard count.
+    Restore {
+        /// The folder `admin backup` wrote.
+        dir: PathBuf,
+    },
 }
 
 pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
     let http = super::client::http_client(a.ca_file.as_deref())?;
+    match &a.command {
+        AdminCommand::Backup { dir } => return backup(&a, &http, dir).await,
+        AdminCommand::Restore { dir } => return restore(&a, &http, dir).await,
+        _ => {}
+    }
     let get = |url: String| {
         let http = http.clone();
         async move {
@@ -86,6 +111,7 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             print_table(&["NODE", "URL", "STATE"], &rows);
         }
         AdminCommand::Status => status(&members, &statuses),
+        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -198,4 +224,199 @@ fn print_table(head: &[&str], rows: &[Vec<String>]) {
     for r in rows {
         line(r.clone());
     }
+}
+
+/// What `admin backup` writes beside the shard files.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    format: String,
+    data_format: u32,
+    shard_count: u32,
+    created_at_ms: u64,
+    source: String,
+    shards: Vec<ShardFile>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ShardFile {
+    shard: u32,
+    file: String,
+    bytes: u64,
+    sha256: String,
+    log_index: u64,
+    log_term: u64,
+    node: u64,
+}
+
+const BACKUP_FORMAT: &str = "raftchat-backup 1";
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn operator_token(a: &AdminArgs) -> anyhow::Result<String> {
+    let op = crate::chat::UserId::parse("operator")?;
+    Ok(a.secret.keys_for(Some(&a.server))?.mint(&op, 3600, true))
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+    let r = http.get(url).timeout(Duration::from_secs(5)).send().await?;
+    anyhow::ensure!(r.status().is_success(), "{url}: {}", r.status());
+    Ok(r.json().await?)
+}
+
+async fn backup(a: &AdminArgs, http: &reqwest::Client, dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if dir.join("manifest.json").exists() {
+        anyhow::bail!("{} already holds a backup; pick a new folder", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let token = operator_token(a)?;
+    let nodes = get_json(http, &format!("{}/v1/nodes", a.server.trim_end_matches('/'))).await?;
+    let mut urls: BTreeMap<u64, String> = BTreeMap::new();
+    for n in nodes["nodes"].as_array().into_iter().flatten() {
+        urls.insert(n["id"].as_u64().unwrap_or(0), n["url"].as_str().unwrap_or("").trim_end_matches('/').to_string());
+    }
+    // Who leads (or at least holds) each shard.
+    let mut holders: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut shard_count = 0;
+    for (id, url) in &urls {
+        let Ok(s) = get_json(http, &format!("{url}/status")).await else { continue };
+        shard_count = s["shard_count"].as_u64().unwrap_or(0) as u32;
+        for sh in s["shards"].as_array().into_iter().flatten() {
+            let (Some(n), leader) = (sh["shard"].as_u64(), sh["leader"].as_u64()) else { continue };
+            let list = holders.entry(n).or_default();
+            if leader == Some(*id) {
+                list.insert(0, *id);
+            } else {
+                list.push(*id);
+            }
+        }
+    }
+    anyhow::ensure!(shard_count > 0, "no node of {} answered /status", a.server);
+    let started = std::time::Instant::now();
+    let mut files = Vec::new();
+    for shard in 0..shard_count {
+        let candidates = holders.get(&u64::from(shard)).cloned().unwrap_or_default();
+        let mut last_err = String::from("no replica answered");
+        let mut got = None;
+        for node in candidates {
+            let url = format!("{}/v1/admin/shards/{shard}/snapshot", urls[&node]);
+            match http.get(&url).bearer_auth(&token).timeout(Duration::from_secs(120)).send().await {
+                Ok(r) if r.status().is_success() => {
+                    let h = |name: &str| {
+                        r.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0)
+                    };
+                    let (index, term) = (h("x-raftchat-log-index"), h("x-raftchat-log-term"));
+                    let data = r.bytes().await?;
+                    got = Some((node, index, term, data));
+                    break;
+                }
+                Ok(r) => last_err = format!("node {node}: {} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last_err = format!("node {node}: {e}"),
+            }
+        }
+        let Some((node, log_index, log_term, data)) = got else {
+            anyhow::bail!("shard {shard}: {last_err}");
+        };
+        let file = format!("shard-{shard:04}.snap");
+        let tmp = dir.join(format!("{file}.tmp"));
+        std::fs::write(&tmp, &data)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(&file))?;
+        eprintln!("shard {shard}: {} bytes at log index {log_index} from node {node}", data.len());
+        files.push(ShardFile {
+            shard,
+            file,
+            bytes: data.len() as u64,
+            sha256: sha256_hex(&data),
+            log_index,
+            log_term,
+            node,
+        });
+    }
+    let manifest = Manifest {
+        format: BACKUP_FORMAT.into(),
+        data_format: crate::storage::FORMAT_VERSION,
+        shard_count,
+        created_at_ms: crate::storage::sm::now_ms(),
+        source: a.server.clone(),
+        shards: files,
+    };
+    let path = dir.join("manifest.json");
+    std::fs::write(dir.join("manifest.json.tmp"), serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::rename(dir.join("manifest.json.tmp"), &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    let total: u64 = manifest.shards.iter().map(|s| s.bytes).sum();
+    println!(
+        "backed up {shard_count} shards, {total} bytes, in {:.1} s into {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(())
+}
+
+async fn restore(a: &AdminArgs, http: &reqwest::Client, dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let path = dir.join("manifest.json");
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+            .with_context(|| format!("{} is not a raftchat backup manifest", path.display()))?;
+    anyhow::ensure!(manifest.format == BACKUP_FORMAT, "unknown backup format {:?}", manifest.format);
+    anyhow::ensure!(
+        manifest.data_format == crate::storage::FORMAT_VERSION,
+        "the backup holds data format {}, this build writes {}",
+        manifest.data_format,
+        crate::storage::FORMAT_VERSION
+    );
+    let base = a.server.trim_end_matches('/');
+    let status = get_json(http, &format!("{base}/status")).await?;
+    let count = status["shard_count"].as_u64().unwrap_or(0) as u32;
+    anyhow::ensure!(
+        count == manifest.shard_count,
+        "the backup has {} shards and {base} has {count}: a restore needs a cluster with the same shard count",
+        manifest.shard_count
+    );
+    let token = operator_token(a)?;
+    let started = std::time::Instant::now();
+    let mut total = 0usize;
+    for sf in &manifest.shards {
+        let data = std::fs::read(dir.join(&sf.file)).with_context(|| format!("reading {}", sf.file))?;
+        anyhow::ensure!(sha256_hex(&data) == sf.sha256, "{} does not match its checksum in the manifest", sf.file);
+        let records = crate::storage::sm::decode_snapshot(&data).with_context(|| format!("decoding {}", sf.file))?;
+        // The state machine's bookkeeping (applied index, membership) belongs to the old
+        // cluster's logs; the new cluster keeps its own.
+        let records: Vec<_> = records.into_iter().filter(|(k, _)| k.first() != Some(&0)).collect();
+        let mut chunks: Vec<Vec<u8>> = vec![Vec::new()];
+        for (k, v) in &records {
+            if chunks
+                .last()
+                .is_some_and(|c| c.len() + k.len() + v.len() + 8 > crate::api::admin::INGEST_CHUNK && !c.is_empty())
+            {
+                chunks.push(Vec::new());
+            }
+            if let Some(c) = chunks.last_mut() {
+                c.extend_from_slice(&(k.len() as u32).to_be_bytes());
+                c.extend_from_slice(k);
+                c.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                c.extend_from_slice(v);
+            }
+        }
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let url = format!("{base}/v1/admin/shards/{}/ingest?first={}", sf.shard, i == 0);
+            let r = http.post(&url).bearer_auth(&token).body(chunk).timeout(Duration::from_secs(60)).send().await?;
+            if !r.status().is_success() {
+                anyhow::bail!("shard {}: {} {}", sf.shard, r.status(), r.text().await.unwrap_or_default());
+            }
+        }
+        total += records.len();
+        eprintln!("shard {}: {} records restored (backup at log index {})", sf.shard, records.len(), sf.log_index);
+    }
+    println!("restored {} shards, {total} records, in {:.1} s", manifest.shards.len(), started.elapsed().as_secs_f64());
+    Ok(())
 }

@@ -17,7 +17,7 @@ pub struct SecretArgs {
     /// File with the cluster secret (default: the `secret` of ./raftchat-local when --server
     /// is one of its nodes, else ./raftchat-data/secret, then ./raftchat-local/secret;
     /// RAFTCHAT_SECRET overrides).
-    #[arg(long, env = "RAFTCHAT_SECRET_FILE")]
+    #[arg(long, global = true, env = "RAFTCHAT_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
 }
 

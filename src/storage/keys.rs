@@ -242,6 +242,7 @@ impl ShardView {
                 }
                 Change::PutInboxFirst { user: u, first } => batch.insert(inbox_first(&u), first.to_be_bytes()),
                 Change::PutRevokedBefore { user: u, before } => batch.insert(revoked_before(&u), before.to_be_bytes()),
+                Change::PutRaw { key, value } => batch.insert(key, value),
                 Change::PutInbox { user: u, n, event } => {
                     batch.insert(inbox(&u, n), encode(&event));
                     batch.insert(inbox_last(&u), n.to_be_bytes());
@@ -342,6 +343,10 @@ impl Store for ShardView {
     }
     fn account(&self, u: &UserId) -> Result<Option<Account>, StoreError> {
         self.get(&account(u))
+    }
+    fn has_data(&self) -> Result<bool, StoreError> {
+        // Any key but the state machine's own bookkeeping (which starts with \0).
+        Ok(self.tree.range(&b"\x01"[..]..).next().transpose()?.is_some())
     }
     fn revoked_before(&self, u: &UserId) -> Result<u64, StoreError> {
         match self.tree.get(revoked_before(u))? {

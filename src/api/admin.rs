@@ -1,0 +1,153 @@
+//! Operator endpoints for backup and restore (operator token required).
+//!
+//! - `GET /v1/admin/shards/{shard}/snapshot`: a fresh snapshot of the shard as this node's
+//!   replica holds it (the node triggers one and waits until it covers everything applied
+//!   when the request came), as the snapshot's record bytes; the headers name the shard, the
+//!   cluster's shard count and the log index and term the snapshot covers. `raftchat admin
+//!   backup` asks each shard's leader.
+//! - `POST /v1/admin/shards/{shard}/ingest?first=true|false`: records of a backup (the same
+//!   record format) written into the shard through its Raft log as they are; the first chunk
+//!   is refused with 409 `shard_not_empty` unless the shard holds no chat data yet.
+//!   `raftchat admin restore` sends a backup's shards in chunks of at most [`INGEST_CHUNK`].
+
+use super::error::ApiError;
+use super::http::{auth_header, respond};
+use crate::chat::{Command, Reply};
+use crate::node::router::{ShardOp, ShardReply};
+use crate::node::Node;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest ingest body: records of a backup, a chunk at a time.
+pub const INGEST_CHUNK: usize = 256 << 10;
+
+type St = State<Arc<Node>>;
+
+pub fn routes() -> Router<Arc<Node>> {
+    Router::new()
+        .route("/v1/admin/shards/{shard}/snapshot", get(snapshot))
+        .route("/v1/admin/shards/{shard}/ingest", post(ingest).layer(DefaultBodyLimit::max(INGEST_CHUNK + (64 << 10))))
+}
+
+fn operator(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    let who = node.keys.verify_header(auth_header(headers))?;
+    if !who.admin {
+        return Err(ApiError::forbidden("backup and restore need an operator token (raftchat token --admin)"));
+    }
+    Ok(())
+}
+
+fn shard_of(node: &Node, shard: &str) -> Result<u32, ApiError> {
+    let n: u32 = shard.parse().map_err(|_| ApiError::bad_request("invalid_shard", "shard must be a number"))?;
+    if n >= node.placement.shard_count() {
+        return Err(ApiError::not_found(
+            "unknown_shard",
+            format!("this cluster has shards 0..{}", node.placement.shard_count()),
+        ));
+    }
+    Ok(n)
+}
+
+async fn snapshot(State(node): St, headers: HeaderMap, Path(shard): Path<String>) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        let shard = shard_of(&node, &shard)?;
+        let group = node.groups.get(&shard).ok_or_else(|| {
+            ApiError::not_found(
+                "not_replica",
+                format!("this node holds no replica of shard {shard}; ask one that does (/status)"),
+            )
+        })?;
+        let applied = group.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        let unavailable = |m: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m);
+        group.raft.trigger().snapshot().await.map_err(|e| unavailable(e.to_string()))?;
+        // Wait for a snapshot that covers what was applied when the request came.
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let covered = group.raft.metrics().borrow().snapshot.map(|l| l.index).unwrap_or(0);
+            if covered >= applied && (applied == 0 || covered > 0) {
+                break;
+            }
+            if tokio::time::Instant::now() > end {
+                return Err(unavailable(format!("shard {shard}: no snapshot covering index {applied} within 60 s")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let snap = group
+            .raft
+            .get_snapshot()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .ok_or_else(|| unavailable(format!("shard {shard} has no snapshot yet")))?;
+        let log = snap.meta.last_log_id;
+        let data = snap.snapshot.into_inner();
+        node.metrics.count_request("http", "backup", "ok");
+        Ok((
+            [
+                ("x-raftchat-shard", shard.to_string()),
+                ("x-raftchat-shard-count", node.placement.shard_count().to_string()),
+                ("x-raftchat-log-index", log.map(|l| l.index).unwrap_or(0).to_string()),
+                ("x-raftchat-log-term", log.map(|l| l.leader_id.term).unwrap_or(0).to_string()),
+                ("x-raftchat-format", crate::storage::FORMAT_VERSION.to_string()),
+                ("content-type", "application/octet-stream".to_string()),
+            ],
+            data,
+        )
+            .into_response())
+    }
+    .await;
+    match r {
+        Ok(resp) => resp,
+        Err(e) => respond::<()>(&node, "backup", Err(e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct IngestQuery {
+    #[serde(default)]
+    first: bool,
+}
+
+async fn ingest(
+    State(node): St,
+    headers: HeaderMap,
+    Path(shard): Path<String>,
+    Query(q): Query<IngestQuery>,
+    body: Bytes,
+) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        let shard = shard_of(&node, &shard)?;
+        let records = crate::storage::sm::decode_snapshot(&body)
+            .map_err(|e| ApiError::bad_request("invalid_records", e.to_string()))?;
+        if records.iter().any(|(k, _)| k.first() == Some(&0)) {
+            return Err(ApiError::bad_request(
+                "invalid_records",
+                "records of the state machine's own bookkeeping (keys starting with \\0) are not restored",
+            ));
+        }
+        let count = records.len();
+        let records = records.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let op = ShardOp::Write(Command::Ingest { records, first: q.first });
+        match node.call(shard, op, node.request_deadline()).await? {
+            ShardReply::Written(Reply::Ingested(true)) => Ok(serde_json::json!({ "shard": shard, "records": count })),
+            ShardReply::Written(Reply::Ingested(false)) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "shard_not_empty",
+                format!("shard {shard} already holds data: restore into a new cluster"),
+            )),
+            other => {
+                Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected reply {other:?}")))
+            }
+        }
+    }
+    .await;
+    respond(&node, "restore", r)
+}
