@@ -134,6 +134,11 @@ pub struct Config {
     pub login_failures_per_user_per_minute: u32,
     /// Accounts: failed logins allowed per client address per minute; 0 = no limit.
     pub login_failures_per_ip_per_minute: u32,
+    /// The replicated features this node may use (see `CLUSTER_VERSION`). During a rolling
+    /// upgrade from a build that knows an older version, set it to that version on the new
+    /// nodes, upgrade every node, then raise it (another rolling restart): a node never
+    /// proposes a command the others cannot apply.
+    pub cluster_version: u32,
     /// Tokens: a JWKS file (`{"keys": [...]}`) of an external issuer whose RS256/ES256
     /// tokens are accepted too (your own login system); read at start.
     pub jwks_file: Option<PathBuf>,
@@ -161,6 +166,11 @@ pub struct Config {
     /// `["https://chat.example.org"]`. The page every node serves at `/` needs none.
     pub cors_origins: Vec<String>,
 }
+
+/// The newest set of replicated commands this build speaks. 1: messages, indexes, read
+/// markers, receipts, registration (builds before accounts); 2: accounts and sessions,
+/// invites, token revocation, retention sweeps, restore (`Ingest`).
+pub const CLUSTER_VERSION: u32 = 2;
 
 /// Who may create a password account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +242,7 @@ impl Default for Config {
             login_failures_per_user_per_minute: 5,
             login_failures_per_ip_per_minute: 30,
             cors_origins: Vec::new(),
+            cluster_version: CLUSTER_VERSION,
             jwks_file: None,
             jwks_issuer: None,
             jwks_audience: None,
@@ -368,6 +379,9 @@ impl Config {
         }
         if self.refresh_token_ttl_secs < 10 || self.refresh_token_ttl_secs > 365 * 86_400 {
             return bad("refresh_token_ttl_secs must be in 10..=31536000 (a year)".into());
+        }
+        if !(1..=CLUSTER_VERSION).contains(&self.cluster_version) {
+            return bad(format!("cluster_version must be in 1..={CLUSTER_VERSION}"));
         }
         if self.jwks_file.is_some() && self.jwks_issuer.as_deref().is_none_or(str::is_empty) {
             return bad("jwks_file needs jwks_issuer: the iss that external tokens must carry".into());

@@ -342,3 +342,19 @@ async fn tokens_of_an_external_issuer_from_a_jwks_file_are_accepted_on_every_nod
     // The cluster's own tokens still work.
     assert_eq!(c.req(0, "GET", "/v1/conversations", Some(&c.token("bob")), None).await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_a_rolling_upgrade_the_new_commands_wait_for_cluster_version_2() {
+    // New nodes started with the old version's feature set propose nothing older nodes
+    // could not apply: accounts, revocation and restore answer 503 upgrade_in_progress.
+    let c = common::start(1, |c| c.cluster_version = 1).await;
+    post(&c, 0, "/v1/accounts", None, json!({"user": "ola", "password": "ola's password"}))
+        .await
+        .err(503, "upgrade_in_progress");
+    login(&c, 0, "ola", "ola's password").await.err(503, "upgrade_in_progress");
+    c.register(0, "ola").await;
+    post(&c, 0, "/v1/users/ola/revoke-tokens", Some(&c.token("ola")), json!({})).await.err(503, "upgrade_in_progress");
+    // Messages work as before.
+    c.register(0, "per").await;
+    c.send_ok(0, "ola", "per", "v1", "still chatting").await;
+}

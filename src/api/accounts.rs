@@ -197,6 +197,7 @@ fn invalid_credentials() -> ApiError {
 
 /// Proposes an account command on `shard` and returns its outcome.
 async fn account_write(node: &Arc<Node>, shard: u32, cmd: Command) -> Result<AccountOutcome, ApiError> {
+    node.require_version(2, "accounts")?;
     match node.call(shard, ShardOp::Write(cmd), node.request_deadline()).await? {
         ShardReply::Written(Reply::Account(o)) => Ok(o),
         other => Err(internal(format!("unexpected reply to an account command: {other:?}"))),
@@ -204,6 +205,7 @@ async fn account_write(node: &Arc<Node>, shard: u32, cmd: Command) -> Result<Acc
 }
 
 async fn read_account(node: &Arc<Node>, user: &UserId) -> Result<Option<crate::chat::Account>, ApiError> {
+    node.require_version(2, "accounts")?;
     let shard = node.placement.shard_of_user(user);
     match node.call(shard, ShardOp::Account { user: user.clone() }, node.request_deadline()).await? {
         ShardReply::Account(a) => Ok(a),

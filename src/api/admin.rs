@@ -124,6 +124,7 @@ async fn ingest(
 ) -> Response {
     let r = async {
         operator(&node, &headers)?;
+        node.require_version(2, "restore")?;
         let shard = shard_of(&node, &shard)?;
         let records = crate::storage::sm::decode_snapshot(&body)
             .map_err(|e| ApiError::bad_request("invalid_records", e.to_string()))?;

@@ -93,6 +93,7 @@ pub async fn authenticate(node: &Arc<Node>, header: Option<&str>) -> Result<Prin
 /// Revokes every token of `user` issued before this second; returns the mark. This node
 /// knows at once, the others within `revocation_check_secs`.
 pub async fn revoke_tokens(node: &Arc<Node>, user: &UserId) -> Result<u64, ApiError> {
+    node.require_version(2, "token revocation")?;
     let before = crate::auth::now_secs();
     let cmd = crate::chat::Command::RevokeTokens { user: user.clone(), before };
     node.call(node.placement.shard_of_user(user), ShardOp::Write(cmd), node.request_deadline()).await?;

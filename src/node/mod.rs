@@ -125,12 +125,32 @@ impl Node {
         }
     }
 
+    /// Refuses a feature of cluster version `v` while `cluster_version` is below it (a rolling
+    /// upgrade is under way: older nodes could not apply its commands).
+    pub fn require_version(&self, v: u32, what: &str) -> Result<(), crate::api::ApiError> {
+        if self.cfg.cluster_version >= v {
+            return Ok(());
+        }
+        Err(crate::api::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "upgrade_in_progress",
+            format!(
+                "{what} needs cluster_version {v}; this node runs with {} until every node is upgraded",
+                self.cfg.cluster_version
+            ),
+        ))
+    }
+
     /// Whether `who`'s token was issued before its user's revocation mark (a password change
     /// or "log out everywhere"). The mark is read from the user's shard (this node's own
     /// replica when it has one, else its leader) and reused for `revocation_check_secs`, so a
     /// revocation reaches every node within that; when the shard cannot be read, the last
     /// mark read is used, and with none the check fails.
     pub async fn token_revoked(self: &Arc<Self>, who: &crate::auth::Principal) -> Result<bool, ShardError> {
+        if self.cfg.cluster_version < 2 {
+            // No revocation can exist before version 2 (and older nodes cannot be asked).
+            return Ok(false);
+        }
         let ttl = Duration::from_secs(self.cfg.revocation_check_secs);
         let mark = self.revocation_mark(&who.user, ttl).await?;
         // A mark is a second: tokens issued in it or before are refused (so tokens minted

@@ -34,6 +34,9 @@ async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        if node.cfg.cluster_version < 2 {
+            continue;
+        }
         let now = now_ms();
         let mut kinds = vec![
             (SweepKind::Dedup, now.saturating_sub(node.cfg.dedup_retention_secs * 1000)),
