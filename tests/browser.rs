@@ -128,6 +128,14 @@ async fn two_people_sign_up_on_different_nodes_and_chat_live_with_ticks() {
     );
     assert_eq!(shown(&bob).await, on_alice, "both see one order");
 
+    // The list reorders live, most recent first: carol writes, then bob again.
+    c.register(2, "carol").await;
+    let first_peer = "return document.querySelector('#conversations li') && document.querySelector('#conversations li').dataset.peer === arguments[0];";
+    c.send_ok(2, "carol", "alice", "c1", "hello from carol").await;
+    alice.wait_for("carol on top", first_peer, json!(["carol"]), T).await;
+    c.send_ok(0, "bob", "alice", "b9", "and bob again").await;
+    alice.wait_for("bob back on top", first_peer, json!(["bob"]), T).await;
+
     // The session survives a reload.
     alice.goto(&c.url(0)).await;
     alice.wait_text("#conn-state", "connected", T).await;
