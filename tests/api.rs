@@ -211,6 +211,10 @@ async fn grpc_client_api_matches_http() {
     // The same message is visible over HTTP.
     let h: HistoryResponse = c.history(2, "alice", "alice~bob", "").await.ok();
     assert_eq!(h.messages[0].client_msg_id, "g1");
+    // gRPC calls are counted like HTTP ones, by outcome.
+    let ok = c.metric(1, "raftchat_requests_total{code=\"ok\",op=\"send\",via=\"grpc\"}").await;
+    let denied = c.metric(1, "raftchat_requests_total{code=\"forbidden\",op=\"history\",via=\"grpc\"}").await;
+    assert_eq!((ok, denied), (1.0, 1.0));
 }
 
 #[tokio::test(flavor = "multi_thread")]

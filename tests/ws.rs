@@ -159,6 +159,9 @@ async fn every_device_gets_every_message_and_senders_see_their_own() {
             }
         }
     }
+    // WebSocket requests are counted like HTTP ones.
+    let counted = c.metric(0, "raftchat_requests_total{code=\"ok\",op=\"send\",via=\"ws\"}").await;
+    assert_eq!(counted, 10.0);
     c.send_ok(2, "bob", "alice", "b1", "b1").await;
     let rest = messages(&mut alice1, 11 - own.len()).await;
     own.extend(rest);
