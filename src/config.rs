@@ -250,7 +250,7 @@ impl Default for Config {
             dedup_retention_secs: 7 * 86_400,
             inbox_retention_secs: 7 * 86_400,
             message_retention_secs: 0,
-            sweep_interval_secs: 60,
+            sweep_interval_secs: 3600,
             sweep_batch: 1000,
         }
     }

@@ -13,6 +13,10 @@
 //! - inbox events older than `inbox_retention_secs` (a device away longer resumes with
 //!   4002 and resyncs from history); a user's last event stays, it numbers the next;
 //! - messages older than `message_retention_secs`, when set (0 keeps them forever).
+//!
+//! A pass scans every record of its kind (they are keyed by conversation or user, not by
+//! time), so it costs in proportion to what is retained, not to what expires; hence the
+//! hourly default. An expiry index ordered by time would fix that.
 
 use super::shard_handle::Admission;
 use super::Node;
