@@ -61,7 +61,24 @@ impl Spec {
 }
 
 /// A free loopback port (bound once, then released).
+/// A port to listen on, below Linux's ephemeral range (32768 and up): a port taken with
+/// `bind(0)` and released comes from that range, and an outgoing connection (a peer
+/// dialing, a test's HTTP client) can grab it as its source port before the node binds it,
+/// which made a node fail to start now and then. Each port is handed out once per process.
 pub fn free_port() -> anyhow::Result<u16> {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..2000 {
+        let p = 20_000 + rand::random::<u16>() % 12_000;
+        if given.contains(&p) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.insert(p);
+            return Ok(p);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -319,7 +336,19 @@ impl Cluster {
                 }
             }
             if Instant::now() > end {
-                bail!("node {} not ready within {timeout:?} (see {}/node{}.log)", i + 1, self.dir.display(), i + 1);
+                // The log's tail, so that a CI failure says why (the folder is gone after).
+                let log = self.dir.join(format!("node{}.log", i + 1));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let status =
+                    self.status(i).await.map(|s| s.to_string()).unwrap_or_else(|e| format!("no /status: {e:#}"));
+                bail!(
+                    "node {} not ready within {timeout:?} (see {}); /status: {status}\nlast log lines:\n{}",
+                    i + 1,
+                    log.display(),
+                    tail.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
