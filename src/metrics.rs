@@ -270,7 +270,9 @@ impl Metrics {
             disk_bytes,
             swept
         );
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("RAFTCHAT_GIT_COMMIT")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("RAFTCHAT_GIT_COMMIT").unwrap_or("unknown")])
+            .set(1);
         for via in ["http", "ws", "grpc"] {
             for op in OPS {
                 m.requests.with_label_values(&[via, op, "ok"]);

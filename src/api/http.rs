@@ -294,7 +294,7 @@ async fn status(State(node): St) -> Response {
     Json(serde_json::json!({
         "node": node.id,
         "version": env!("CARGO_PKG_VERSION"),
-        "commit": env!("RAFTCHAT_GIT_COMMIT"),
+        "commit": option_env!("RAFTCHAT_GIT_COMMIT").unwrap_or("unknown"),
         "shard_count": node.placement.shard_count(),
         "disk_bytes": disk,
         "shards": shards,
