@@ -82,6 +82,9 @@ pub struct Config {
     pub max_batch: usize,
     /// Write path: log entries a shard leader keeps proposed and not yet applied.
     pub batches_in_flight: usize,
+    /// Peer calls (Raft RPCs, forwarded operations) travel as frames on one long-lived
+    /// stream per peer (`Peer/Pipe`) instead of one gRPC call each. `false` only to compare.
+    pub peer_pipe: bool,
     /// Admission: new messages queued or in flight per shard before more are refused (503).
     pub shard_max_queued: usize,
     /// Admission: bytes of new messages queued or in flight per shard before more are refused.
@@ -218,6 +221,7 @@ impl Default for Config {
             ws_max_in_flight: 16,
             max_batch: 512,
             batches_in_flight: 1,
+            peer_pipe: true,
             shard_max_queued: 1024,
             shard_max_queued_bytes: 4 << 20,
             node_max_inflight_sends: 4096,

@@ -5,6 +5,7 @@ use super::router::{ShardError, ShardOp};
 use super::Node;
 use crate::pb;
 use crate::raft::network::PEER_KEY_HEADER;
+use crate::raft::pipe::Kind as PipeKind;
 use openraft::raft::InstallSnapshotRequest;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,10 +59,86 @@ fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
 }
 
 type InboxStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::InboxItem, Status>> + Send>>;
+type PipeStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PipeBatch, Status>> + Send>>;
+
+impl PeerService {
+    /// Runs one pipe frame (see `raft::pipe`) and answers it with the same id.
+    async fn run_frame(node: Arc<Node>, f: pb::PipeFrame) -> pb::PipeFrame {
+        let answer = |r: Result<Vec<u8>, Status>| match r {
+            Ok(payload) => pb::PipeFrame { id: f.id, payload, ..Default::default() },
+            Err(s) => pb::PipeFrame { id: f.id, error: s.message().to_string(), ..Default::default() },
+        };
+        let group = || {
+            node.groups
+                .get(&f.group)
+                .ok_or_else(|| Status::not_found(format!("node {} does not replicate shard {}", node.id, f.group)))
+        };
+        let r = match PipeKind::from_u32(f.kind) {
+            Some(PipeKind::AppendEntries) => match (group(), parse(&f.payload)) {
+                (Ok(g), Ok(rpc)) => json(&g.raft.append_entries(rpc).await),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            },
+            Some(PipeKind::Vote) => match (group(), parse(&f.payload)) {
+                (Ok(g), Ok(rpc)) => json(&g.raft.vote(rpc).await),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            },
+            Some(PipeKind::Forward) => match parse::<ShardOp>(&f.payload) {
+                Ok(op) => {
+                    let budget = Duration::from_millis(f.budget_ms.min(node.cfg.request_timeout_ms));
+                    let res: Result<_, ShardError> = node.execute_local(f.group, op, Instant::now() + budget).await;
+                    json(&res)
+                }
+                Err(e) => Err(e),
+            },
+            None => Err(Status::invalid_argument(format!("unknown pipe frame kind {}", f.kind))),
+        };
+        answer(r)
+    }
+}
 
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     type SubscribeStream = InboxStream;
+    type PipeStream = PipeStream;
+
+    /// The peer pipe's server end: every frame runs in its own task and is answered when
+    /// done, answers queued together leaving in one message.
+    async fn pipe(&self, req: Request<tonic::Streaming<pb::PipeBatch>>) -> Result<Response<PipeStream>, Status> {
+        self.check(&req)?;
+        let mut inbound = req.into_inner();
+        let node = self.node.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<pb::PipeFrame>();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = inbound.message().await {
+                for f in batch.frames {
+                    let (node, tx) = (node.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(Self::run_frame(node, f).await);
+                    });
+                }
+            }
+        });
+        let out = futures::stream::poll_fn(move |cx| {
+            let mut frames = Vec::new();
+            loop {
+                match rx.poll_recv(cx) {
+                    std::task::Poll::Ready(Some(f)) if frames.len() < 256 => frames.push(f),
+                    std::task::Poll::Ready(Some(f)) => {
+                        frames.push(f);
+                        break;
+                    }
+                    std::task::Poll::Ready(None) if frames.is_empty() => return std::task::Poll::Ready(None),
+                    std::task::Poll::Ready(None) | std::task::Poll::Pending => break,
+                }
+            }
+            if frames.is_empty() {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(Some(Ok(pb::PipeBatch { frames })))
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<InboxStream>, Status> {
         self.check(&req)?;

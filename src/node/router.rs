@@ -11,6 +11,7 @@
 use super::Node;
 use crate::chat::{Command, ConversationId, IndexEntry, Message, Reply, UserId};
 use crate::pb;
+use crate::raft::pipe::{Kind as PipeKind, PipeError};
 use crate::shard::{NodeId, ShardId};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -230,14 +231,26 @@ impl Node {
         // connection open and would hold the request until the deadline, while another
         // replica could already be leading.
         let budget = deadline.saturating_duration_since(Instant::now()).min(self.peers.rpc_timeout() * 2);
-        let msg = pb::ForwardRequest {
-            shard,
-            op: serde_json::to_vec(op).map_err(|e| ShardError::Invalid(e.to_string()))?,
-            budget_ms: budget.as_millis() as u64,
-        };
-        let mut client = self.peers.client(target).map_err(|e| unavailable(e.to_string()))?;
+        let op_bytes = serde_json::to_vec(op).map_err(|e| ShardError::Invalid(e.to_string()))?;
         let mark = self.peers.mark();
-        let rpc = tokio::time::timeout(budget, client.forward(self.peers.request(msg, budget)));
+        let piped = self.peers.pipe_usable(target);
+        let rpc = async {
+            if piped {
+                self.peers.pipe_call(target, PipeKind::Forward, shard, budget, op_bytes).await.map_err(|e| match e {
+                    // An older peer: the call did not happen; the caller's retry goes unary.
+                    PipeError::Unsupported => (false, e.to_string()),
+                    e => (true, e.to_string()),
+                })
+            } else {
+                let msg = pb::ForwardRequest { shard, op: op_bytes, budget_ms: budget.as_millis() as u64 };
+                let mut client = self.peers.client(target).map_err(|e| (true, e.to_string()))?;
+                match client.forward(self.peers.request(msg, budget)).await {
+                    Ok(r) => Ok(r.into_inner().payload),
+                    Err(status) => Err((true, status.message().to_string())),
+                }
+            }
+        };
+        let rpc = tokio::time::timeout(budget, rpc);
         // Give up early when Raft traffic shows the peer stopped answering meanwhile.
         let stopped = async {
             loop {
@@ -254,12 +267,14 @@ impl Node {
                 return Err(unavailable(format!("node {target} stopped answering")));
             }
         };
-        let reply = match outcome {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(status)) => {
+        let payload = match outcome {
+            Ok(Ok(p)) => p,
+            Ok(Err((failed, cause))) => {
                 self.metrics.forwards.with_label_values(&["transport_error"]).inc();
-                self.peers.note_failure(target, &status.message());
-                return Err(unavailable(format!("node {target}: {}", status.message())));
+                if failed {
+                    self.peers.note_failure(target, &cause);
+                }
+                return Err(unavailable(format!("node {target}: {cause}")));
             }
             Err(_) => {
                 self.metrics.forwards.with_label_values(&["timeout"]).inc();
@@ -269,7 +284,7 @@ impl Node {
         };
         self.peers.note_ok(target);
         self.metrics.forwards.with_label_values(&["ok"]).inc();
-        serde_json::from_slice::<Result<ShardReply, ShardError>>(&reply.payload)
+        serde_json::from_slice::<Result<ShardReply, ShardError>>(&payload)
             .map_err(|e| unavailable(format!("node {target} sent an undecodable reply: {e}")))?
     }
 }

@@ -3,6 +3,7 @@
 //! Payloads are openraft's own serde types as JSON; snapshot chunks travel as raw bytes.
 //! Every RPC is bounded by a timeout and carries the cluster's peer key.
 
+use super::pipe::{Kind as PipeKind, PipeError};
 use super::TypeConfig;
 use crate::pb;
 use crate::pb::peer_client::PeerClient;
@@ -33,6 +34,8 @@ struct PeersInner {
     rpc_timeout: Duration,
     health: HashMap<NodeId, Health>,
     epoch: std::time::Instant,
+    pipes: HashMap<NodeId, super::pipe::Pipe>,
+    pipe_on: bool,
 }
 
 /// When a peer last answered and last failed to (ms since `epoch`, 0 = never), and whether
@@ -98,8 +101,52 @@ impl Peers {
             .parse()
             .map_err(|_| PeerError::BadAddress { addr: "-".into(), reason: "peer key is not ASCII".into() })?;
         let health = channels.keys().map(|id| (*id, Health::default())).collect();
+        let pipes = channels.keys().map(|id| (*id, super::pipe::Pipe::default())).collect();
         let epoch = std::time::Instant::now();
-        Ok(Self { inner: Arc::new(PeersInner { channels, key, rpc_timeout, health, epoch }) })
+        let inner = PeersInner { channels, key, rpc_timeout, health, epoch, pipes, pipe_on: true };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Whether peer calls use the pipe (`peer_pipe`; on by default). Set before sharing.
+    pub fn with_pipe(mut self, on: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.pipe_on = on;
+        }
+        self
+    }
+
+    /// Whether calls to `target` should go over the pipe: pipes are on and the peer is not
+    /// known to lack them (an older build). Otherwise use the unary RPCs.
+    pub fn pipe_usable(&self, target: NodeId) -> bool {
+        self.inner.pipe_on && self.inner.pipes.get(&target).is_some_and(|p| p.usable())
+    }
+
+    /// One call over the pipe to `target` (see [`super::pipe`]). [`PipeError::Unsupported`]
+    /// when the peer turned out not to serve pipes: the call did not happen, and
+    /// [`Peers::pipe_usable`] now says false for a while.
+    pub async fn pipe_call(
+        &self,
+        target: NodeId,
+        kind: PipeKind,
+        group: u32,
+        budget: Duration,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, PipeError> {
+        if !self.inner.pipe_on {
+            return Err(PipeError::Unsupported);
+        }
+        let pipe = self
+            .inner
+            .pipes
+            .get(&target)
+            .ok_or_else(|| PipeError::Broken(format!("node {target} is not a cluster member")))?;
+        let open = || {
+            let client = self.client(target).ok()?;
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert(PEER_KEY_HEADER, self.inner.key.clone());
+            Some((client, md))
+        };
+        pipe.call(kind, group, budget, payload, open).await
     }
 
     fn now_ms(&self) -> u64 {
@@ -221,22 +268,47 @@ impl Conn {
         Resp: serde::de::DeserializeOwned,
     {
         let payload = serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let msg = pb::RaftRequest { group: self.group, kind: kind as i32, payload };
-        let mut client = self.peers.client(self.target).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let reply = match tokio::time::timeout(ttl, client.raft(self.peers.request(msg, ttl))).await {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(status)) => {
-                self.peers.note_failure(self.target, &status.message());
-                return Err(status_to_rpc(status));
+        let pipe_kind = match kind {
+            pb::RaftKind::Vote => PipeKind::Vote,
+            _ => PipeKind::AppendEntries,
+        };
+        let reply = if self.peers.pipe_usable(self.target) {
+            let piped = self.peers.pipe_call(self.target, pipe_kind, self.group, ttl, payload);
+            match tokio::time::timeout(ttl, piped).await {
+                Ok(Ok(r)) => r,
+                // An older peer: the call did not happen; openraft retries it, unary.
+                Ok(Err(e @ PipeError::Unsupported)) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+                Ok(Err(e @ PipeError::Broken(_))) => {
+                    self.peers.note_failure(self.target, &e);
+                    return Err(RPCError::Unreachable(Unreachable::new(&e)));
+                }
+                Ok(Err(e @ PipeError::Refused(_))) => {
+                    self.peers.note_failure(self.target, &e);
+                    return Err(RPCError::Network(NetworkError::new(&e)));
+                }
+                Err(e) => {
+                    self.peers.note_failure(self.target, &format_args!("no answer within {ttl:?}"));
+                    return Err(RPCError::Network(NetworkError::new(&e)));
+                }
             }
-            Err(e) => {
-                self.peers.note_failure(self.target, &format_args!("no answer within {ttl:?}"));
-                return Err(RPCError::Network(NetworkError::new(&e)));
+        } else {
+            let msg = pb::RaftRequest { group: self.group, kind: kind as i32, payload };
+            let mut client = self.peers.client(self.target).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            match tokio::time::timeout(ttl, client.raft(self.peers.request(msg, ttl))).await {
+                Ok(Ok(r)) => r.into_inner().payload,
+                Ok(Err(status)) => {
+                    self.peers.note_failure(self.target, &status.message());
+                    return Err(status_to_rpc(status));
+                }
+                Err(e) => {
+                    self.peers.note_failure(self.target, &format_args!("no answer within {ttl:?}"));
+                    return Err(RPCError::Network(NetworkError::new(&e)));
+                }
             }
         };
         self.peers.note_ok(self.target);
         let res: Result<Resp, RaftError<NodeId>> =
-            serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            serde_json::from_slice(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
