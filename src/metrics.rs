@@ -28,6 +28,7 @@ pub struct Metrics {
     pub send_seconds: Histogram,
     pub requests: IntCounterVec,
     pub forwards: IntCounterVec,
+    pub peer_calls: IntCounterVec,
     pub cache_hits: IntCounterVec,
     pub cache_misses: IntCounterVec,
     pub shard_leader: IntGaugeVec,
@@ -158,6 +159,14 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid"),
+            peer_calls: IntCounterVec::new(
+                Opts::new(
+                    "peer_calls_total",
+                    "Calls to other nodes (Raft RPCs and forwarded operations) by transport: `pipe` (frames on the peer stream) or `unary` (one gRPC call each: pipes off, or an older peer)",
+                ),
+                &["transport", "kind"],
+            )
+            .expect("valid"),
             cache_hits: IntCounterVec::new(
                 Opts::new("cache_hits_total", "History pages served from the 24h cache"),
                 &["shard"],
@@ -249,6 +258,7 @@ impl Metrics {
             send_seconds,
             requests,
             forwards,
+            peer_calls,
             cache_hits,
             cache_misses,
             shard_leader,
@@ -303,6 +313,11 @@ impl Metrics {
         }
         for r in FORWARD_RESULTS {
             m.forwards.with_label_values(&[r]);
+        }
+        for t in ["pipe", "unary"] {
+            for k in ["append_entries", "vote", "forward"] {
+                m.peer_calls.with_label_values(&[t, k]);
+            }
         }
         let process = Registry::new();
         #[cfg(target_os = "linux")]

@@ -73,7 +73,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         Duration::from_millis(cfg.rpc_timeout_ms),
         tls.as_ref().map(|t| t.peer_client.clone()),
     )?
-    .with_pipe(cfg.peer_pipe);
+    .with_pipe(cfg.peer_pipe, metrics.peer_calls.clone());
 
     // Bind first so a taken port fails fast, before any Raft group starts.
     let http_listener = tokio::net::TcpListener::bind(cfg.http_addr)

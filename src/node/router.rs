@@ -234,6 +234,7 @@ impl Node {
         let op_bytes = serde_json::to_vec(op).map_err(|e| ShardError::Invalid(e.to_string()))?;
         let mark = self.peers.mark();
         let piped = self.peers.pipe_usable(target);
+        self.peers.count_call(piped, PipeKind::Forward);
         let rpc = async {
             if piped {
                 self.peers.pipe_call(target, PipeKind::Forward, shard, budget, op_bytes).await.map_err(|e| match e {

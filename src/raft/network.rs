@@ -36,6 +36,7 @@ struct PeersInner {
     epoch: std::time::Instant,
     pipes: HashMap<NodeId, super::pipe::Pipe>,
     pipe_on: bool,
+    calls: Option<prometheus::IntCounterVec>,
 }
 
 /// When a peer last answered and last failed to (ms since `epoch`, 0 = never), and whether
@@ -103,16 +104,30 @@ impl Peers {
         let health = channels.keys().map(|id| (*id, Health::default())).collect();
         let pipes = channels.keys().map(|id| (*id, super::pipe::Pipe::default())).collect();
         let epoch = std::time::Instant::now();
-        let inner = PeersInner { channels, key, rpc_timeout, health, epoch, pipes, pipe_on: true };
+        let inner = PeersInner { channels, key, rpc_timeout, health, epoch, pipes, pipe_on: true, calls: None };
         Ok(Self { inner: Arc::new(inner) })
     }
 
-    /// Whether peer calls use the pipe (`peer_pipe`; on by default). Set before sharing.
-    pub fn with_pipe(mut self, on: bool) -> Self {
+    /// Whether peer calls use the pipe (`peer_pipe`; on by default), and where calls are
+    /// counted (`raftchat_peer_calls_total`). Set before sharing.
+    pub fn with_pipe(mut self, on: bool, calls: prometheus::IntCounterVec) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.pipe_on = on;
+            inner.calls = Some(calls);
         }
         self
+    }
+
+    /// Counts a call in `raftchat_peer_calls_total{transport,kind}`.
+    pub fn count_call(&self, piped: bool, kind: PipeKind) {
+        if let Some(c) = &self.inner.calls {
+            let kind = match kind {
+                PipeKind::AppendEntries => "append_entries",
+                PipeKind::Vote => "vote",
+                PipeKind::Forward => "forward",
+            };
+            c.with_label_values(&[if piped { "pipe" } else { "unary" }, kind]).inc();
+        }
     }
 
     /// Whether calls to `target` should go over the pipe: pipes are on and the peer is not
@@ -272,7 +287,9 @@ impl Conn {
             pb::RaftKind::Vote => PipeKind::Vote,
             _ => PipeKind::AppendEntries,
         };
-        let reply = if self.peers.pipe_usable(self.target) {
+        let piped = self.peers.pipe_usable(self.target);
+        self.peers.count_call(piped, pipe_kind);
+        let reply = if piped {
             let piped = self.peers.pipe_call(self.target, pipe_kind, self.group, ttl, payload);
             match tokio::time::timeout(ttl, piped).await {
                 Ok(Ok(r)) => r,

@@ -256,3 +256,60 @@ fn fail_all(pending: &mut HashMap<u64, Answer>, jobs: &mut mpsc::UnboundedReceiv
         let _ = job.answer.send(Err(e.clone()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer of an older build: its gRPC server answers the unknown `Peer/Pipe` with
+    /// `UNIMPLEMENTED` (grpc-status 12), as tonic does for any method it does not have.
+    async fn older_peer() -> std::net::SocketAddr {
+        let app = axum::Router::new().fallback(|| async {
+            ([("content-type", "application/grpc"), ("grpc-status", "12"), ("grpc-message", "unknown method")], "")
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn client(addr: std::net::SocketAddr) -> PeerClient<Channel> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy();
+        PeerClient::new(ch)
+    }
+
+    #[tokio::test]
+    async fn an_older_peer_is_called_unary_for_a_while() {
+        let addr = older_peer().await;
+        let pipe = Pipe::default();
+        assert!(pipe.usable());
+        let open = || Some((client(addr), tonic::metadata::MetadataMap::new()));
+        let r = pipe.call(Kind::Vote, 0, Duration::from_secs(1), b"{}".to_vec(), open).await;
+        assert!(matches!(r, Err(PipeError::Unsupported)), "{r:?}");
+        assert!(!pipe.usable(), "callers now use the unary RPCs");
+        let r = pipe.call(Kind::Vote, 0, Duration::from_secs(1), b"{}".to_vec(), || None).await;
+        assert!(matches!(r, Err(PipeError::Unsupported)), "no new stream is tried: {r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_is_down_fails_the_call_and_the_next_call_tries_again() {
+        // A port nobody listens on.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let pipe = Pipe::default();
+        let open = || Some((client(addr), tonic::metadata::MetadataMap::new()));
+        let r = pipe.call(Kind::Forward, 3, Duration::from_secs(1), b"{}".to_vec(), open).await;
+        assert!(matches!(r, Err(PipeError::Broken(_))), "{r:?}");
+        assert!(pipe.usable(), "a broken stream is not an older peer");
+        let mut tried = false;
+        let _ = pipe
+            .call(Kind::Forward, 3, Duration::from_secs(1), b"{}".to_vec(), || {
+                tried = true;
+                None
+            })
+            .await;
+        assert!(tried, "the next call opens a new stream");
+    }
+}

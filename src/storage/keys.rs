@@ -99,10 +99,23 @@ impl Writes {
         Ok(Writes(writes))
     }
 
-    /// Stores the redo record, then makes the writes in order.
+    /// Stores the redo record, then makes the writes: one per key (the last one made to it,
+    /// since each sets a final value), in key order. A full entry updates the same keys many
+    /// times (a conversation's meta, a user's inbox counter and recent-conversations entry),
+    /// and sled's inserts are the largest cost of applying.
     pub fn commit(&self, tree: &sled::Tree) -> Result<(), StoreError> {
-        tree.insert(REDO, self.encode())?;
-        self.write_all(tree)
+        let merged = self.merged();
+        tree.insert(REDO, merged.encode())?;
+        merged.write_all(tree)
+    }
+
+    /// The same final state in fewer writes: the last write of each key, in key order.
+    pub fn merged(&self) -> Writes {
+        let mut last: std::collections::BTreeMap<&[u8], &Option<Vec<u8>>> = std::collections::BTreeMap::new();
+        for (k, v) in &self.0 {
+            last.insert(k.as_slice(), v);
+        }
+        Writes(last.into_iter().map(|(k, v)| (k.to_vec(), v.clone())).collect())
     }
 
     fn write_all(&self, tree: &sled::Tree) -> Result<(), StoreError> {
@@ -453,6 +466,31 @@ mod tests {
         w.insert(b"b".to_vec(), Vec::new());
         w.insert(APPLIED.to_vec(), b"7".to_vec());
         w
+    }
+
+    #[test]
+    fn merged_writes_leave_the_same_state() {
+        let mut w = Writes::default();
+        w.insert(b"b".to_vec(), b"1".to_vec());
+        w.insert(b"a".to_vec(), b"1".to_vec());
+        w.insert(b"b".to_vec(), b"2".to_vec());
+        w.remove(b"a".to_vec());
+        w.insert(b"c".to_vec(), b"3".to_vec());
+        w.remove(b"c".to_vec());
+        w.insert(b"c".to_vec(), b"4".to_vec());
+        let (one, two) = (tree(), tree());
+        one.insert(b"a", b"0").unwrap();
+        two.insert(b"a", b"0").unwrap();
+        w.write_all(&one).unwrap();
+        w.commit(&two).unwrap();
+        two.remove(REDO).unwrap();
+        assert_eq!(dump(&one), dump(&two));
+        let m = w.merged();
+        assert_eq!(m.0.len(), 3);
+        assert_eq!(
+            m.0.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+        );
     }
 
     #[test]
