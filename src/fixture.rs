@@ -32,6 +32,8 @@ pub struct Spec {
     /// TLS everywhere: a CA and node certificates are made under `dir/tls` (once), and
     /// `dir/tls/revoked` is every node's revoked list.
     pub tls: bool,
+    /// Config keys set on every node after `base` and `tweak` (`raftchat bench --set`).
+    pub set: Vec<(String, toml::Value)>,
 }
 
 impl std::fmt::Debug for Spec {
@@ -56,6 +58,7 @@ impl Spec {
             tweak: |_| {},
             wrap: None,
             tls: false,
+            set: Vec::new(),
         }
     }
 }
@@ -133,10 +136,39 @@ pub fn configs(spec: &Spec) -> anyhow::Result<Vec<Config>> {
         }
         (spec.base)(&mut c);
         (spec.tweak)(&mut c);
+        if !spec.set.is_empty() {
+            c = with_keys(&c, &spec.set)?;
+        }
         c.validate()?;
         out.push(c);
     }
     Ok(out)
+}
+
+/// `c` with `keys` set, as if written in its TOML file (unknown keys and wrong types are
+/// errors that name the key).
+pub fn with_keys(c: &Config, keys: &[(String, toml::Value)]) -> anyhow::Result<Config> {
+    let mut v = toml::Value::try_from(c)?;
+    let t = v.as_table_mut().context("a config is a table")?;
+    for (k, val) in keys {
+        t.insert(k.clone(), val.clone());
+    }
+    let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+    v.try_into().with_context(|| format!("setting {}", names.join(", ")))
+}
+
+/// Parses `KEY=VALUE`; the value is TOML (`true`, `2`, `"text"`), or else taken as a string.
+pub fn parse_set(s: &str) -> Result<(String, toml::Value), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(format!("no key in {s:?}"));
+    }
+    let val = toml::from_str::<toml::Table>(&format!("v = {v}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(v.to_string()));
+    Ok((k.to_string(), val))
 }
 
 /// `c` as TOML, leaving out the keys that hold their default value: short files that say
@@ -416,4 +448,24 @@ pub fn latency_report(label: &str, mut ms: Vec<f64>) -> String {
         pct(0.99),
         ms[ms.len() - 1]
     )
+}
+
+#[cfg(test)]
+mod set_tests {
+    use super::*;
+
+    #[test]
+    fn set_keys_are_typed_and_unknown_or_mistyped_ones_are_named() {
+        assert_eq!(parse_set("peer_pipe=false").unwrap(), ("peer_pipe".into(), toml::Value::Boolean(false)));
+        assert_eq!(parse_set("batches_in_flight = 2").unwrap().1, toml::Value::Integer(2));
+        assert_eq!(parse_set("registration=invite").unwrap().1, toml::Value::String("invite".into()));
+        assert!(parse_set("no-equals").is_err());
+        assert!(parse_set("=1").is_err());
+        let c = with_keys(&Config::default(), &[parse_set("peer_pipe=false").unwrap()]).unwrap();
+        assert!(!c.peer_pipe);
+        let e = with_keys(&Config::default(), &[parse_set("peer_pipes=false").unwrap()]).unwrap_err();
+        assert!(format!("{e:#}").contains("peer_pipes"), "{e:#}");
+        let e = with_keys(&Config::default(), &[parse_set("batches_in_flight=many").unwrap()]).unwrap_err();
+        assert!(format!("{e:#}").contains("batches_in_flight"), "{e:#}");
+    }
 }

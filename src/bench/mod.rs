@@ -41,7 +41,7 @@ pub enum Nodes {
     /// Start `nodes` processes of `bin` with `shards` shards under `dir`.
     /// With `tls`, the nodes serve HTTPS/WSS and talk mutual TLS (`raftchat certs` material
     /// made under `dir`).
-    Local { bin: PathBuf, nodes: usize, shards: u32, dir: PathBuf, tls: bool },
+    Local { bin: PathBuf, nodes: usize, shards: u32, dir: PathBuf, tls: bool, set: Vec<(String, toml::Value)> },
     /// Use running nodes; tokens are minted with the cluster's keys; `ca` is trusted for
     /// `https://` / `wss://`.
     Running { urls: Vec<String>, keys: Keys, data_dirs: Vec<PathBuf>, ca: Option<PathBuf> },
@@ -108,8 +108,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
 
     // raftchat
     let (cluster, urls, keys, data_dirs, ca) = match &plan.nodes {
-        Nodes::Local { bin, nodes, shards, dir, tls } => {
-            let mut spec = Spec { shards: *shards, tls: *tls, ..Spec::new(*nodes, dir) };
+        Nodes::Local { bin, nodes, shards, dir, tls, set } => {
+            let mut spec = Spec { shards: *shards, tls: *tls, set: set.clone(), ..Spec::new(*nodes, dir) };
             // Load generation is not a person typing: no per-user send limit, and every
             // connection comes from one address.
             spec.base = |c| {

@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// the run), to measure what TLS costs.
     #[arg(long)]
     pub tls: bool,
+    /// With --local: a config key for every node, as in its TOML file (repeatable), to compare
+    /// settings in one command, e.g. `--set peer_pipe=false` or `--set batches_in_flight=2`
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = crate::fixture::parse_set)]
+    pub set: Vec<(String, toml::Value)>,
     /// Without --local: CA certificate (PEM) to trust for `https://` servers.
     #[arg(long, env = "RAFTCHAT_CA_FILE")]
     pub ca_file: Option<PathBuf>,
@@ -85,7 +89,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         let dir = tempfile::Builder::new().prefix("raftchat-bench").tempdir_in(".")?;
         let path = dir.path().to_path_buf();
         _tmp = Some(dir);
-        Nodes::Local { bin: std::env::current_exe()?, nodes: a.nodes, shards: a.shards, dir: path, tls: a.tls }
+        Nodes::Local {
+            bin: std::env::current_exe()?,
+            nodes: a.nodes,
+            shards: a.shards,
+            dir: path,
+            tls: a.tls,
+            set: a.set.clone(),
+        }
     } else {
         _tmp = None;
         Nodes::Running {
