@@ -85,6 +85,10 @@ pub struct Config {
     /// Peer calls (Raft RPCs, forwarded operations) travel as frames on one long-lived
     /// stream per peer (`Peer/Pipe`) instead of one gRPC call each. `false` only to compare.
     pub peer_pipe: bool,
+    /// Elections start only after a majority of the group's voters agree they have not heard
+    /// from a leader (a pre-vote), so a node returning from isolation does not depose a
+    /// healthy leader. `false` gives openraft's own election timer (to compare).
+    pub prevote: bool,
     /// Admission: new messages queued or in flight per shard before more are refused (503).
     pub shard_max_queued: usize,
     /// Admission: bytes of new messages queued or in flight per shard before more are refused.
@@ -222,6 +226,7 @@ impl Default for Config {
             max_batch: 512,
             batches_in_flight: 1,
             peer_pipe: true,
+            prevote: true,
             shard_max_queued: 1024,
             shard_max_queued_bytes: 4 << 20,
             node_max_inflight_sends: 4096,

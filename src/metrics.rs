@@ -29,6 +29,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub forwards: IntCounterVec,
     pub peer_calls: IntCounterVec,
+    pub prevotes: IntCounterVec,
     pub cache_hits: IntCounterVec,
     pub cache_misses: IntCounterVec,
     pub shard_leader: IntGaugeVec,
@@ -167,6 +168,14 @@ impl Metrics {
                 &["transport", "kind"],
             )
             .expect("valid"),
+            prevotes: IntCounterVec::new(
+                Opts::new(
+                    "prevotes_total",
+                    "Pre-votes this node held for its groups: `won` (a majority agreed the leader is gone; an election follows) or `lost`",
+                ),
+                &["result"],
+            )
+            .expect("valid"),
             cache_hits: IntCounterVec::new(
                 Opts::new("cache_hits_total", "History pages served from the 24h cache"),
                 &["shard"],
@@ -259,6 +268,7 @@ impl Metrics {
             requests,
             forwards,
             peer_calls,
+            prevotes,
             cache_hits,
             cache_misses,
             shard_leader,
@@ -314,8 +324,11 @@ impl Metrics {
         for r in FORWARD_RESULTS {
             m.forwards.with_label_values(&[r]);
         }
+        for r in ["won", "lost"] {
+            m.prevotes.with_label_values(&[r]);
+        }
         for t in ["pipe", "unary"] {
-            for k in ["append_entries", "vote", "forward"] {
+            for k in ["append_entries", "vote", "forward", "pre_vote"] {
                 m.peer_calls.with_label_values(&[t, k]);
             }
         }

@@ -161,6 +161,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
     let mut tasks = crate::node::send::spawn(node.clone(), outbox_rx, stop_rx.clone());
     tasks.push(crate::node::retention::spawn(node.clone(), stop_rx.clone()));
+    if node.cfg.prevote {
+        let members = node
+            .groups
+            .values()
+            .map(|g| crate::raft::prevote::Member { shard: g.shard, raft: g.raft.clone(), contact: g.contact.clone() })
+            .collect();
+        let timeouts = (
+            Duration::from_millis(node.cfg.election_timeout_min_ms),
+            Duration::from_millis(node.cfg.election_timeout_max_ms),
+        );
+        tasks.push(crate::raft::prevote::spawn(
+            node.id,
+            members,
+            node.peers.clone(),
+            timeouts,
+            node.metrics.clone(),
+            stop_rx.clone(),
+        ));
+    }
 
     let peer = {
         let svc = crate::node::peer_service::PeerService::new(node.clone());

@@ -63,6 +63,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// This node's answer to a peer's pre-vote for `group` (`raft::prevote`).
+    pub fn pre_vote_answer(&self, group: &crate::raft::group::Group) -> bool {
+        let min = Duration::from_millis(self.cfg.election_timeout_min_ms);
+        crate::raft::prevote::answer(self.id, &group.raft, &group.contact, min)
+    }
+
     pub fn request_deadline(&self) -> Instant {
         Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms)
     }

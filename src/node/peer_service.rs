@@ -75,7 +75,7 @@ impl PeerService {
         };
         let r = match PipeKind::from_u32(f.kind) {
             Some(PipeKind::AppendEntries) => match (group(), parse(&f.payload)) {
-                (Ok(g), Ok(rpc)) => json(&g.raft.append_entries(rpc).await),
+                (Ok(g), Ok(rpc)) => json(&g.append_entries(rpc).await),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             },
             Some(PipeKind::Vote) => match (group(), parse(&f.payload)) {
@@ -90,7 +90,11 @@ impl PeerService {
                 }
                 Err(e) => Err(e),
             },
-            None => Err(Status::invalid_argument(format!("unknown pipe frame kind {}", f.kind))),
+            Some(PipeKind::PreVote) => match group() {
+                Ok(g) => json(&node.pre_vote_answer(g)),
+                Err(e) => Err(e),
+            },
+            None => Err(Status::invalid_argument(format!("{} {}", crate::raft::pipe::UNKNOWN_KIND, f.kind))),
         };
         answer(r)
     }
@@ -164,10 +168,12 @@ impl pb::peer_server::Peer for PeerService {
     async fn raft(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         self.check(&req)?;
         let r = req.into_inner();
-        let raft = &self.group(r.group)?.raft;
+        let group = self.group(r.group)?;
+        let raft = &group.raft;
         let payload = match pb::RaftKind::try_from(r.kind) {
-            Ok(pb::RaftKind::AppendEntries) => json(&raft.append_entries(parse(&r.payload)?).await)?,
+            Ok(pb::RaftKind::AppendEntries) => json(&group.append_entries(parse(&r.payload)?).await)?,
             Ok(pb::RaftKind::Vote) => json(&raft.vote(parse(&r.payload)?).await)?,
+            Ok(pb::RaftKind::PreVote) => json(&self.node.pre_vote_answer(group))?,
             _ => return Err(Status::invalid_argument(format!("unknown raft rpc kind {}", r.kind))),
         };
         Ok(Response::new(pb::RaftReply { payload }))
@@ -184,7 +190,13 @@ impl pb::peer_server::Peer for PeerService {
             data: c.data,
             done: c.done,
         };
-        let payload = json(&raft.install_snapshot(rpc).await)?;
+        let leader_vote = rpc.vote;
+        let res = raft.install_snapshot(rpc).await;
+        // Accepted (not refused for a higher vote): the leader is in contact.
+        if matches!(&res, Ok(r) if r.vote == leader_vote) {
+            self.group(c.group)?.contact.note();
+        }
+        let payload = json(&res)?;
         Ok(Response::new(pb::RaftReply { payload }))
     }
 

@@ -34,9 +34,24 @@ pub struct Group {
     pub raft: Raft,
     pub sm: StateMachine,
     pub committed_index: Arc<AtomicU64>,
+    /// When this node last heard from the group's leader (pre-vote, [`super::prevote`]).
+    pub contact: super::prevote::Contact,
 }
 
 impl Group {
+    /// openraft's `append_entries`, noting the leader's contact unless it was refused for a
+    /// higher vote (an outdated leader is no contact).
+    pub async fn append_entries(
+        &self,
+        rpc: openraft::raft::AppendEntriesRequest<super::TypeConfig>,
+    ) -> Result<openraft::raft::AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>> {
+        let res = self.raft.append_entries(rpc).await;
+        if matches!(&res, Ok(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+            self.contact.note();
+        }
+        res
+    }
+
     pub fn committed(&self) -> u64 {
         self.committed_index.load(Ordering::Relaxed)
     }
@@ -56,6 +71,8 @@ pub fn raft_config(cfg: &Config, shard: ShardId) -> Result<Arc<openraft::Config>
         // catching-up follower gets answers within the RPC timeout (openraft uses the
         // heartbeat interval as that timeout).
         max_payload_entries: 64,
+        // With pre-votes, elections are started by `prevote`'s task, not openraft's timer.
+        enable_elect: !cfg.prevote,
         ..Default::default()
     };
     Ok(Arc::new(c.validate().map_err(|e| GroupError::Config(e.to_string()))?))
@@ -101,5 +118,5 @@ pub async fn start(
             Err(e) => tracing::warn!(shard, cause = %e, "initialize skipped"),
         }
     }
-    Ok(Group { shard, raft, sm, committed_index })
+    Ok(Group { shard, raft, sm, committed_index, contact: Default::default() })
 }

@@ -125,6 +125,7 @@ impl Peers {
                 PipeKind::AppendEntries => "append_entries",
                 PipeKind::Vote => "vote",
                 PipeKind::Forward => "forward",
+                PipeKind::PreVote => "pre_vote",
             };
             c.with_label_values(&[if piped { "pipe" } else { "unary" }, kind]).inc();
         }
@@ -236,6 +237,54 @@ impl Peers {
         req.metadata_mut().insert(PEER_KEY_HEADER, self.inner.key.clone());
         req.set_timeout(timeout);
         req
+    }
+}
+
+/// Why [`Peers::call_raw`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    /// The peer does not know this call (an older build).
+    #[error("the peer does not know this call")]
+    UnknownCall,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Peers {
+    /// One Raft-level call of `kind` with a JSON payload, on the pipe when usable, else unary
+    /// (`Peer/Raft`); the reply's payload. For calls outside openraft (pre-votes).
+    pub async fn call_raw(
+        &self,
+        target: NodeId,
+        kind: PipeKind,
+        group: ShardId,
+        ttl: Duration,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, RawError> {
+        let piped = self.pipe_usable(target);
+        self.count_call(piped, kind);
+        if piped {
+            return match self.pipe_call(target, kind, group, ttl, payload).await {
+                Ok(r) => Ok(r),
+                Err(PipeError::Refused(m)) if m.starts_with(super::pipe::UNKNOWN_KIND) => Err(RawError::UnknownCall),
+                Err(e) => Err(RawError::Failed(e.to_string())),
+            };
+        }
+        let raft_kind = match kind {
+            PipeKind::AppendEntries => pb::RaftKind::AppendEntries,
+            PipeKind::Vote => pb::RaftKind::Vote,
+            PipeKind::PreVote => pb::RaftKind::PreVote,
+            PipeKind::Forward => return Err(RawError::Failed("forwards are not raft calls".into())),
+        };
+        let msg = pb::RaftRequest { group, kind: raft_kind as i32, payload };
+        let mut client = self.client(target).map_err(|e| RawError::Failed(e.to_string()))?;
+        match client.raft(self.request(msg, ttl)).await {
+            Ok(r) => Ok(r.into_inner().payload),
+            Err(s) if s.code() == tonic::Code::InvalidArgument && s.message().starts_with("unknown raft rpc kind") => {
+                Err(RawError::UnknownCall)
+            }
+            Err(s) => Err(RawError::Failed(s.message().to_string())),
+        }
     }
 }
 

@@ -33,6 +33,7 @@ pub enum Kind {
     AppendEntries = 1,
     Vote = 2,
     Forward = 3,
+    PreVote = 4,
 }
 
 impl Kind {
@@ -41,6 +42,7 @@ impl Kind {
             1 => Some(Kind::AppendEntries),
             2 => Some(Kind::Vote),
             3 => Some(Kind::Forward),
+            4 => Some(Kind::PreVote),
             _ => None,
         }
     }
@@ -63,6 +65,9 @@ pub enum PipeError {
 /// How long a peer that answered `UNIMPLEMENTED` is served by the unary RPCs before the pipe
 /// is tried again (it may have been upgraded meanwhile).
 const RETRY_UNSUPPORTED: Duration = Duration::from_secs(30);
+
+/// How a peer's answer to a frame kind it does not know begins.
+pub const UNKNOWN_KIND: &str = "unknown pipe frame kind";
 
 /// Frames per `PipeBatch` at most.
 const MAX_FRAMES: usize = 256;
