@@ -47,7 +47,14 @@ fn harness_config(c: &mut raftchat::config::Config) {
 impl Db {
     /// Writes every node's config and starts them all; with `lazy`, each node's data folder
     /// (`node<N>`) is first mounted as a lazy view of `node<N>.disk`.
-    pub fn start(net: Net, bin: &Path, dir: &Path, shards: u32, lazy: bool) -> anyhow::Result<Self> {
+    pub fn start(
+        net: Net,
+        bin: &Path,
+        dir: &Path,
+        shards: u32,
+        lazy: bool,
+        set: Vec<(String, toml::Value)>,
+    ) -> anyhow::Result<Self> {
         if !bin.exists() {
             bail!("raftchat binary {} not found: build it first (cargo build --release)", bin.display());
         }
@@ -73,6 +80,7 @@ impl Db {
             hosts: Some((0..net.nodes).map(|i| net.ip(i)).collect()),
             tweak: harness_config,
             wrap: Some(wrap),
+            set,
             ..Spec::new(net.nodes, dir)
         };
         let mut mounts = Vec::new();

@@ -34,6 +34,10 @@ enum Cmd {
         /// Seconds without faults before the final reads.
         #[arg(long, default_value_t = 10)]
         quiet: u64,
+        /// A config key for every node, as in its TOML file (repeatable), e.g. `--set
+        /// prevote=false` to compare a setting under the same faults.
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = raftchat::fixture::parse_set)]
+        set: Vec<(String, toml::Value)>,
         /// The raftchat binary under test.
         #[arg(long, default_value = "target/release/raftchat")]
         bin: PathBuf,
@@ -64,7 +68,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Test { nodes, time, nemesis, rate, concurrency, users, shards, quiet, bin, out } => {
+            Cmd::Test { nodes, time, nemesis, rate, concurrency, users, shards, quiet, set, bin, out } => {
                 anyhow::ensure!((3..=9).contains(&nodes), "--nodes must be in 3..=9");
                 anyhow::ensure!(users >= 2, "--users must be at least 2");
                 let nemesis = nemesis
@@ -75,7 +79,8 @@ fn main() -> std::process::ExitCode {
                     .collect();
                 let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
                 let out = out.unwrap_or_else(|| PathBuf::from(format!("jepsen/store/run-{stamp}")));
-                let o = jepsen::run::Opts { nodes, time, nemesis, rate, concurrency, users, shards, quiet, bin, out };
+                let o =
+                    jepsen::run::Opts { nodes, time, nemesis, rate, concurrency, users, shards, quiet, set, bin, out };
                 Ok(jepsen::run::run(o).await?.valid)
             }
             Cmd::Lazyfs { backing, mount } => {

@@ -29,6 +29,8 @@ pub struct Opts {
     pub users: usize,
     pub shards: u32,
     pub quiet: u64,
+    /// Config keys set on every node.
+    pub set: Vec<(String, toml::Value)>,
     pub bin: PathBuf,
     pub out: PathBuf,
 }
@@ -72,7 +74,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Verdict> {
 
 async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> {
     let power = o.nemesis.iter().any(|f| f.starts_with("power"));
-    let db = Db::start(net, &o.bin, &out, o.shards, power)?;
+    let db = Db::start(net, &o.bin, &out, o.shards, power, o.set.clone())?;
     if !db.faketime && o.nemesis.iter().any(|f| f == "clock") {
         eprintln!(
             "warning: {} not found (apt-get install libfaketime): clock faults are skipped",
@@ -153,6 +155,10 @@ async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> 
     for s in subs {
         s.abort();
     }
+    let terms = {
+        let g = db.lock().await;
+        raft_terms(&(0..g.len()).map(|i| g.url(i)).collect::<Vec<_>>()).await
+    };
 
     let ops = rec.snapshot();
     let windows = timeline.windows.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -163,12 +169,37 @@ async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> 
     std::fs::write(out.join("verdict.json"), serde_json::to_string_pretty(&verdict)?)?;
     let title = format!("raftchat: {} nodes, {}s, nemesis {}, {} ops", o.nodes, o.time, o.nemesis.join(","), ops.len());
     std::fs::write(out.join("latency.svg"), crate::plot::svg(&ops, &windows, &title))?;
-    let summary = summary(o, &verdict, &windows);
+    let mut summary = summary(o, &verdict, &windows);
+    summary += &terms;
     std::fs::write(out.join("summary.txt"), &summary)?;
     eprintln!("{summary}");
     eprintln!("run folder: {}", out.display());
     drop(db);
     Ok(verdict)
+}
+
+/// Elections during the run, from the nodes' `/status`: each shard's term (the highest any
+/// node reports) started at 1 when the cluster was created, so `term - 1` elections followed.
+async fn raft_terms(urls: &[String]) -> String {
+    let http = reqwest::Client::new();
+    let mut term: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for u in urls {
+        let Ok(r) = http.get(format!("{u}/status")).timeout(Duration::from_secs(3)).send().await else { continue };
+        let Ok(v) = r.json::<serde_json::Value>().await else { continue };
+        for g in v["shards"].as_array().into_iter().flatten() {
+            if let (Some(s), Some(t)) = (g["shard"].as_u64(), g["term"].as_u64()) {
+                let e = term.entry(s).or_default();
+                *e = (*e).max(t);
+            }
+        }
+    }
+    let elections: u64 = term.values().map(|t| t.saturating_sub(1)).sum();
+    format!(
+        "raft terms at the end: {} elections after the first over {} shards (highest term {})\n",
+        elections,
+        term.len(),
+        term.values().max().copied().unwrap_or(0)
+    )
 }
 
 pub fn summary(o: &Opts, v: &Verdict, windows: &[nemesis::Window]) -> String {
