@@ -89,6 +89,10 @@ pub struct Config {
     /// from a leader (a pre-vote), so a node returning from isolation does not depose a
     /// healthy leader. `false` gives openraft's own election timer (to compare).
     pub prevote: bool,
+    /// Leader balancing: every this many seconds a node gives each shard it leads back to the
+    /// shard's preferred leader (its first replica) when that node answers and is caught up,
+    /// one shard per round. 0 turns it off.
+    pub balance_every_secs: u64,
     /// Admission: new messages queued or in flight per shard before more are refused (503).
     pub shard_max_queued: usize,
     /// Admission: bytes of new messages queued or in flight per shard before more are refused.
@@ -227,6 +231,7 @@ impl Default for Config {
             batches_in_flight: 1,
             peer_pipe: true,
             prevote: true,
+            balance_every_secs: 30,
             shard_max_queued: 1024,
             shard_max_queued_bytes: 4 << 20,
             node_max_inflight_sends: 4096,

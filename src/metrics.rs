@@ -30,6 +30,7 @@ pub struct Metrics {
     pub forwards: IntCounterVec,
     pub peer_calls: IntCounterVec,
     pub prevotes: IntCounterVec,
+    pub leader_transfers: IntCounterVec,
     pub cache_hits: IntCounterVec,
     pub cache_misses: IntCounterVec,
     pub shard_leader: IntGaugeVec,
@@ -76,6 +77,7 @@ pub const OPS: &[&str] = &[
     "revoke_tokens",
     "backup",
     "restore",
+    "transfer_leader",
 ];
 /// Bounds named in `raftchat_shed_total{bound}`.
 pub const SHED_BOUNDS: &[&str] = &["node", "shard", "user_rate", "connections", "connections_per_ip"];
@@ -166,6 +168,14 @@ impl Metrics {
                     "Calls to other nodes (Raft RPCs and forwarded operations) by transport: `pipe` (frames on the peer stream) or `unary` (one gRPC call each: pipes off, or an older peer)",
                 ),
                 &["transport", "kind"],
+            )
+            .expect("valid"),
+            leader_transfers: IntCounterVec::new(
+                Opts::new(
+                    "leader_transfers_total",
+                    "Leadership transfers this node made as a shard's leader (admin transfer-leader, leader balancing): `ok` or `failed`",
+                ),
+                &["result"],
             )
             .expect("valid"),
             prevotes: IntCounterVec::new(
@@ -269,6 +279,7 @@ impl Metrics {
             forwards,
             peer_calls,
             prevotes,
+            leader_transfers,
             cache_hits,
             cache_misses,
             shard_leader,
@@ -327,8 +338,11 @@ impl Metrics {
         for r in ["won", "lost"] {
             m.prevotes.with_label_values(&[r]);
         }
+        for r in ["ok", "failed"] {
+            m.leader_transfers.with_label_values(&[r]);
+        }
         for t in ["pipe", "unary"] {
-            for k in ["append_entries", "vote", "forward", "pre_vote"] {
+            for k in ["append_entries", "vote", "forward", "pre_vote", "elect"] {
                 m.peer_calls.with_label_values(&[t, k]);
             }
         }

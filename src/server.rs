@@ -161,6 +161,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
     let mut tasks = crate::node::send::spawn(node.clone(), outbox_rx, stop_rx.clone());
     tasks.push(crate::node::retention::spawn(node.clone(), stop_rx.clone()));
+    tasks.extend(crate::node::balance::spawn(
+        node.clone(),
+        Duration::from_secs(node.cfg.balance_every_secs),
+        stop_rx.clone(),
+    ));
     if node.cfg.prevote {
         let members = node
             .groups

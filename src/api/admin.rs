@@ -1,4 +1,4 @@
-//! Operator endpoints for backup and restore (operator token required).
+//! Operator endpoints for backup, restore and leadership (operator token required).
 //!
 //! - `GET /v1/admin/shards/{shard}/snapshot`: a fresh snapshot of the shard as this node's
 //!   replica holds it (the node triggers one and waits until it covers everything applied
@@ -9,6 +9,8 @@
 //!   record format) written into the shard through its Raft log as they are; the first chunk
 //!   is refused with 409 `shard_not_empty` unless the shard holds no chat data yet.
 //!   `raftchat admin restore` sends a backup's shards in chunks of at most [`INGEST_CHUNK`].
+//! - `POST /v1/admin/shards/{shard}/transfer-leader` `{"to": N}`: moves the shard's
+//!   leadership to node N (`raftchat admin transfer-leader`).
 
 use super::error::ApiError;
 use super::http::{auth_header, respond};
@@ -34,6 +36,7 @@ pub fn routes() -> Router<Arc<Node>> {
     Router::new()
         .route("/v1/admin/shards/{shard}/snapshot", get(snapshot))
         .route("/v1/admin/shards/{shard}/ingest", post(ingest).layer(DefaultBodyLimit::max(INGEST_CHUNK + (64 << 10))))
+        .route("/v1/admin/shards/{shard}/transfer-leader", post(transfer_leader))
 }
 
 fn operator(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -113,6 +116,45 @@ async fn snapshot(State(node): St, headers: HeaderMap, Path(shard): Path<String>
 struct IngestQuery {
     #[serde(default)]
     first: bool,
+}
+
+#[derive(Deserialize)]
+struct TransferBody {
+    to: u64,
+}
+
+/// `POST /v1/admin/shards/{shard}/transfer-leader` `{"to": N}`: the shard's leader (wherever
+/// it is) hands its leadership to node N (`node::balance`); answers once N leads.
+async fn transfer_leader(
+    State(node): St,
+    headers: HeaderMap,
+    Path(shard): Path<String>,
+    body: Result<axum::Json<TransferBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        let shard = shard_of(&node, &shard)?;
+        let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        if !node.placement.replicas(shard).contains(&b.to) {
+            return Err(ApiError::bad_request(
+                "not_replica",
+                format!(
+                    "node {} holds no replica of shard {shard} (replicas: {:?})",
+                    b.to,
+                    node.placement.replicas(shard)
+                ),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        match node.call(shard, ShardOp::TransferLeader { to: b.to }, deadline).await? {
+            ShardReply::Leader(l) => Ok(serde_json::json!({ "shard": shard, "leader": l })),
+            other => {
+                Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected reply {other:?}")))
+            }
+        }
+    }
+    .await;
+    respond(&node, "transfer_leader", r)
 }
 
 async fn ingest(

@@ -55,6 +55,14 @@ pub enum AdminCommand {
         /// The folder `admin backup` wrote.
         dir: PathBuf,
     },
+    /// Move a shard's leadership to another of its replicas (leader balancing does this on
+    /// its own; see `balance_every_secs`).
+    TransferLeader {
+        /// The shard.
+        shard: u32,
+        /// The node that should lead it.
+        to: u64,
+    },
 }
 
 pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
@@ -62,6 +70,7 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
     match &a.command {
         AdminCommand::Backup { dir } => return backup(&a, &http, dir).await,
         AdminCommand::Restore { dir } => return restore(&a, &http, dir).await,
+        AdminCommand::TransferLeader { shard, to } => return transfer_leader(&a, &http, *shard, *to).await,
         _ => {}
     }
     let get = |url: String| {
@@ -111,7 +120,9 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             print_table(&["NODE", "URL", "STATE"], &rows);
         }
         AdminCommand::Status => status(&members, &statuses),
-        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => unreachable!("handled above"),
+        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } | AdminCommand::TransferLeader { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }
@@ -253,6 +264,26 @@ const BACKUP_FORMAT: &str = "raftchat-backup 1";
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn transfer_leader(a: &AdminArgs, http: &reqwest::Client, shard: u32, to: u64) -> anyhow::Result<()> {
+    let url = format!("{}/v1/admin/shards/{shard}/transfer-leader", a.server.trim_end_matches('/'));
+    let started = std::time::Instant::now();
+    let r = http
+        .post(&url)
+        .bearer_auth(operator_token(a)?)
+        .json(&serde_json::json!({ "to": to }))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", body["message"].as_str().unwrap_or("no message"));
+    }
+    println!("shard {shard}: node {} leads (in {} ms)", body["leader"], started.elapsed().as_millis());
+    Ok(())
 }
 
 fn operator_token(a: &AdminArgs) -> anyhow::Result<String> {

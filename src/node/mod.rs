@@ -11,6 +11,7 @@
 //! - [`peer_service`]: the gRPC service peers call (Raft RPCs, forwarded ops).
 
 pub mod admission;
+pub mod balance;
 pub mod inbox;
 pub mod ops;
 pub mod peer_service;

@@ -33,6 +33,9 @@ impl Node {
                 let admission = if admitted { Admission::Internal } else { Admission::Client };
                 self.coordinate_send(handle, from, to, client_msg_id, text, attempt, admission, deadline).await
             }
+            ShardOp::TransferLeader { to } => {
+                self.transfer_leader(shard, to, deadline).await.map(|()| ShardReply::Leader(to))
+            }
             read => {
                 handle.linearize(deadline).await?;
                 self.read_local(&handle.group, read)
@@ -104,7 +107,9 @@ impl Node {
             ShardOp::RevokedBefore { user } => {
                 Ok(ShardReply::LastSeq(view.revoked_before(&user).map_err(storage_err)?))
             }
-            ShardOp::Write(_) | ShardOp::Send { .. } => Err(ShardError::Invalid("not a read".into())),
+            ShardOp::Write(_) | ShardOp::Send { .. } | ShardOp::TransferLeader { .. } => {
+                Err(ShardError::Invalid("not a read".into()))
+            }
         }
     }
 }

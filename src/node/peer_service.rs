@@ -94,6 +94,10 @@ impl PeerService {
                 Ok(g) => json(&node.pre_vote_answer(g)),
                 Err(e) => Err(e),
             },
+            Some(PipeKind::Elect) => match group() {
+                Ok(g) => json(&node.elect_now(g).await),
+                Err(e) => Err(e),
+            },
             None => Err(Status::invalid_argument(format!("{} {}", crate::raft::pipe::UNKNOWN_KIND, f.kind))),
         };
         answer(r)
@@ -174,6 +178,7 @@ impl pb::peer_server::Peer for PeerService {
             Ok(pb::RaftKind::AppendEntries) => json(&group.append_entries(parse(&r.payload)?).await)?,
             Ok(pb::RaftKind::Vote) => json(&raft.vote(parse(&r.payload)?).await)?,
             Ok(pb::RaftKind::PreVote) => json(&self.node.pre_vote_answer(group))?,
+            Ok(pb::RaftKind::Elect) => json(&self.node.elect_now(group).await)?,
             _ => return Err(Status::invalid_argument(format!("unknown raft rpc kind {}", r.kind))),
         };
         Ok(Response::new(pb::RaftReply { payload }))

@@ -70,6 +70,10 @@ pub enum ShardOp {
     RevokedBefore {
         user: UserId,
     },
+    /// Move the shard's leadership to node `to` (run by the leader; `node::balance`).
+    TransferLeader {
+        to: NodeId,
+    },
 }
 
 impl ShardOp {
@@ -82,7 +86,7 @@ impl ShardOp {
 
     /// Reads change nothing and are served after a leadership check.
     pub fn is_read(&self) -> bool {
-        !matches!(self, ShardOp::Write(_) | ShardOp::Send { .. })
+        !matches!(self, ShardOp::Write(_) | ShardOp::Send { .. } | ShardOp::TransferLeader { .. })
     }
 
     pub fn kind(&self) -> &'static str {
@@ -96,6 +100,7 @@ impl ShardOp {
             ShardOp::InboxLast { .. } => "inbox_last",
             ShardOp::Account { .. } => "account",
             ShardOp::RevokedBefore { .. } => "revoked_before",
+            ShardOp::TransferLeader { .. } => "transfer_leader",
         }
     }
 }
@@ -103,12 +108,25 @@ impl ShardOp {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ShardReply {
     Written(Reply),
-    Sent { conversation: ConversationId, seq: u64, ts: u64, duplicate: bool },
-    History { last_seq: u64, messages: Vec<Message> },
-    Recent { items: Vec<(ConversationId, IndexEntry)>, next: Option<Vec<u8>> },
+    Sent {
+        conversation: ConversationId,
+        seq: u64,
+        ts: u64,
+        duplicate: bool,
+    },
+    History {
+        last_seq: u64,
+        messages: Vec<Message>,
+    },
+    Recent {
+        items: Vec<(ConversationId, IndexEntry)>,
+        next: Option<Vec<u8>>,
+    },
     LastSeq(u64),
     Exists(bool),
     Account(Option<crate::chat::Account>),
+    /// The shard's leader after a transfer.
+    Leader(NodeId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

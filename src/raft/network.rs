@@ -126,6 +126,7 @@ impl Peers {
                 PipeKind::Vote => "vote",
                 PipeKind::Forward => "forward",
                 PipeKind::PreVote => "pre_vote",
+                PipeKind::Elect => "elect",
             };
             c.with_label_values(&[if piped { "pipe" } else { "unary" }, kind]).inc();
         }
@@ -274,6 +275,7 @@ impl Peers {
             PipeKind::AppendEntries => pb::RaftKind::AppendEntries,
             PipeKind::Vote => pb::RaftKind::Vote,
             PipeKind::PreVote => pb::RaftKind::PreVote,
+            PipeKind::Elect => pb::RaftKind::Elect,
             PipeKind::Forward => return Err(RawError::Failed("forwards are not raft calls".into())),
         };
         let msg = pb::RaftRequest { group, kind: raft_kind as i32, payload };

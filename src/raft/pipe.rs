@@ -34,6 +34,7 @@ pub enum Kind {
     Vote = 2,
     Forward = 3,
     PreVote = 4,
+    Elect = 5,
 }
 
 impl Kind {
@@ -43,6 +44,7 @@ impl Kind {
             2 => Some(Kind::Vote),
             3 => Some(Kind::Forward),
             4 => Some(Kind::PreVote),
+            5 => Some(Kind::Elect),
             _ => None,
         }
     }

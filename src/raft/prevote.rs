@@ -103,6 +103,10 @@ pub fn spawn(
         let (min, max) = timeouts;
         let pick = move || min + Duration::from_millis(rand::random::<u64>() % (max - min).as_millis().max(1) as u64);
         let mut wait: Vec<Duration> = groups.iter().map(|_| pick()).collect();
+        // No new question before this, whatever the contact (a lost pre-vote waits a fresh
+        // randomized timeout; this node's own asking is not leader contact, so it does not
+        // make it refuse its peers' questions meanwhile).
+        let mut next_try: Vec<Instant> = groups.iter().map(|_| Instant::now()).collect();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -110,7 +114,7 @@ pub fn spawn(
             }
             for (i, g) in groups.iter().enumerate() {
                 let m = g.raft.metrics().borrow().clone();
-                if m.current_leader == Some(node) || g.contact.since() < wait[i] {
+                if m.current_leader == Some(node) || g.contact.since() < wait[i] || Instant::now() < next_try[i] {
                     continue;
                 }
                 let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
@@ -118,8 +122,8 @@ pub fn spawn(
                     continue;
                 }
                 // Whatever comes of it, the next try waits another randomized timeout.
-                g.contact.note();
                 wait[i] = pick();
+                next_try[i] = Instant::now() + wait[i];
                 let others: Vec<NodeId> = voters.iter().copied().filter(|v| *v != node).collect();
                 let asks = others.iter().map(|v| ask(&peers, *v, g.shard, node, min));
                 let yes = 1 + futures::future::join_all(asks).await.into_iter().filter(|y| *y).count();

@@ -1,0 +1,129 @@
+//! Leadership transfer and leader balancing.
+//!
+//! openraft 0.9 has no leadership transfer. With three replicas per shard it can be made
+//! from what it has: the leader waits until the target's log matches its own, then asks the
+//! target ([`Kind::Elect`] on the pipe, or unary) to start an election at once
+//! (`trigger().elect()`, which skips the pre-vote). The target's vote request carries a
+//! higher term and a log as long as the leader's; the leader grants it (its own election is
+//! older than its lease) and steps down, and the target has its majority (itself and the old
+//! leader). Raft's safety is untouched: it is an ordinary election, started on purpose.
+//! Writes pause for about one round trip; proposals caught in between fail with "not
+//! leader" and the router retries them on the new leader.
+//!
+//! Balancing. Shards are placed so that each shard's first replica (its preferred leader)
+//! spreads leadership evenly, and a fresh cluster starts that way. After a failure the
+//! survivors take over and, until now, kept the leadership. Every `balance_every_secs` each
+//! node looks at the shards it leads: where the preferred leader is another node that
+//! answers and is caught up, it transfers the leadership back to it, one shard per round, so
+//! the cluster returns to an even spread without disturbing more than one shard at a time.
+
+use super::router::ShardError;
+use super::Node;
+use crate::raft::network::RawError;
+use crate::raft::pipe::Kind;
+use crate::shard::{NodeId, ShardId};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+impl Node {
+    /// Moves the leadership of `shard`, which this node must lead, to `to`; returns once `to`
+    /// leads it (as this node sees it) or fails by `deadline`.
+    pub async fn transfer_leader(
+        self: &Arc<Self>,
+        shard: ShardId,
+        to: NodeId,
+        deadline: Instant,
+    ) -> Result<(), ShardError> {
+        let group = self.groups.get(&shard).ok_or(ShardError::NotReplica { shard })?;
+        let m = group.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.id) {
+            return Err(ShardError::NotLeader { shard, leader: m.current_leader });
+        }
+        if to == self.id {
+            return Ok(());
+        }
+        if !m.membership_config.membership().voter_ids().any(|v| v == to) {
+            return Err(ShardError::Invalid(format!("node {to} is not a voter of shard {shard}")));
+        }
+        // Wait until the target holds every entry this node has.
+        loop {
+            let m = group.raft.metrics().borrow().clone();
+            let last = m.last_log_index.unwrap_or(0);
+            let matched =
+                m.replication.as_ref().and_then(|r| r.get(&to).copied().flatten()).map(|l| l.index).unwrap_or(0);
+            if matched >= last {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ShardError::Unavailable {
+                    shard,
+                    reason: format!("node {to} did not catch up (at {matched} of {last})"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ttl = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        match self.peers.call_raw(to, Kind::Elect, shard, ttl, Vec::new()).await {
+            Ok(_) => {}
+            Err(RawError::UnknownCall) => {
+                return Err(ShardError::Invalid(format!("node {to} runs a build without leadership transfer")))
+            }
+            Err(RawError::Failed(e)) => return Err(ShardError::Unavailable { shard, reason: e }),
+        }
+        let mut rx = group.raft.metrics();
+        let became = tokio::time::timeout_at(deadline, rx.wait_for(|m| m.current_leader == Some(to))).await;
+        let ok = matches!(became, Ok(Ok(_)));
+        self.metrics.leader_transfers.with_label_values(&[if ok { "ok" } else { "failed" }]).inc();
+        if ok {
+            tracing::info!(shard, to, "leadership transferred");
+            Ok(())
+        } else {
+            Err(ShardError::Timeout { shard })
+        }
+    }
+
+    /// A peer's request to start an election for `group` at once (the target of a transfer).
+    pub async fn elect_now(&self, group: &crate::raft::group::Group) -> bool {
+        group.contact.note();
+        group.raft.trigger().elect().await.is_ok()
+    }
+}
+
+/// The balancer (module docs); `every` zero turns it off.
+pub fn spawn(node: Arc<Node>, every: Duration, mut stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    if every.is_zero() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let mut shards: Vec<ShardId> = node.groups.keys().copied().collect();
+            shards.sort_unstable();
+            for shard in shards {
+                let Some(group) = node.groups.get(&shard) else { continue };
+                let m = group.raft.metrics().borrow().clone();
+                let preferred = node.placement.replicas(shard).first().copied();
+                let Some(p) = preferred.filter(|p| *p != node.id) else { continue };
+                // Only a leader that has been one for a while, to a preferred node that answers.
+                let settled = m.millis_since_quorum_ack.is_some_and(|ms| ms < 1_000);
+                if m.current_leader != Some(node.id) || !settled || node.peers.suspect(p) {
+                    continue;
+                }
+                let deadline = Instant::now() + Duration::from_secs(3);
+                match node.transfer_leader(shard, p, deadline).await {
+                    Ok(()) => {
+                        tracing::info!(shard, to = p, "leader balancing: gave the shard back to its preferred leader")
+                    }
+                    Err(e) => tracing::debug!(shard, to = p, cause = %e, "leader balancing: transfer did not happen"),
+                }
+                // One shard per round.
+                break;
+            }
+        }
+    }))
+}
