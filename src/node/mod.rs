@@ -66,8 +66,8 @@ pub struct Node {
 impl Node {
     /// This node's answer to a peer's pre-vote for `group` (`raft::prevote`).
     pub fn pre_vote_answer(&self, group: &crate::raft::group::Group) -> bool {
-        let min = Duration::from_millis(self.cfg.election_timeout_min_ms);
-        crate::raft::prevote::answer(self.id, &group.raft, &group.contact, min)
+        let lease = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        crate::raft::prevote::answer(self.id, &group.raft, &group.contact, lease)
     }
 
     pub fn request_deadline(&self) -> Instant {

@@ -15,8 +15,11 @@
 //! - A follower that has not heard from a leader (an AppendEntries or snapshot it accepted,
 //!   [`Contact::note`]) for a randomized election timeout asks the other voters "would you
 //!   vote?" ([`Kind::PreVote`], on the pipe or unary). It changes nothing on either side.
-//! - A voter says yes only if it has not heard from a leader for `election_timeout_min`
-//!   itself, and, if it is the leader, if no quorum acknowledged it for that long.
+//! - A voter says yes only if it has not heard from a leader for `election_timeout_max`
+//!   itself, and, if it is the leader, if no quorum acknowledged it for that long. That is
+//!   openraft's own leader lease: a voter refuses a real vote for that long after its last
+//!   AppendEntries, so a pre-vote won any earlier would start an election bound to fail,
+//!   and every failed one raises the candidate's term.
 //! - With yes from a majority (itself included) the node calls openraft's
 //!   `trigger().elect()`; the real vote then runs as before (terms, log check). Without,
 //!   it waits another randomized timeout. A single-voter group elects at once.
@@ -73,13 +76,14 @@ pub struct PreVote {
     pub candidate: NodeId,
 }
 
-/// A voter's answer to [`PreVote`] for `group` (see the module docs).
-pub fn answer(node: NodeId, raft: &super::Raft, contact: &Contact, min_timeout: Duration) -> bool {
+/// A voter's answer to [`PreVote`] for `group` (see the module docs); `lease` is
+/// `election_timeout_max`.
+pub fn answer(node: NodeId, raft: &super::Raft, contact: &Contact, lease: Duration) -> bool {
     let m = raft.metrics().borrow().clone();
     if m.current_leader == Some(node) {
-        return m.millis_since_quorum_ack.is_none_or(|ms| ms >= min_timeout.as_millis() as u64);
+        return m.millis_since_quorum_ack.is_none_or(|ms| ms >= lease.as_millis() as u64);
     }
-    contact.since() >= min_timeout
+    contact.since() >= lease
 }
 
 /// What the election task needs of a group.
@@ -100,8 +104,10 @@ pub fn spawn(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Ask after `max` (the voters' lease) plus a random share of `max - min`, so that
+        // followers of a lost leader do not all ask at once.
         let (min, max) = timeouts;
-        let pick = move || min + Duration::from_millis(rand::random::<u64>() % (max - min).as_millis().max(1) as u64);
+        let pick = move || max + Duration::from_millis(rand::random::<u64>() % (max - min).as_millis().max(1) as u64);
         let mut wait: Vec<Duration> = groups.iter().map(|_| pick()).collect();
         // No new question before this, whatever the contact (a lost pre-vote waits a fresh
         // randomized timeout; this node's own asking is not leader contact, so it does not
@@ -125,7 +131,7 @@ pub fn spawn(
                 wait[i] = pick();
                 next_try[i] = Instant::now() + wait[i];
                 let others: Vec<NodeId> = voters.iter().copied().filter(|v| *v != node).collect();
-                let asks = others.iter().map(|v| ask(&peers, *v, g.shard, node, min));
+                let asks = others.iter().map(|v| ask(&peers, *v, g.shard, node, max));
                 let yes = 1 + futures::future::join_all(asks).await.into_iter().filter(|y| *y).count();
                 let won = yes * 2 > voters.len();
                 metrics.prevotes.with_label_values(&[if won { "won" } else { "lost" }]).inc();
