@@ -36,7 +36,7 @@
 use super::network::Peers;
 use super::pipe::Kind;
 use crate::shard::{NodeId, ShardId};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -113,12 +113,21 @@ pub fn spawn(
         // randomized timeout; this node's own asking is not leader contact, so it does not
         // make it refuse its peers' questions meanwhile).
         let mut next_try: Vec<Instant> = groups.iter().map(|_| Instant::now()).collect();
+        // One question per group at a time; questions of different groups run side by
+        // side, so a dead voter's silence (up to `rpc_timeout` per question) delays no
+        // other group's election.
+        let asking: Vec<Arc<AtomicBool>> = groups.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let mut questions = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                Some(_) = questions.join_next(), if !questions.is_empty() => continue,
                 _ = stop.wait_for(|s| *s) => return,
             }
             for (i, g) in groups.iter().enumerate() {
+                if asking[i].load(Ordering::Acquire) {
+                    continue;
+                }
                 let m = g.raft.metrics().borrow().clone();
                 if m.current_leader == Some(node) || g.contact.since() < wait[i] || Instant::now() < next_try[i] {
                     continue;
@@ -130,20 +139,46 @@ pub fn spawn(
                 // Whatever comes of it, the next try waits another randomized timeout.
                 wait[i] = pick();
                 next_try[i] = Instant::now() + wait[i];
-                let others: Vec<NodeId> = voters.iter().copied().filter(|v| *v != node).collect();
-                let asks = others.iter().map(|v| ask(&peers, *v, g.shard, node, max));
-                let yes = 1 + futures::future::join_all(asks).await.into_iter().filter(|y| *y).count();
-                let won = yes * 2 > voters.len();
-                metrics.prevotes.with_label_values(&[if won { "won" } else { "lost" }]).inc();
-                if won {
-                    tracing::debug!(shard = g.shard, yes, voters = voters.len(), "pre-vote won; starting an election");
-                    if let Err(e) = g.raft.trigger().elect().await {
-                        tracing::debug!(shard = g.shard, cause = %e, "election not started");
+                asking[i].store(true, Ordering::Release);
+                let (g, peers, metrics, busy) = (g.clone(), peers.clone(), metrics.clone(), asking[i].clone());
+                questions.spawn(async move {
+                    let won = majority_says_yes(&peers, &voters, node, g.shard, max).await;
+                    metrics.prevotes.with_label_values(&[if won { "won" } else { "lost" }]).inc();
+                    if won {
+                        tracing::debug!(shard = g.shard, voters = voters.len(), "pre-vote won; starting an election");
+                        if let Err(e) = g.raft.trigger().elect().await {
+                            tracing::debug!(shard = g.shard, cause = %e, "election not started");
+                        }
                     }
-                }
+                    busy.store(false, Ordering::Release);
+                });
             }
         }
     })
+}
+
+/// Asks every other voter at once and returns as soon as the outcome is known: a majority
+/// (this node included) said yes, or too few answers are left to make one.
+async fn majority_says_yes(peers: &Peers, voters: &[NodeId], node: NodeId, shard: ShardId, within: Duration) -> bool {
+    use futures::StreamExt;
+    let mut asks: futures::stream::FuturesUnordered<_> =
+        voters.iter().filter(|v| **v != node).map(|v| ask(peers, *v, shard, node, within)).collect();
+    let (mut yes, mut pending) = (1usize, asks.len());
+    loop {
+        if yes * 2 > voters.len() {
+            return true;
+        }
+        if (yes + pending) * 2 <= voters.len() {
+            return false;
+        }
+        match asks.next().await {
+            Some(y) => {
+                pending -= 1;
+                yes += usize::from(y);
+            }
+            None => return false,
+        }
+    }
 }
 
 /// Asks `voter`; no answer (down, cut off, timeout) is a no, an older peer's "unknown call"
