@@ -34,6 +34,9 @@ pub struct Spec {
     pub tls: bool,
     /// Config keys set on every node after `base` and `tweak` (`raftchat bench --set`).
     pub set: Vec<(String, toml::Value)>,
+    /// Per node, a binary other than the cluster's (mixed builds: the harness's `upgrade`
+    /// nemesis); missing or `None` is the cluster's.
+    pub bins: Vec<Option<PathBuf>>,
 }
 
 impl std::fmt::Debug for Spec {
@@ -59,6 +62,7 @@ impl Spec {
             wrap: None,
             tls: false,
             set: Vec::new(),
+            bins: Vec::new(),
         }
     }
 }
@@ -188,7 +192,8 @@ pub fn config_toml(c: &Config) -> anyhow::Result<String> {
 
 /// A running cluster of node processes. Dropping it kills every node.
 pub struct Cluster {
-    bin: PathBuf,
+    /// The binary each node runs (restarts included).
+    bins: Vec<PathBuf>,
     pub dir: PathBuf,
     pub configs: Vec<Config>,
     children: Vec<Option<Child>>,
@@ -213,7 +218,7 @@ impl Cluster {
         }
         let n = configs.len();
         let mut cl = Self {
-            bin: bin.to_path_buf(),
+            bins: (0..n).map(|i| spec.bins.get(i).cloned().flatten().unwrap_or_else(|| bin.to_path_buf())).collect(),
             dir: spec.dir.clone(),
             wrap: spec.wrap.clone(),
             configs,
@@ -230,6 +235,16 @@ impl Cluster {
     pub fn len(&self) -> usize {
         self.configs.len()
     }
+
+    /// The binary node `i` runs.
+    pub fn bin(&self, i: usize) -> &Path {
+        &self.bins[i]
+    }
+
+    /// The binary node `i` runs from its next start on.
+    pub fn set_bin(&mut self, i: usize, bin: &Path) {
+        self.bins[i] = bin.to_path_buf();
+    }
     pub fn is_empty(&self) -> bool {
         self.configs.is_empty()
     }
@@ -245,10 +260,10 @@ impl Cluster {
             Some(w) => {
                 let prefix = w(i, &self.dir);
                 let mut c = Command::new(&prefix[0]);
-                c.args(&prefix[1..]).arg(&self.bin);
+                c.args(&prefix[1..]).arg(&self.bins[i]);
                 c
             }
-            None => Command::new(&self.bin),
+            None => Command::new(&self.bins[i]),
         };
         let child = cmd
             .arg("serve")
@@ -261,7 +276,7 @@ impl Cluster {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
+            .with_context(|| format!("starting {}", self.bins[i].display()))?;
         self.children[i] = Some(child);
         Ok(())
     }

@@ -248,7 +248,7 @@ impl Metrics {
             )
             .expect("valid"),
             disk_bytes: IntGaugeVec::new(
-                Opts::new("disk_bytes", "Bytes of the node's data folder: the write-ahead log (wal) and sled (db)"),
+                Opts::new("disk_bytes", "Bytes of the node's data folder: the write-ahead log (wal), sled (db), snapshot files (snapshots)"),
                 &["part"],
             )
             .expect("valid"),
@@ -312,7 +312,7 @@ impl Metrics {
         for kind in ["dedup", "inbox", "messages"] {
             m.swept.with_label_values(&[kind]);
         }
-        for part in ["wal", "db"] {
+        for part in ["wal", "db", "snapshots"] {
             m.disk_bytes.with_label_values(&[part]);
         }
         for b in SHED_BOUNDS {

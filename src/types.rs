@@ -3,7 +3,6 @@
 //! `storage/` does not reach up into `raft/`.
 
 use crate::chat::{Command, Reply};
-use std::io::Cursor;
 
 pub use crate::shard::{NodeId, ShardId};
 
@@ -15,7 +14,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::storage::snapshot::SnapFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

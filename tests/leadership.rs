@@ -81,7 +81,7 @@ async fn admin_transfer_leader_moves_a_shard_and_refuses_what_it_cannot_do() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains(&format!("node {to} leads")), "{text}");
     for node in 0..3 {
-        let seen = common::eventually(Duration::from_secs(10), "every node sees the new leader", || async {
+        let seen = common::eventually(Duration::from_secs(30), "every node sees the new leader", || async {
             leader_map(&c, node).await.get(&1).copied().flatten().filter(|l| *l == to)
         })
         .await;

@@ -24,6 +24,9 @@ pub struct Db {
     pub shards: u32,
     /// Each node's data folder on a lazy filesystem (the `power` nemesis), unmounted last.
     pub lazy: Vec<crate::lazyfs::Mounted>,
+    /// The build under test and, in mixed-build runs, the older one.
+    new_bin: PathBuf,
+    old_bin: Option<PathBuf>,
 }
 
 fn clock_file(dir: &Path, i: usize) -> PathBuf {
@@ -46,17 +49,21 @@ fn harness_config(c: &mut raftchat::config::Config) {
 
 impl Db {
     /// Writes every node's config and starts them all; with `lazy`, each node's data folder
-    /// (`node<N>`) is first mounted as a lazy view of `node<N>.disk`.
+    /// (`node<N>`) is first mounted as a lazy view of `node<N>.disk`. With `old_bin`, nodes
+    /// 1, 3, 5... start on that build.
     pub fn start(
         net: Net,
         bin: &Path,
+        old_bin: Option<&Path>,
         dir: &Path,
         shards: u32,
         lazy: bool,
         set: Vec<(String, toml::Value)>,
     ) -> anyhow::Result<Self> {
-        if !bin.exists() {
-            bail!("raftchat binary {} not found: build it first (cargo build --release)", bin.display());
+        for b in std::iter::once(bin).chain(old_bin) {
+            if !b.exists() {
+                bail!("raftchat binary {} not found: build it first (cargo build --release)", b.display());
+            }
         }
         std::fs::create_dir_all(dir)?;
         let faketime = Path::new(LIBFAKETIME).exists();
@@ -81,6 +88,7 @@ impl Db {
             tweak: harness_config,
             wrap: Some(wrap),
             set,
+            bins: (0..net.nodes).map(|i| old_bin.filter(|_| i % 2 == 0).map(Path::to_path_buf)).collect(),
             ..Spec::new(net.nodes, dir)
         };
         let mut mounts = Vec::new();
@@ -91,7 +99,16 @@ impl Db {
             }
         }
         let cluster = Cluster::start(bin, &spec)?;
-        Ok(Self { net, cluster, dir: dir.to_path_buf(), faketime, shards, lazy: mounts })
+        Ok(Self {
+            net,
+            cluster,
+            dir: dir.to_path_buf(),
+            faketime,
+            shards,
+            lazy: mounts,
+            new_bin: bin.to_path_buf(),
+            old_bin: old_bin.map(Path::to_path_buf),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -118,6 +135,33 @@ impl Db {
     }
     pub fn resume(&self, i: usize) {
         let _ = self.cluster.resume(i);
+    }
+
+    /// Whether node `i` runs the older build.
+    fn on_old(&self, i: usize) -> bool {
+        self.old_bin.as_deref() == Some(self.cluster.bin(i))
+    }
+
+    /// A rolling-upgrade step: node `i` stops gracefully (SIGTERM; SIGKILL after 10 s) and
+    /// starts again on the other build. Returns the build it now runs.
+    pub fn switch_build(&mut self, i: usize) -> anyhow::Result<&'static str> {
+        let Some(old) = self.old_bin.clone() else { bail!("mixed builds need --old-bin") };
+        let (to, name) = if self.on_old(i) { (self.new_bin.clone(), "new") } else { (old, "old") };
+        self.resume(i);
+        if self.cluster.is_running(i) && self.cluster.stop(i, Duration::from_secs(10)).is_err() {
+            self.kill(i);
+        }
+        self.cluster.set_bin(i, &to);
+        self.cluster.spawn(i)?;
+        Ok(name)
+    }
+
+    /// Which build every node runs, e.g. `n1 old, n2 new, ...`.
+    pub fn builds(&self) -> String {
+        (0..self.len())
+            .map(|i| format!("n{} {}", i + 1, if self.on_old(i) { "old" } else { "new" }))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Sets node `i`'s wall clock to real time plus `offset_secs`.

@@ -19,7 +19,7 @@ enum Cmd {
         /// Seconds of load under faults (then heal, quiet, final reads).
         #[arg(long, default_value_t = 60)]
         time: u64,
-        /// Comma-separated fault families: partition, isolate, kill, pause, clock, restart, power, power-all (or "none").
+        /// Comma-separated fault families: partition, isolate, kill, pause, clock, restart, power, power-all, upgrade (or "none").
         #[arg(long, default_value = "partition,kill,pause,clock")]
         nemesis: String,
         /// Target operations per second over all workers.
@@ -41,6 +41,11 @@ enum Cmd {
         /// The raftchat binary under test.
         #[arg(long, default_value = "target/release/raftchat")]
         bin: PathBuf,
+        /// An older raftchat build: nodes 1, 3, 5... start on it, the others on --bin, and the
+        /// `upgrade` nemesis moves one node at a time to the other build (a rolling upgrade,
+        /// and back). Needed by `upgrade`.
+        #[arg(long)]
+        old_bin: Option<PathBuf>,
         /// Run folder (default: jepsen/store/<timestamp>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -68,7 +73,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Test { nodes, time, nemesis, rate, concurrency, users, shards, quiet, set, bin, out } => {
+            Cmd::Test { nodes, time, nemesis, rate, concurrency, users, shards, quiet, set, bin, old_bin, out } => {
                 anyhow::ensure!((3..=9).contains(&nodes), "--nodes must be in 3..=9");
                 anyhow::ensure!(users >= 2, "--users must be at least 2");
                 let nemesis = nemesis
@@ -79,8 +84,20 @@ fn main() -> std::process::ExitCode {
                     .collect();
                 let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
                 let out = out.unwrap_or_else(|| PathBuf::from(format!("jepsen/store/run-{stamp}")));
-                let o =
-                    jepsen::run::Opts { nodes, time, nemesis, rate, concurrency, users, shards, quiet, set, bin, out };
+                let o = jepsen::run::Opts {
+                    nodes,
+                    time,
+                    nemesis,
+                    rate,
+                    concurrency,
+                    users,
+                    shards,
+                    quiet,
+                    set,
+                    bin,
+                    old_bin,
+                    out,
+                };
                 Ok(jepsen::run::run(o).await?.valid)
             }
             Cmd::Lazyfs { backing, mount } => {

@@ -13,7 +13,10 @@
 //! - `power`: power loss of one node, a majority, or every node: kill -9, then the node's
 //!   lazy filesystem ([`crate::lazyfs`]) drops every write that was not fsynced; restarted
 //!   when the window ends. With this family every node's data folder is a lazy mount;
-//! - `power-all`: `power`, always of every node at once.
+//! - `power-all`: `power`, always of every node at once;
+//! - `upgrade` (needs `--old-bin`): one node stops gracefully and starts on the other build
+//!   (old to new, or new back to old), so the cluster runs mixed builds all along, as
+//!   during a rolling upgrade (and a rollback).
 //!
 //! A third of the windows combine two families at once. Every window ends by undoing its
 //! faults; the run ends with a full heal.
@@ -29,7 +32,8 @@ use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
-pub const FAMILIES: &[&str] = &["partition", "isolate", "kill", "pause", "clock", "restart", "power", "power-all"];
+pub const FAMILIES: &[&str] =
+    &["partition", "isolate", "kill", "pause", "clock", "restart", "power", "power-all", "upgrade"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
@@ -54,6 +58,7 @@ impl Timeline {
 }
 
 enum Undo {
+    Nothing,
     Heal,
     Restart(Vec<usize>),
     Resume(Vec<usize>),
@@ -150,12 +155,18 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
             let ids: Vec<usize> = victims.iter().map(|i| i + 1).collect();
             Ok((format!("power loss of {what} {ids:?} ({dropped} unsynced bytes dropped)"), Undo::Restart(victims)))
         }
+        "upgrade" => {
+            let v = nodes[0];
+            let to = db.switch_build(v)?;
+            Ok((format!("n{} restarted on the {to} build", v + 1), Undo::Nothing))
+        }
         other => anyhow::bail!("unknown nemesis {other:?}; known: {FAMILIES:?}"),
     }
 }
 
 async fn undo(db: &mut Db, u: Undo) -> anyhow::Result<()> {
     match u {
+        Undo::Nothing => Ok(()),
         Undo::Heal => db.net.heal(),
         Undo::Restart(v) => {
             for i in v {

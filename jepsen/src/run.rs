@@ -32,6 +32,8 @@ pub struct Opts {
     /// Config keys set on every node.
     pub set: Vec<(String, toml::Value)>,
     pub bin: PathBuf,
+    /// An older build for mixed-build runs (the `upgrade` nemesis).
+    pub old_bin: Option<PathBuf>,
     pub out: PathBuf,
 }
 
@@ -52,6 +54,10 @@ pub async fn run(o: Opts) -> anyhow::Result<Verdict> {
             nemesis::FAMILIES
         );
     }
+    anyhow::ensure!(
+        o.old_bin.is_some() || !o.nemesis.iter().any(|f| f == "upgrade"),
+        "the upgrade nemesis needs --old-bin (an older raftchat build)"
+    );
     // A reused folder would start the nodes on an earlier run's data, whose messages the
     // checker cannot account for (it once flagged them as failed sends that appeared).
     if o.out.exists() && std::fs::read_dir(&o.out)?.next().is_some() {
@@ -74,7 +80,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Verdict> {
 
 async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> {
     let power = o.nemesis.iter().any(|f| f.starts_with("power"));
-    let db = Db::start(net, &o.bin, &out, o.shards, power, o.set.clone())?;
+    let db = Db::start(net, &o.bin, o.old_bin.as_deref(), &out, o.shards, power, o.set.clone())?;
     if !db.faketime && o.nemesis.iter().any(|f| f == "clock") {
         eprintln!(
             "warning: {} not found (apt-get install libfaketime): clock faults are skipped",
@@ -157,7 +163,11 @@ async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> 
     }
     let terms = {
         let g = db.lock().await;
-        raft_terms(&(0..g.len()).map(|i| g.url(i)).collect::<Vec<_>>()).await
+        let mut t = raft_terms(&(0..g.len()).map(|i| g.url(i)).collect::<Vec<_>>()).await;
+        if o.old_bin.is_some() {
+            t += &format!("builds at the end: {}\n", g.builds());
+        }
+        t
     };
 
     let ops = rec.snapshot();

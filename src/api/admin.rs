@@ -90,7 +90,21 @@ async fn snapshot(State(node): St, headers: HeaderMap, Path(shard): Path<String>
             .map_err(|e| unavailable(e.to_string()))?
             .ok_or_else(|| unavailable(format!("shard {shard} has no snapshot yet")))?;
         let log = snap.meta.last_log_id;
-        let data = snap.snapshot.into_inner();
+        // Streamed from the snapshot file: a shard of any size costs a buffer, not its size.
+        let file = snap.snapshot.file;
+        let len = file.metadata().await.map_err(|e| unavailable(e.to_string()))?.len();
+        let body = axum::body::Body::from_stream(futures::stream::unfold(file, |mut f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 256 << 10];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        }));
         node.metrics.count_request("http", "backup", "ok");
         Ok((
             [
@@ -100,8 +114,9 @@ async fn snapshot(State(node): St, headers: HeaderMap, Path(shard): Path<String>
                 ("x-raftchat-log-term", log.map(|l| l.leader_id.term).unwrap_or(0).to_string()),
                 ("x-raftchat-format", crate::storage::FORMAT_VERSION.to_string()),
                 ("content-type", "application/octet-stream".to_string()),
+                ("content-length", len.to_string()),
             ],
-            data,
+            body,
         )
             .into_response())
     }
@@ -177,7 +192,6 @@ async fn ingest(
             ));
         }
         let count = records.len();
-        let records = records.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
         let op = ShardOp::Write(Command::Ingest { records, first: q.first });
         match node.call(shard, op, node.request_deadline()).await? {
             ShardReply::Written(Reply::Ingested(true)) => Ok(serde_json::json!({ "shard": shard, "records": count })),

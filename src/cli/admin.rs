@@ -17,6 +17,7 @@
 
 use clap::{Args, Subcommand};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -261,9 +262,21 @@ struct ShardFile {
 
 const BACKUP_FORMAT: &str = "raftchat-backup 1";
 
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+fn hex(hash: Sha256) -> String {
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Feeds what is written to a hash (`std::io::copy` into a digest).
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 async fn transfer_leader(a: &AdminArgs, http: &reqwest::Client, shard: u32, to: u64) -> anyhow::Result<()> {
@@ -344,32 +357,31 @@ async fn backup(a: &AdminArgs, http: &reqwest::Client, dir: &std::path::Path) ->
                             .unwrap_or(0)
                     };
                     let (index, term) = (h("x-raftchat-log-index"), h("x-raftchat-log-term"));
-                    let data = r.bytes().await?;
-                    got = Some((node, index, term, data));
+                    got = Some((node, index, term, r));
                     break;
                 }
                 Ok(r) => last_err = format!("node {node}: {} {}", r.status(), r.text().await.unwrap_or_default()),
                 Err(e) => last_err = format!("node {node}: {e}"),
             }
         }
-        let Some((node, log_index, log_term, data)) = got else {
+        let Some((node, log_index, log_term, mut body)) = got else {
             anyhow::bail!("shard {shard}: {last_err}");
         };
+        // Streamed to the file (and hashed) as it arrives: a shard of any size costs a buffer.
         let file = format!("shard-{shard:04}.snap");
         let tmp = dir.join(format!("{file}.tmp"));
-        std::fs::write(&tmp, &data)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut hash = Sha256::new();
+        let mut bytes = 0u64;
+        while let Some(chunk) = body.chunk().await? {
+            hash.update(&chunk);
+            std::io::Write::write_all(&mut out, &chunk)?;
+            bytes += chunk.len() as u64;
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, dir.join(&file))?;
-        eprintln!("shard {shard}: {} bytes at log index {log_index} from node {node}", data.len());
-        files.push(ShardFile {
-            shard,
-            file,
-            bytes: data.len() as u64,
-            sha256: sha256_hex(&data),
-            log_index,
-            log_term,
-            node,
-        });
+        eprintln!("shard {shard}: {bytes} bytes at log index {log_index} from node {node}");
+        files.push(ShardFile { shard, file, bytes, sha256: hex(hash), log_index, log_term, node });
     }
     let manifest = Manifest {
         format: BACKUP_FORMAT.into(),
@@ -389,6 +401,22 @@ async fn backup(a: &AdminArgs, http: &reqwest::Client, dir: &std::path::Path) ->
         started.elapsed().as_secs_f64(),
         dir.display()
     );
+    Ok(())
+}
+
+async fn post_ingest(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    shard: u32,
+    first: bool,
+    chunk: Vec<u8>,
+) -> anyhow::Result<()> {
+    let url = format!("{base}/v1/admin/shards/{shard}/ingest?first={first}");
+    let r = http.post(&url).bearer_auth(token).body(chunk).timeout(Duration::from_secs(60)).send().await?;
+    if !r.status().is_success() {
+        anyhow::bail!("shard {shard}: {} {}", r.status(), r.text().await.unwrap_or_default());
+    }
     Ok(())
 }
 
@@ -417,36 +445,36 @@ async fn restore(a: &AdminArgs, http: &reqwest::Client, dir: &std::path::Path) -
     let started = std::time::Instant::now();
     let mut total = 0usize;
     for sf in &manifest.shards {
-        let data = std::fs::read(dir.join(&sf.file)).with_context(|| format!("reading {}", sf.file))?;
-        anyhow::ensure!(sha256_hex(&data) == sf.sha256, "{} does not match its checksum in the manifest", sf.file);
-        let records = crate::storage::sm::decode_snapshot(&data).with_context(|| format!("decoding {}", sf.file))?;
-        // The state machine's bookkeeping (applied index, membership) belongs to the old
-        // cluster's logs; the new cluster keeps its own.
-        let records: Vec<_> = records.into_iter().filter(|(k, _)| k.first() != Some(&0)).collect();
-        let mut chunks: Vec<Vec<u8>> = vec![Vec::new()];
-        for (k, v) in &records {
-            if chunks
-                .last()
-                .is_some_and(|c| c.len() + k.len() + v.len() + 8 > crate::api::admin::INGEST_CHUNK && !c.is_empty())
-            {
-                chunks.push(Vec::new());
+        let path = dir.join(&sf.file);
+        let open = || std::fs::File::open(&path).with_context(|| format!("reading {}", sf.file));
+        // Read twice, a buffer at a time: once to check the checksum, once to send.
+        let mut hash = Sha256::new();
+        std::io::copy(&mut open()?, &mut HashWriter(&mut hash))?;
+        anyhow::ensure!(hex(hash) == sf.sha256, "{} does not match its checksum in the manifest", sf.file);
+        let mut records = 0usize;
+        let mut chunk = Vec::new();
+        let mut first = true;
+        let reader = std::io::BufReader::with_capacity(1 << 20, open()?);
+        for rec in crate::storage::snapshot::RecordReader::new(reader) {
+            let (k, v) = rec.with_context(|| format!("decoding {}", sf.file))?;
+            // The state machine's bookkeeping (applied index, membership) belongs to the old
+            // cluster's logs; the new cluster keeps its own.
+            if k.first() == Some(&0) {
+                continue;
             }
-            if let Some(c) = chunks.last_mut() {
-                c.extend_from_slice(&(k.len() as u32).to_be_bytes());
-                c.extend_from_slice(k);
-                c.extend_from_slice(&(v.len() as u32).to_be_bytes());
-                c.extend_from_slice(v);
+            if !chunk.is_empty() && chunk.len() + k.len() + v.len() + 8 > crate::api::admin::INGEST_CHUNK {
+                post_ingest(http, base, &token, sf.shard, first, std::mem::take(&mut chunk)).await?;
+                first = false;
             }
+            crate::storage::snapshot::write_record(&mut chunk, &k, &v)?;
+            records += 1;
         }
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let url = format!("{base}/v1/admin/shards/{}/ingest?first={}", sf.shard, i == 0);
-            let r = http.post(&url).bearer_auth(&token).body(chunk).timeout(Duration::from_secs(60)).send().await?;
-            if !r.status().is_success() {
-                anyhow::bail!("shard {}: {} {}", sf.shard, r.status(), r.text().await.unwrap_or_default());
-            }
+        // The last chunk; an empty shard still sends one, so that it is claimed.
+        if first || !chunk.is_empty() {
+            post_ingest(http, base, &token, sf.shard, first, chunk).await?;
         }
-        total += records.len();
-        eprintln!("shard {}: {} records restored (backup at log index {})", sf.shard, records.len(), sf.log_index);
+        total += records;
+        eprintln!("shard {}: {records} records restored (backup at log index {})", sf.shard, sf.log_index);
     }
     println!("restored {} shards, {total} records, in {:.1} s", manifest.shards.len(), started.elapsed().as_secs_f64());
     Ok(())

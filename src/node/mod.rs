@@ -264,8 +264,9 @@ impl Node {
     }
 }
 
-/// Bytes on disk of a node's data folder: the write-ahead log (`wal`), sled (`db`).
-pub fn disk_usage(dir: &std::path::Path) -> [(&'static str, u64); 2] {
+/// Bytes on disk of a node's data folder: the write-ahead log (`wal`), sled (`db`), the
+/// shards' snapshot files (`snapshots`).
+pub fn disk_usage(dir: &std::path::Path) -> [(&'static str, u64); 3] {
     fn walk(p: &std::path::Path) -> u64 {
         let Ok(entries) = std::fs::read_dir(p) else { return 0 };
         entries
@@ -277,5 +278,5 @@ pub fn disk_usage(dir: &std::path::Path) -> [(&'static str, u64); 2] {
             })
             .sum()
     }
-    [("wal", walk(&dir.join("wal"))), ("db", walk(&dir.join("db")))]
+    [("wal", walk(&dir.join("wal"))), ("db", walk(&dir.join("db"))), ("snapshots", walk(&dir.join("snapshots")))]
 }

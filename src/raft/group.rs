@@ -101,7 +101,8 @@ pub async fn start(
         metrics.cache_hits.with_label_values(&[&label]),
         metrics.cache_misses.with_label_values(&[&label]),
     ));
-    let sm = StateMachine::open(sm_tree, meta_tree, flusher.clone(), cache)?;
+    let snap_dir = cfg.data_dir.join("snapshots").join(format!("s{shard}"));
+    let sm = StateMachine::open(sm_tree, meta_tree, flusher.clone(), cache, snap_dir)?;
     let network = NetworkFactory::new(shard, peers.clone());
     let raft = Raft::new(cfg.node_id, raft_config(cfg, shard)?, network, log, sm.clone())
         .await

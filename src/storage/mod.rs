@@ -5,8 +5,10 @@
 //!   `fdatasync`): every shard's log entries, votes and commit marks.
 //! - [`log`]: openraft's `RaftLogStorage` for one shard, on the WAL.
 //! - [`flusher`]: makes sled durable on request (before log purges, after snapshots).
-//! - [`sm`]: openraft's `RaftStateMachine` on the `s<N>.sm` tree (snapshots in `s<N>.meta`), driving the pure
-//!   [`crate::chat::state`] machine, plus snapshots.
+//! - [`sm`]: openraft's `RaftStateMachine` on the `s<N>.sm` tree (the current snapshot's
+//!   meta in `s<N>.meta`), driving the pure [`crate::chat::state`] machine, plus snapshots.
+//! - [`snapshot`]: snapshot files under `<data_dir>/snapshots/s<N>/`, streamed a record at
+//!   a time.
 //! - [`keys`]: the key layout of the state-machine tree and the read queries over it.
 //!
 //! The rest of the code sees sled only through these types (the storage seam).
@@ -22,6 +24,7 @@ pub mod flusher;
 pub mod keys;
 pub mod log;
 pub mod sm;
+pub mod snapshot;
 pub mod wal;
 
 use crate::shard::ShardId;

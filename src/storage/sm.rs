@@ -2,13 +2,15 @@
 //! [`crate::chat::state::apply`] and commits each entry's changes together with the
 //! applied log id in one atomic sled batch. Also builds and installs snapshots.
 //!
-//! Snapshot format: the shard's whole state-machine tree as a sequence of
-//! `[u32 key len][key][u32 value len][value]` records (big-endian lengths). A snapshot is
-//! built under a read lock that holds off `apply`, so it is a consistent cut; installing one
-//! replaces the tree in one atomic batch.
+//! Snapshots are files ([`super::snapshot`]): the shard's whole state-machine tree as
+//! records, written a record at a time under a read lock that holds off `apply` (so it is a
+//! consistent cut), sent and received in 1 MiB chunks, installed a batch of at most 4 MiB at
+//! a time. An install is not one atomic batch: the snapshot's meta is first recorded under
+//! [`INSTALLING`] (durably), and a node restarted midway loads the file again at open.
 
 use super::flusher::Flusher;
 use super::keys::{self, ShardView};
+use super::snapshot::{self, SnapFile, SnapshotDir};
 use super::{decode, encode, StoreError};
 use crate::cache::RecentCache;
 use crate::chat::{state, InboxEvent, Reply, UserId};
@@ -17,7 +19,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftLogId, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
 };
-use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::broadcast;
 use tokio::sync::RwLock;
@@ -26,10 +28,13 @@ type NodeId = u64;
 type Node = openraft::BasicNode;
 type SResult<T> = Result<T, StorageError<NodeId>>;
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, Node>);
-type Records<'a> = Vec<(&'a [u8], &'a [u8])>;
 
+/// The current snapshot's meta (its file is [`SnapshotDir::file_of`] its id).
 const SNAP_META: &[u8] = b"snapshot.meta";
+/// Where builds before snapshot files kept the snapshot itself; moved to a file at open.
 const SNAP_DATA: &[u8] = b"snapshot.data";
+/// The meta of a snapshot being installed: present at open, the install is redone.
+const INSTALLING: &[u8] = b"snapshot.installing";
 
 fn sm_err(e: StoreError) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&e).into()
@@ -43,6 +48,9 @@ pub struct StateMachine {
     pub cache: Arc<RecentCache>,
     /// Held for writing by `apply` and `install_snapshot`, for reading by snapshot builds.
     lock: Arc<RwLock<()>>,
+    /// One snapshot build or install at a time (each replaces the current snapshot file).
+    snap_lock: Arc<tokio::sync::Mutex<()>>,
+    snaps: SnapshotDir,
     /// New inbox events of this shard's users, as they are applied (delivery reads these).
     pub inbox_tx: broadcast::Sender<InboxNotice>,
 }
@@ -62,16 +70,71 @@ pub fn now_ms() -> u64 {
 
 impl StateMachine {
     /// Opens the shard's state, first completing an entry a crash cut short (see
-    /// [`keys::Writes`]).
+    /// [`keys::Writes`]) or a snapshot install a crash cut short, and moving a snapshot
+    /// kept inside sled by an older build into its file. `snap_dir` is the shard's snapshot
+    /// folder.
     pub fn open(
         tree: sled::Tree,
         meta: sled::Tree,
         flusher: Flusher,
         cache: Arc<RecentCache>,
+        snap_dir: PathBuf,
     ) -> Result<Self, StoreError> {
         keys::Writes::recover(&tree)?;
+        let current: Option<SnapshotMeta<NodeId, Node>> = match meta.get(SNAP_META)? {
+            Some(m) => Some(decode(SNAP_META, &m)?),
+            None => None,
+        };
+        let installing: Option<SnapshotMeta<NodeId, Node>> = match meta.get(INSTALLING)? {
+            Some(m) => Some(decode(INSTALLING, &m)?),
+            None => None,
+        };
+        // Keep the file of the snapshot being installed if there is one, else the current one.
+        let keep = installing.as_ref().or(current.as_ref()).map(|m| m.snapshot_id.clone());
+        let snaps = SnapshotDir::open(snap_dir, keep.as_deref())?;
+        if let (Some(m), Some(data)) = (&current, meta.get(SNAP_DATA)?) {
+            let part = snaps.part("migrate");
+            let io = |source| StoreError::Io { path: part.clone(), source };
+            let write = || -> std::io::Result<()> {
+                let f = std::fs::File::create(&part)?;
+                std::io::Write::write_all(&mut &f, &data)?;
+                f.sync_all()?;
+                snaps.publish(&part, &m.snapshot_id).map(|_| ())
+            };
+            write().map_err(io)?;
+            meta.remove(SNAP_DATA)?;
+            tracing::info!(snapshot = %m.snapshot_id, "moved the snapshot kept in sled into its file");
+        }
         let (inbox_tx, _) = broadcast::channel(4096);
-        Ok(Self { view: ShardView { tree }, meta, flusher, cache, lock: Arc::new(RwLock::new(())), inbox_tx })
+        let sm = Self {
+            view: ShardView { tree },
+            meta,
+            flusher,
+            cache,
+            lock: Arc::new(RwLock::new(())),
+            snap_lock: Arc::new(tokio::sync::Mutex::new(())),
+            snaps,
+            inbox_tx,
+        };
+        if let Some(m) = installing {
+            // Crashed midway through an install: its file was complete and fsynced before
+            // the tree was touched, so load it again. Made durable by the first sync after.
+            let path = sm.snaps.file_of(&m.snapshot_id);
+            let records = load_tree(&sm.view.tree, &path, &m)?;
+            sm.finish_install(&m)?;
+            tracing::info!(snapshot = %m.snapshot_id, records, "completed a snapshot install a restart cut short");
+        }
+        Ok(sm)
+    }
+
+    /// Names `meta` the current snapshot and clears the install mark, in one batch.
+    fn finish_install(&self, meta: &SnapshotMeta<NodeId, Node>) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        b.insert(SNAP_META, encode(meta));
+        b.remove(INSTALLING);
+        b.remove(SNAP_DATA);
+        self.meta.apply_batch(b)?;
+        Ok(())
     }
 
     fn read_applied(&self) -> Result<AppliedState, StoreError> {
@@ -121,58 +184,107 @@ impl StateMachine {
     }
 }
 
-fn encode_snapshot(tree: &sled::Tree) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::new();
+/// Writes the tree's records into a new file at `part`, fsyncs it and returns its size.
+fn write_tree(tree: &sled::Tree, part: &Path) -> Result<u64, StoreError> {
+    let io = |source| StoreError::Io { path: part.to_path_buf(), source };
+    let file = std::fs::File::create(part).map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut bytes = 0u64;
     for kv in tree.iter() {
         let (k, v) = kv?;
         if k == keys::REDO {
             continue;
         }
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(&k);
-        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(&v);
+        snapshot::write_record(&mut w, &k, &v).map_err(io)?;
+        bytes += (k.len() + v.len() + 8) as u64;
     }
-    Ok(out)
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(bytes)
 }
 
-fn take_record<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], StoreError> {
-    let corrupt = || StoreError::Corrupt { key: "snapshot".into(), reason: "truncated record".into() };
-    let (len, tail) = rest.split_at_checked(4).ok_or_else(corrupt)?;
-    let len = u32::from_be_bytes(len.try_into().map_err(|_| corrupt())?) as usize;
-    let (item, tail) = tail.split_at_checked(len).ok_or_else(corrupt)?;
-    *rest = tail;
-    Ok(item)
+/// Replaces the tree's contents by the snapshot file's records and `meta`'s applied log id
+/// and membership, in bounded batches (not atomic: [`INSTALLING`] covers a crash midway).
+fn load_tree(tree: &sled::Tree, path: &Path, meta: &SnapshotMeta<NodeId, Node>) -> Result<u64, StoreError> {
+    const BATCH_BYTES: usize = 4 << 20;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in tree.iter().keys().take(10_000) {
+            batch.remove(k?);
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        tree.apply_batch(batch)?;
+    }
+    let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut records = 0u64;
+    let mut batch = sled::Batch::default();
+    let mut held = 0usize;
+    for rec in snapshot::RecordReader::new(std::io::BufReader::with_capacity(1 << 20, file)) {
+        let (k, v) = rec?;
+        held += k.len() + v.len();
+        batch.insert(k, v);
+        records += 1;
+        if held >= BATCH_BYTES {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            held = 0;
+        }
+    }
+    batch.insert(keys::APPLIED, encode(&meta.last_log_id));
+    batch.insert(keys::MEMBERSHIP, encode(&meta.last_membership));
+    tree.apply_batch(batch)?;
+    Ok(records)
 }
 
-pub fn decode_snapshot(data: &[u8]) -> Result<Records<'_>, StoreError> {
-    let mut out = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        let k = take_record(&mut rest)?;
-        let v = take_record(&mut rest)?;
-        out.push((k, v));
-    }
-    Ok(out)
+fn join_err(e: tokio::task::JoinError) -> StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, &std::io::Error::other(format!("snapshot task failed: {e}"))).into()
+}
+
+fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()
+}
+
+/// A whole snapshot held in memory (a backup chunk, tests), decoded.
+pub fn decode_snapshot(data: &[u8]) -> Result<Vec<snapshot::Record>, StoreError> {
+    snapshot::decode_all(data)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
-        let (meta, data) = {
+        let _one = self.snap_lock.lock().await;
+        let part = self.snaps.part("build");
+        let (meta, bytes, path) = {
             let _g = self.lock.read().await;
             let (applied, membership) = self.read_applied().map_err(sm_err)?;
-            let data = encode_snapshot(&self.view.tree).map_err(sm_err)?;
             let id = match applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_ms()),
+                Some(l) => format!("{}-{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index, now_ms()),
                 None => format!("empty-{}", now_ms()),
             };
-            (SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id: id }, data)
+            let (tree, snaps, id2) = (self.view.tree.clone(), self.snaps.clone(), id.clone());
+            let (bytes, path) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                let bytes = write_tree(&tree, &part)?;
+                let path = snaps.publish(&part, &id2).map_err(|source| StoreError::Io { path: part, source })?;
+                Ok((bytes, path))
+            })
+            .await
+            .map_err(join_err)?
+            .map_err(snap_err)?;
+            (SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id: id }, bytes, path)
         };
         self.meta.insert(SNAP_META, encode(&meta)).map_err(|e| sm_err(e.into()))?;
-        self.meta.insert(SNAP_DATA, data.clone()).map_err(|e| sm_err(e.into()))?;
         self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        // Only now that the meta names the new file durably may the old one go.
+        let _ = self.meta.remove(SNAP_DATA);
+        if let Err(e) = self.snaps.remove_others(Some(&meta.snapshot_id)) {
+            tracing::warn!(cause = %e, "could not delete an older snapshot file");
+        }
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "built snapshot");
+        let file = tokio::fs::File::open(&path).await.map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(SnapFile { file, path }) })
     }
 }
 
@@ -201,49 +313,77 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<SnapFile>> {
+        let path = self.snaps.part("recv");
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(SnapFile { file, path }))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> SResult<()> {
-        let data = snapshot.into_inner();
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<SnapFile>) -> SResult<()> {
+        let _one = self.snap_lock.lock().await;
+        let SnapFile { mut file, path: part } = *snapshot;
+        let werr = |e: std::io::Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         {
+            use tokio::io::AsyncWriteExt;
+            file.flush().await.map_err(werr)?;
+        }
+        file.sync_all().await.map_err(werr)?;
+        drop(file);
+        let snaps = self.snaps.clone();
+        let id = meta.snapshot_id.clone();
+        let path =
+            tokio::task::spawn_blocking(move || snaps.publish(&part, &id)).await.map_err(join_err)?.map_err(werr)?;
+        // From here until the meta names the snapshot, a restart redoes the install.
+        self.meta.insert(INSTALLING, encode(meta)).map_err(|e| sm_err(e.into()))?;
+        self.flusher.sync().await.map_err(werr)?;
+        let records = {
             let _g = self.lock.write().await;
-            let records = decode_snapshot(&data).map_err(sm_err)?;
-            let mut batch = sled::Batch::default();
-            for k in self.view.tree.iter().keys() {
-                batch.remove(k.map_err(|e| sm_err(e.into()))?);
-            }
-            for (k, v) in records {
-                batch.insert(k, v);
-            }
-            batch.insert(keys::APPLIED, encode(&meta.last_log_id));
-            batch.insert(keys::MEMBERSHIP, encode(&meta.last_membership));
-            self.view.tree.apply_batch(batch).map_err(|e| sm_err(e.into()))?;
+            let (tree, p, m) = (self.view.tree.clone(), path.clone(), meta.clone());
+            let records = tokio::task::spawn_blocking(move || load_tree(&tree, &p, &m))
+                .await
+                .map_err(join_err)?
+                .map_err(sm_err)?;
             self.cache.clear();
             let _ = self.inbox_tx.send(InboxNotice::Resync);
+            records
+        };
+        self.finish_install(meta).map_err(sm_err)?;
+        self.flusher.sync().await.map_err(werr)?;
+        if let Err(e) = self.snaps.remove_others(Some(&meta.snapshot_id)) {
+            tracing::warn!(cause = %e, "could not delete an older snapshot file");
         }
-        self.meta.insert(SNAP_META, encode(meta)).map_err(|e| sm_err(e.into()))?;
-        self.meta.insert(SNAP_DATA, data.as_slice()).map_err(|e| sm_err(e.into()))?;
-        self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
+        tracing::info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let m = self.meta.get(SNAP_META).map_err(|e| sm_err(e.into()))?;
-        let d = self.meta.get(SNAP_DATA).map_err(|e| sm_err(e.into()))?;
-        match (m, d) {
-            (Some(m), Some(d)) => {
-                let meta: SnapshotMeta<NodeId, Node> = decode(SNAP_META, &m).map_err(sm_err)?;
-                Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(d.to_vec())) }))
+        // A build that just finished deletes the file of the meta read an instant before:
+        // read the meta again then (the new file was in place before the meta named it).
+        for _ in 0..3 {
+            let Some(m) = self.meta.get(SNAP_META).map_err(|e| sm_err(e.into()))? else {
+                return Ok(None);
+            };
+            let meta: SnapshotMeta<NodeId, Node> = decode(SNAP_META, &m).map_err(sm_err)?;
+            let path = self.snaps.file_of(&meta.snapshot_id);
+            match tokio::fs::File::open(&path).await {
+                Ok(file) => return Ok(Some(Snapshot { meta, snapshot: Box::new(SnapFile { file, path }) })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if self.meta.get(SNAP_META).map_err(|e| sm_err(e.into()))?.as_deref() == Some(&m[..]) {
+                        // openraft builds a new one when it needs one.
+                        tracing::warn!(snapshot = %meta.snapshot_id, path = %path.display(), "snapshot file missing");
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
             }
-            _ => Ok(None),
         }
+        Ok(None)
     }
 }
 
@@ -257,9 +397,92 @@ mod tests {
         let t = db.open_tree("t").unwrap();
         t.insert(b"a", b"1").unwrap();
         t.insert(b"bb", b"").unwrap();
-        let data = encode_snapshot(&t).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("x.part");
+        let bytes = write_tree(&t, &part).unwrap();
+        let data = std::fs::read(&part).unwrap();
+        assert_eq!(bytes, data.len() as u64);
         let recs = decode_snapshot(&data).unwrap();
-        assert_eq!(recs, vec![(&b"a"[..], &b"1"[..]), (&b"bb"[..], &b""[..])]);
+        assert_eq!(recs, vec![(b"a".to_vec(), b"1".to_vec()), (b"bb".to_vec(), Vec::new())]);
         assert!(decode_snapshot(&data[..data.len() - 1]).is_err());
+
+        // Loading replaces every key and records the applied id and membership.
+        let other = db.open_tree("o").unwrap();
+        other.insert(b"stale", b"x").unwrap();
+        let meta =
+            SnapshotMeta { last_log_id: None, last_membership: StoredMembership::default(), snapshot_id: "s".into() };
+        assert_eq!(load_tree(&other, &part, &meta).unwrap(), 2);
+        assert!(other.get(b"stale").unwrap().is_none());
+        assert_eq!(other.get(b"a").unwrap().unwrap().as_ref(), b"1");
+        assert!(other.get(keys::APPLIED).unwrap().is_some());
+    }
+
+    fn opened(dir: &Path) -> (crate::storage::Storage, sled::Tree, sled::Tree, Flusher, Arc<RecentCache>) {
+        let storage = crate::storage::Storage::open(dir, 1).unwrap();
+        let flusher = Flusher::start(storage.clone(), crate::metrics::Metrics::new());
+        let (meta, tree) = storage.shard_trees(0).unwrap();
+        let counter = |n: &str| prometheus::IntCounter::new(n, n).unwrap();
+        let cache = Arc::new(RecentCache::new(1 << 20, counter("h"), counter("m")));
+        (storage, meta, tree, flusher, cache)
+    }
+
+    fn meta_at(index: u64, id: &str) -> SnapshotMeta<NodeId, Node> {
+        let log = LogId::new(openraft::CommittedLeaderId::new(3, 1), index);
+        SnapshotMeta { last_log_id: Some(log), last_membership: StoredMembership::default(), snapshot_id: id.into() }
+    }
+
+    #[tokio::test]
+    async fn an_install_a_crash_cut_short_is_completed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+        let snap_dir = dir.path().join("snapshots").join("s0");
+        let snaps = SnapshotDir::open(snap_dir.clone(), None).unwrap();
+        let meta = meta_at(42, "3-1-42-7");
+        let part = snaps.part("recv");
+        let mut data = Vec::new();
+        snapshot::write_record(&mut data, b"a", b"1").unwrap();
+        snapshot::write_record(&mut data, b"b", b"2").unwrap();
+        std::fs::write(&part, &data).unwrap();
+        snaps.publish(&part, &meta.snapshot_id).unwrap();
+        // The crash came after some of the old keys were removed and a few new ones written.
+        tree.insert(b"a", b"old").unwrap();
+        tree.insert(b"stale", b"x").unwrap();
+        meta_t.insert(INSTALLING, encode(&meta)).unwrap();
+
+        let mut sm = StateMachine::open(tree.clone(), meta_t.clone(), flusher, cache, snap_dir).unwrap();
+        assert_eq!(tree.get(b"a").unwrap().unwrap().as_ref(), b"1");
+        assert_eq!(tree.get(b"b").unwrap().unwrap().as_ref(), b"2");
+        assert!(tree.get(b"stale").unwrap().is_none());
+        assert!(meta_t.get(INSTALLING).unwrap().is_none());
+        assert_eq!(sm.read_applied().unwrap().0.map(|l| l.index), Some(42));
+        let cur = sm.get_current_snapshot().await.unwrap().expect("the installed snapshot is current");
+        assert_eq!(cur.meta.snapshot_id, "3-1-42-7");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_kept_in_sled_moves_to_its_file_and_builds_replace_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+        let snap_dir = dir.path().join("snapshots").join("s0");
+        let mut data = Vec::new();
+        snapshot::write_record(&mut data, b"k", b"v").unwrap();
+        meta_t.insert(SNAP_META, encode(&meta_at(5, "old-5"))).unwrap();
+        meta_t.insert(SNAP_DATA, data.clone()).unwrap();
+        tree.insert(b"k", b"v").unwrap();
+
+        let mut sm = StateMachine::open(tree, meta_t.clone(), flusher, cache, snap_dir.clone()).unwrap();
+        assert!(meta_t.get(SNAP_DATA).unwrap().is_none());
+        assert_eq!(std::fs::read(snap_dir.join("old-5.snap")).unwrap(), data);
+        let cur = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta.snapshot_id, "old-5");
+
+        // A build writes a new file, names it, and deletes the old one.
+        let built = sm.build_snapshot().await.unwrap();
+        let files: Vec<_> = std::fs::read_dir(&snap_dir).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files, vec![built.snapshot.path.clone()]);
+        assert_eq!(
+            decode_snapshot(&std::fs::read(&built.snapshot.path).unwrap()).unwrap(),
+            vec![(b"k".to_vec(), b"v".to_vec())]
+        );
     }
 }
