@@ -68,6 +68,9 @@ pub struct Config {
     pub keep_logs: u64,
     /// Memory budget of the 24-hour recent-message cache, split over local shards.
     pub cache_bytes: usize,
+    /// sled's page cache (`cache_capacity`): with `cache_bytes` the bulk of a node's memory,
+    /// whatever the size of its data or of a snapshot being installed.
+    pub sled_cache_bytes: u64,
     /// Largest HTTP request body, and largest WebSocket frame a client may send.
     pub max_body_bytes: usize,
     /// WebSocket: frames queued per connection before the consumer counts as slow.
@@ -222,6 +225,7 @@ impl Default for Config {
             snapshot_every: 5_000,
             keep_logs: 1_000,
             cache_bytes: 64 << 20,
+            sled_cache_bytes: 256 << 20,
             max_body_bytes: 64 << 10,
             ws_queue_frames: 256,
             ws_slow_consumer_ms: 5_000,
@@ -357,6 +361,9 @@ impl Config {
         }
         if self.snapshot_every == 0 {
             return bad("snapshot_every must be > 0".into());
+        }
+        if self.sled_cache_bytes < 1 << 20 {
+            return bad(format!("sled_cache_bytes must be at least 1048576 (1 MiB), got {}", self.sled_cache_bytes));
         }
         if self.max_batch == 0 || self.batches_in_flight == 0 {
             return bad("max_batch and batches_in_flight must be > 0".into());
@@ -558,5 +565,9 @@ mod tests {
         c.node_id = 9;
         c.nodes = ok.nodes.clone();
         assert!(c.validate().unwrap_err().to_string().contains("node_id 9"));
+        let tiny = Config { sled_cache_bytes: 4096, ..Config::default() };
+        assert!(tiny.validate().unwrap_err().to_string().contains("sled_cache_bytes"));
+        let set: Config = toml::from_str("sled_cache_bytes = 67108864").unwrap();
+        assert_eq!(set.sled_cache_bytes, 64 << 20);
     }
 }

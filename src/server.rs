@@ -61,7 +61,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         _ => None,
     };
     crate::storage::check_format(&cfg.data_dir)?;
-    let storage = Storage::open(&cfg.data_dir, cfg.shards)?;
+    let storage = Storage::open(&cfg.data_dir, cfg.shards, cfg.sled_cache_bytes)?;
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());
     let wal = crate::storage::wal::Wal::open(&cfg.data_dir.join("wal"), metrics.clone())?;

@@ -60,7 +60,7 @@ async fn node_down_during_log_purge_catches_up_by_snapshot() {
 
     // Stop it and read its own disk: every message is there, in order.
     assert!(c.stop(down, Duration::from_secs(30)).unwrap().success());
-    let storage = Storage::open(&c.configs[down].data_dir, 8).unwrap();
+    let storage = Storage::open(&c.configs[down].data_dir, 8, 8 << 20).unwrap();
     let (_, sm) = storage.shard_trees(shard).unwrap();
     let msgs = ShardView { tree: sm }.messages(&conv, 1, MESSAGES).unwrap();
     let texts: Vec<String> = msgs.iter().map(|m| m.text.clone()).collect();

@@ -3,7 +3,9 @@
 # "Snapshots"), plus the backup time of that shard.
 #
 #   docs/bench/snapshot-memory.sh BIN DIR [MB]
+#   EXTRA='sled_cache_bytes = 67108864' docs/bench/snapshot-memory.sh BIN DIR [MB]
 #
+# (EXTRA: config lines added to every node's file.)
 # Starts 3 nodes (configs from `raftchat local`, one shard), fills the shard with about MB
 # megabytes of 60 KB messages through `raftchat bench`, stopping node 3 halfway through,
 # backs the cluster up, snapshots the shard on nodes 1 and 2 (each purges its log up to 10
@@ -31,6 +33,10 @@ kill -INT $LOCAL
 wait $LOCAL || true
 for i in 1 2 3; do
   sed -i '1i max_text_bytes = 65536\nmax_body_bytes = 131072\nsnapshot_every = 10000000\nkeep_logs = 10' "$DIR/node$i.toml"
+  if [[ -n ${EXTRA:-} ]]; then
+    printf '%s\n' "$EXTRA" | cat - "$DIR/node$i.toml" >"$DIR/node$i.toml.new"
+    mv "$DIR/node$i.toml.new" "$DIR/node$i.toml"
+  fi
 done
 
 start() {

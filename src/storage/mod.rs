@@ -90,13 +90,14 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Opens (or creates) the database under `dir` and pins the shard count.
-    pub fn open(dir: &Path, shards: u32) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database under `dir` with a page cache of `cache_bytes` and
+    /// pins the shard count.
+    pub fn open(dir: &Path, shards: u32, cache_bytes: u64) -> Result<Self, StoreError> {
         // No periodic background flush: sled holds state the WAL can rebuild, and is made
         // durable explicitly (`sync_blocking`) before the log entries behind it are purged.
         let db = sled::Config::new()
             .path(dir.join("db"))
-            .cache_capacity(256 << 20)
+            .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(None)
             .open()?;

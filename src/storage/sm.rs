@@ -418,7 +418,7 @@ mod tests {
     }
 
     fn opened(dir: &Path) -> (crate::storage::Storage, sled::Tree, sled::Tree, Flusher, Arc<RecentCache>) {
-        let storage = crate::storage::Storage::open(dir, 1).unwrap();
+        let storage = crate::storage::Storage::open(dir, 1, 8 << 20).unwrap();
         let flusher = Flusher::start(storage.clone(), crate::metrics::Metrics::new());
         let (meta, tree) = storage.shard_trees(0).unwrap();
         let counter = |n: &str| prometheus::IntCounter::new(n, n).unwrap();
