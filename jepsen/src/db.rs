@@ -142,18 +142,28 @@ impl Db {
         self.old_bin.as_deref() == Some(self.cluster.bin(i))
     }
 
-    /// A rolling-upgrade step: node `i` stops gracefully (SIGTERM; SIGKILL after 10 s) and
-    /// starts again on the other build. Returns the build it now runs.
-    pub fn switch_build(&mut self, i: usize) -> anyhow::Result<&'static str> {
+    /// A rolling-upgrade step: node `i` stops gracefully (SIGTERM) and starts again on the
+    /// other build; returns what happened. Only a node that is running and stops cleanly
+    /// switches, as an operator rolls nodes: a node that is down (killed by another fault)
+    /// is left alone, and one whose stop fails is restarted on the same build, the failure
+    /// named in the fault's description.
+    pub fn switch_build(&mut self, i: usize) -> anyhow::Result<String> {
         let Some(old) = self.old_bin.clone() else { bail!("mixed builds need --old-bin") };
-        let (to, name) = if self.on_old(i) { (self.new_bin.clone(), "new") } else { (old, "old") };
-        self.resume(i);
-        if self.cluster.is_running(i) && self.cluster.stop(i, Duration::from_secs(10)).is_err() {
-            self.kill(i);
+        if !self.cluster.is_running(i) {
+            return Ok(format!("n{} is down: not switched", i + 1));
         }
-        self.cluster.set_bin(i, &to);
+        self.resume(i);
+        let (to, name) = if self.on_old(i) { (self.new_bin.clone(), "new") } else { (old, "old") };
+        let outcome = match self.cluster.stop(i, Duration::from_secs(10)) {
+            Ok(status) if status.success() => {
+                self.cluster.set_bin(i, &to);
+                format!("n{} restarted on the {name} build", i + 1)
+            }
+            Ok(status) => format!("n{} NOT switched: it exited with {status} on SIGTERM", i + 1),
+            Err(e) => format!("n{} NOT switched: {e}", i + 1),
+        };
         self.cluster.spawn(i)?;
-        Ok(name)
+        Ok(outcome)
     }
 
     /// Which build every node runs, e.g. `n1 old, n2 new, ...`.

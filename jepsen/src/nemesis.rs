@@ -155,11 +155,7 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
             let ids: Vec<usize> = victims.iter().map(|i| i + 1).collect();
             Ok((format!("power loss of {what} {ids:?} ({dropped} unsynced bytes dropped)"), Undo::Restart(victims)))
         }
-        "upgrade" => {
-            let v = nodes[0];
-            let to = db.switch_build(v)?;
-            Ok((format!("n{} restarted on the {to} build", v + 1), Undo::Nothing))
-        }
+        "upgrade" => Ok((db.switch_build(nodes[0])?, Undo::Nothing)),
         other => anyhow::bail!("unknown nemesis {other:?}; known: {FAMILIES:?}"),
     }
 }

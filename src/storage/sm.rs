@@ -266,9 +266,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             let (tree, snaps, id2) = (self.view.tree.clone(), self.snaps.clone(), id.clone());
             let (bytes, path) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                let bytes = write_tree(&tree, &part)?;
-                let path = snaps.publish(&part, &id2).map_err(|source| StoreError::Io { path: part, source })?;
-                Ok((bytes, path))
+                let built = write_tree(&tree, &part).and_then(|bytes| {
+                    let path =
+                        snaps.publish(&part, &id2).map_err(|source| StoreError::Io { path: part.clone(), source })?;
+                    Ok((bytes, path))
+                });
+                if built.is_err() {
+                    let _ = std::fs::remove_file(&part);
+                }
+                built
             })
             .await
             .map_err(join_err)?
@@ -279,7 +285,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         // Only now that the meta names the new file durably may the old one go.
         let _ = self.meta.remove(SNAP_DATA);
-        if let Err(e) = self.snaps.remove_others(Some(&meta.snapshot_id)) {
+        if let Err(e) = self.snaps.remove_others(&meta.snapshot_id) {
             tracing::warn!(cause = %e, "could not delete an older snapshot file");
         }
         tracing::info!(snapshot = %meta.snapshot_id, bytes, "built snapshot");
@@ -314,6 +320,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> SResult<Box<SnapFile>> {
+        // A receive starts only when the previous one ended (installed, or abandoned for a
+        // newer snapshot): its file, if still here, is garbage. (openraft runs this and
+        // install_snapshot one at a time on its state-machine worker.)
+        if let Err(e) = self.snaps.remove_parts("recv") {
+            tracing::warn!(cause = %e, "could not delete an abandoned snapshot receive");
+        }
         let path = self.snaps.part("recv");
         let file = tokio::fs::OpenOptions::new()
             .read(true)
@@ -337,8 +349,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(file);
         let snaps = self.snaps.clone();
         let id = meta.snapshot_id.clone();
-        let path =
-            tokio::task::spawn_blocking(move || snaps.publish(&part, &id)).await.map_err(join_err)?.map_err(werr)?;
+        // Read it through once before anything is replaced: a truncated or corrupt file
+        // fails here, leaving the shard's state as it was.
+        let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, StoreError> {
+            let io = |source| StoreError::Io { path: part.clone(), source };
+            let checked = std::fs::File::open(&part).map_err(io).and_then(|f| {
+                snapshot::RecordReader::new(std::io::BufReader::with_capacity(1 << 20, f))
+                    .try_for_each(|r| r.map(|_| ()))
+            });
+            if let Err(e) = checked {
+                let _ = std::fs::remove_file(&part);
+                return Err(e);
+            }
+            snaps.publish(&part, &id).map_err(io)
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(snap_err)?;
         // From here until the meta names the snapshot, a restart redoes the install.
         self.meta.insert(INSTALLING, encode(meta)).map_err(|e| sm_err(e.into()))?;
         self.flusher.sync().await.map_err(werr)?;
@@ -355,7 +382,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.finish_install(meta).map_err(sm_err)?;
         self.flusher.sync().await.map_err(werr)?;
-        if let Err(e) = self.snaps.remove_others(Some(&meta.snapshot_id)) {
+        if let Err(e) = self.snaps.remove_others(&meta.snapshot_id) {
             tracing::warn!(cause = %e, "could not delete an older snapshot file");
         }
         tracing::info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
@@ -380,7 +407,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         return Ok(None);
                     }
                 }
-                Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
+                Err(e) => {
+                    // Not fatal (e.g. out of file descriptors): openraft asks again, or
+                    // builds a new snapshot when it needs one.
+                    tracing::warn!(snapshot = %meta.snapshot_id, cause = %e, "cannot open the snapshot file");
+                    return Ok(None);
+                }
             }
         }
         Ok(None)
@@ -484,5 +516,32 @@ mod tests {
             decode_snapshot(&std::fs::read(&built.snapshot.path).unwrap()).unwrap(),
             vec![(b"k".to_vec(), b"v".to_vec())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_received_snapshot_is_refused_before_anything_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+        tree.insert(b"k", b"v").unwrap();
+        let mut sm =
+            StateMachine::open(tree.clone(), meta_t.clone(), flusher, cache, dir.path().join("snapshots/s0")).unwrap();
+        let mut good = Vec::new();
+        snapshot::write_record(&mut good, b"a", b"1").unwrap();
+        snapshot::write_record(&mut good, b"b", b"2").unwrap();
+
+        let mut recv = sm.begin_receiving_snapshot().await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut *recv, &good[..good.len() - 1]).await.unwrap();
+        let part = recv.path.clone();
+        assert!(sm.install_snapshot(&meta_at(9, "3-1-9-1"), recv).await.is_err());
+        assert_eq!(tree.get(b"k").unwrap().unwrap().as_ref(), b"v", "the state is untouched");
+        assert!(meta_t.get(INSTALLING).unwrap().is_none());
+        assert!(!part.exists(), "the bad file is gone");
+
+        let mut recv = sm.begin_receiving_snapshot().await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut *recv, &good).await.unwrap();
+        sm.install_snapshot(&meta_at(9, "3-1-9-2"), recv).await.unwrap();
+        assert!(tree.get(b"k").unwrap().is_none());
+        assert_eq!(tree.get(b"b").unwrap().unwrap().as_ref(), b"2");
+        assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta.snapshot_id, "3-1-9-2");
     }
 }

@@ -148,15 +148,15 @@ impl SnapshotDir {
     /// snapshots other than `current`.
     pub fn open(dir: PathBuf, current: Option<&str>) -> Result<Self, StoreError> {
         let io = |source| StoreError::Io { path: dir.clone(), source };
-        if !dir.is_dir() {
-            std::fs::create_dir_all(&dir).map_err(io)?;
-            // The new folders' entries must survive a power loss too.
-            for d in dir.ancestors().skip(1).take(2).filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::File::open(d).and_then(|f| f.sync_all()).map_err(io)?;
-            }
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        // The folders' entries must survive a power loss (every open: a crash may have
+        // come between creating them and syncing their parents).
+        for d in dir.ancestors().skip(1).take(2).filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(d).and_then(|f| f.sync_all()).map_err(io)?;
         }
         let me = Self { dir: dir.clone() };
-        me.remove_others(current).map_err(io)?;
+        let keep = current.map(|id| me.file_of(id));
+        me.remove_where(|p| Some(p) != keep.as_deref()).map_err(io)?;
         Ok(me)
     }
 
@@ -189,12 +189,26 @@ impl SnapshotDir {
         Ok(path)
     }
 
-    /// Deletes every file but snapshot `keep`'s (and, with `keep` None, all of them).
-    pub fn remove_others(&self, keep: Option<&str>) -> io::Result<()> {
-        let keep = keep.map(|id| self.file_of(id));
+    /// Deletes every complete snapshot but `keep`'s. Files being built or received
+    /// (`.part`) stay: a build may finish while a snapshot streams in.
+    pub fn remove_others(&self, keep: &str) -> io::Result<()> {
+        let keep = self.file_of(keep);
+        self.remove_where(|p| p != keep && p.extension().is_some_and(|e| e == "snap"))
+    }
+
+    /// Deletes the `.part` files named `<what>-...` (an abandoned receive or build).
+    pub fn remove_parts(&self, what: &str) -> io::Result<()> {
+        let prefix = format!("{what}-");
+        self.remove_where(|p| {
+            p.extension().is_some_and(|e| e == "part")
+                && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))
+        })
+    }
+
+    fn remove_where(&self, doomed: impl Fn(&Path) -> bool) -> io::Result<()> {
         for e in std::fs::read_dir(&self.dir)? {
             let path = e?.path();
-            if Some(&path) != keep.as_ref() && path.is_file() {
+            if path.is_file() && doomed(&path) {
                 std::fs::remove_file(&path)?;
             }
         }
@@ -234,6 +248,16 @@ mod tests {
         std::fs::write(&stray, b"half").unwrap();
         let path = d.publish(&part, "1-2-3").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"data");
+        // Replacing the current snapshot leaves a snapshot being received alone...
+        let older = d.part("build");
+        std::fs::write(&older, b"old").unwrap();
+        let older = d.publish(&older, "0-0-1").unwrap();
+        d.remove_others("1-2-3").unwrap();
+        assert!(!older.exists() && stray.exists());
+        // ...until that receive is abandoned.
+        d.remove_parts("recv").unwrap();
+        assert!(!stray.exists());
+        std::fs::write(&stray, b"half").unwrap();
         assert!(d.file_of("../../etc/passwd").starts_with(d.path()));
         let d = SnapshotDir::open(tmp.path().join("s0"), Some("1-2-3")).unwrap();
         let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().path()).collect();
