@@ -114,7 +114,7 @@ proptest! {
     fn peer_payloads_decode_or_fail_cleanly(b in prop::collection::vec(any::<u8>(), 0..400)) {
         let _ = serde_json::from_slice::<raftchat::node::router::ShardOp>(&b);
         let _ = serde_json::from_slice::<Result<raftchat::node::router::ShardReply, raftchat::node::router::ShardError>>(&b);
-        let _ = raftchat::storage::sm::decode_snapshot(&b);
+        let _ = raftchat::storage::snapshot::decode_all(&b);
     }
 
     /// Redo records read back from disk: garbage is `Corrupt`, real ones round-trip.
@@ -173,7 +173,7 @@ proptest! {
 
     #[test]
     fn backup_records_decode_or_fail_cleanly(b in prop::collection::vec(any::<u8>(), 0..400)) {
-        if let Ok(records) = raftchat::storage::sm::decode_snapshot(&b) {
+        if let Ok(records) = raftchat::storage::snapshot::decode_all(&b) {
             let total: usize = records.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
             prop_assert_eq!(total, b.len());
         }

@@ -183,7 +183,7 @@ async fn ingest(
         operator(&node, &headers)?;
         node.require_version(2, "restore")?;
         let shard = shard_of(&node, &shard)?;
-        let records = crate::storage::sm::decode_snapshot(&body)
+        let records = crate::storage::snapshot::decode_all(&body)
             .map_err(|e| ApiError::bad_request("invalid_records", e.to_string()))?;
         if records.iter().any(|(k, _)| k.first() == Some(&0)) {
             return Err(ApiError::bad_request(

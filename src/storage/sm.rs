@@ -248,11 +248,6 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()
 }
 
-/// A whole snapshot held in memory (a backup chunk, tests), decoded.
-pub fn decode_snapshot(data: &[u8]) -> Result<Vec<snapshot::Record>, StoreError> {
-    snapshot::decode_all(data)
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let _one = self.snap_lock.lock().await;
@@ -434,9 +429,9 @@ mod tests {
         let bytes = write_tree(&t, &part).unwrap();
         let data = std::fs::read(&part).unwrap();
         assert_eq!(bytes, data.len() as u64);
-        let recs = decode_snapshot(&data).unwrap();
+        let recs = snapshot::decode_all(&data).unwrap();
         assert_eq!(recs, vec![(b"a".to_vec(), b"1".to_vec()), (b"bb".to_vec(), Vec::new())]);
-        assert!(decode_snapshot(&data[..data.len() - 1]).is_err());
+        assert!(snapshot::decode_all(&data[..data.len() - 1]).is_err());
 
         // Loading replaces every key and records the applied id and membership.
         let other = db.open_tree("o").unwrap();
@@ -513,7 +508,7 @@ mod tests {
         let files: Vec<_> = std::fs::read_dir(&snap_dir).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(files, vec![built.snapshot.path.clone()]);
         assert_eq!(
-            decode_snapshot(&std::fs::read(&built.snapshot.path).unwrap()).unwrap(),
+            snapshot::decode_all(&std::fs::read(&built.snapshot.path).unwrap()).unwrap(),
             vec![(b"k".to_vec(), b"v".to_vec())]
         );
     }
