@@ -103,7 +103,12 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["code"], "invalid_json");
     let r = raw(vec![b'x'; 200_000]).await.unwrap();
     assert_eq!(r.status(), 413);
+    // The unread rest of the body means the server closes this connection: it must say
+    // so, or the client's next request on the same connection fails mid-way.
+    assert_eq!(r.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["code"], "body_too_large");
+    // The very next request on the same client (and node) is answered.
+    c.send_ok(0, "alice", "bob", "after-413", "still here").await;
 
     // Auth: missing, garbage, forged, expired tokens; reading someone else's conversation.
     let list = "/v1/conversations";
@@ -144,10 +149,10 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     mark(99).await.unwrap().err(400, "seq_out_of_range");
     c.req(0, "GET", "/v1/nothing", None, None).await.unwrap().err(404, "no_route");
 
-    // Nothing above was written: the conversation holds exactly the one good message.
+    // Nothing bad above was written: the conversation holds exactly the two good messages.
     let h: HistoryResponse = c.history(2, "bob", "alice~bob", "").await.ok();
-    assert_eq!(h.messages.len(), 1);
-    assert_eq!(h.messages[0].text, "fine");
+    let texts: Vec<&str> = h.messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["still here", "fine"]);
     // And every node is still healthy.
     for n in 0..3 {
         assert_eq!(c.req(n, "GET", "/readyz", None, None).await.unwrap().status, 200);

@@ -117,6 +117,12 @@ impl IntoResponse for ApiError {
             let secs = ms.div_ceil(1000).max(1);
             resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
         }
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the oversized body was never read, so the server closes the
+            // connection after this answer; saying so keeps the client from reusing it
+            // for its next request (which would then fail with an incomplete message).
+            resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        }
         resp
     }
 }
