@@ -38,6 +38,7 @@ impl Node {
             }
             read => {
                 handle.linearize(deadline).await?;
+                let _whole_entries = handle.group.sm.read_lock().await;
                 self.read_local(&handle.group, read)
             }
         }

@@ -46,7 +46,8 @@ pub struct StateMachine {
     meta: sled::Tree,
     flusher: Flusher,
     pub cache: Arc<RecentCache>,
-    /// Held for writing by `apply` and `install_snapshot`, for reading by snapshot builds.
+    /// Held for writing by `apply` and `install_snapshot`, for reading by snapshot builds
+    /// and by multi-key reads ([`StateMachine::read_lock`]).
     lock: Arc<RwLock<()>>,
     /// One snapshot build or install at a time (each replaces the current snapshot file).
     snap_lock: Arc<tokio::sync::Mutex<()>>,
@@ -69,6 +70,14 @@ pub fn now_ms() -> u64 {
 }
 
 impl StateMachine {
+    /// Holds applies off while the guard lives. An entry's writes reach sled a key at a
+    /// time, so a read of more than one key (a history page and its conversation's meta, a
+    /// recent-conversations list and its entries) takes this first to see whole entries:
+    /// without it a list read mid-apply can miss a conversation or show it twice.
+    pub async fn read_lock(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.lock.read().await
+    }
+
     /// Opens the shard's state, first completing an entry a crash cut short (see
     /// [`keys::Writes`]) or a snapshot install a crash cut short, and moving a snapshot
     /// kept inside sled by an older build into its file. `snap_dir` is the shard's snapshot
@@ -538,5 +547,67 @@ mod tests {
         assert!(tree.get(b"k").unwrap().is_none());
         assert_eq!(tree.get(b"b").unwrap().unwrap().as_ref(), b"2");
         assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta.snapshot_id, "3-1-9-2");
+    }
+
+    /// A recent-conversations read under [`StateMachine::read_lock`] never sees an entry
+    /// half applied, however the applies and reads interleave (an entry's writes reach sled
+    /// a key at a time: a conversation moving to the top has its new order key written
+    /// before its old one goes, so an unguarded read sees it twice, or, written the other way
+    /// round, not at all, as a fault run once saw).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_list_read_under_the_read_lock_sees_whole_entries() {
+        use crate::chat::{Command, ConversationId, UserId};
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+        let mut sm = StateMachine::open(tree, meta_t, flusher, cache, dir.path().join("snapshots/s0")).unwrap();
+        let me = UserId::parse("u4").unwrap();
+        let convs: Vec<(UserId, ConversationId)> = ["u1", "u2", "u3", "u5"]
+            .iter()
+            .map(|p| {
+                let peer = UserId::parse(p).unwrap();
+                (peer.clone(), ConversationId::between(&me, &peer).unwrap())
+            })
+            .collect();
+        let entry = |i: u64| {
+            let (peer, conversation) = convs[(i % 4) as usize].clone();
+            let cmd = Command::IndexUpdate {
+                user: me.clone(),
+                conversation,
+                from: peer,
+                seq: i / 4 + 1,
+                ts: 1_000_000 + i,
+                preview: String::new(),
+            };
+            let log_id = LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1);
+            Entry::<TypeConfig> { log_id, payload: EntryPayload::Normal(cmd) }
+        };
+        sm.apply((0..4).map(entry)).await.unwrap();
+
+        let reader = sm.clone();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = done.clone();
+        let user = me.clone();
+        let reads = tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let rows = {
+                    let _g = reader.read_lock().await;
+                    reader.view.recent(&user, None, 100).unwrap()
+                };
+                let mut seen: Vec<String> = rows.iter().map(|(c, _, _)| c.to_string()).collect();
+                seen.sort();
+                seen.dedup();
+                assert_eq!((rows.len(), seen.len()), (4, 4), "read {reads}: {seen:?}");
+                reads += 1;
+                tokio::task::yield_now().await;
+            }
+            reads
+        });
+        for i in 4..4000 {
+            sm.apply([entry(i)]).await.unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reads = reads.await.unwrap();
+        assert!(reads > 100, "the reader ran alongside the applies ({reads} reads)");
     }
 }
