@@ -96,6 +96,11 @@ pub struct Config {
     /// shard's preferred leader (its first replica) when that node answers and is caught up,
     /// one shard per round. 0 turns it off.
     pub balance_every_secs: u64,
+    /// `new`: on a fresh data folder this node creates its shards' groups with the others
+    /// listed in `members` (a new cluster). `existing`: it joins a running cluster and
+    /// hosts nothing until `raftchat admin add-node` (or a replica move) gives it shards.
+    /// Ignored once the data folder records what the node hosts.
+    pub initial_cluster_state: ClusterState,
     /// Admission: new messages queued or in flight per shard before more are refused (503).
     pub shard_max_queued: usize,
     /// Admission: bytes of new messages queued or in flight per shard before more are refused.
@@ -183,8 +188,18 @@ pub struct Config {
 
 /// The newest set of replicated commands this build speaks. 1: messages, indexes, read
 /// markers, receipts, registration (builds before accounts); 2: accounts and sessions,
-/// invites, token revocation, retention sweeps, restore (`Ingest`).
-pub const CLUSTER_VERSION: u32 = 2;
+/// invites, token revocation, retention sweeps, restore (`Ingest`); 3: replica moves (a
+/// node that gives a shard away records it in its write-ahead log in a way older builds
+/// cannot read).
+pub const CLUSTER_VERSION: u32 = 3;
+
+/// Whether a node with a fresh data folder starts a new cluster or joins a running one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    New,
+    Existing,
+}
 
 /// Who may create a password account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +251,7 @@ impl Default for Config {
             peer_pipe: true,
             prevote: true,
             balance_every_secs: 30,
+            initial_cluster_state: ClusterState::New,
             shard_max_queued: 1024,
             shard_max_queued_bytes: 4 << 20,
             node_max_inflight_sends: 4096,

@@ -86,24 +86,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .await
         .map_err(|source| NodeError::Bind { addr: cfg.peer_addr, source })?;
 
-    let local = placement.local_shards(cfg.node_id);
-    let cache_budget = cfg.cache_bytes / local.len().max(1);
+    // What this node hosts: as recorded (replica moves change it), or, on the first start
+    // of this data folder (or one from before replica moves), what the placement gives it
+    // in a new cluster, or nothing when it joins a running one.
+    let recorded = storage.hosted()?;
+    let first_start = recorded.is_none();
+    let local = match recorded {
+        Some(h) => h,
+        None if cfg.initial_cluster_state == crate::config::ClusterState::Existing && wal.is_empty() => Vec::new(),
+        None => placement.local_shards(cfg.node_id),
+    };
+    crate::node::membership::forget_leftovers(&storage, &wal, &cfg.data_dir, &local).await?;
+    let cache_budget = crate::node::membership::cache_budget(&cfg, &placement);
     let mut groups = HashMap::new();
     for shard in &local {
-        let g = group::start(
-            &cfg,
-            *shard,
-            &placement.replicas(*shard),
-            &storage,
-            &wal,
-            &flusher,
-            &peers,
-            &metrics,
-            cache_budget,
-        )
-        .await?;
+        // Only a first start creates groups (a shard's preferred leader initializes it);
+        // a shard hosted later came by a replica move and gets its state from the leader.
+        let init = if first_start { placement.replicas(*shard) } else { Vec::new() };
+        let g = group::start(&cfg, *shard, &init, &storage, &wal, &flusher, &peers, &metrics, cache_budget).await?;
         groups.insert(*shard, g);
     }
+    if first_start {
+        storage.set_hosted(&local)?;
+    }
+    let moved = storage.moved()?;
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = crate::node::shard_handle::Limits {
@@ -113,17 +119,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         max_queued_bytes: cfg.shard_max_queued_bytes,
         retry_after_ms: cfg.overload_retry_after_ms,
     };
-    let shards = groups
-        .iter()
-        .map(|(s, g)| (*s, crate::node::shard_handle::ShardHandle::start(g.clone(), limits, metrics.clone())))
+    let handles: Vec<_> = groups
+        .values()
+        .map(|g| crate::node::shard_handle::ShardHandle::start(g.clone(), limits, metrics.clone()))
         .collect();
     let node = Arc::new(Node {
         id: cfg.node_id,
         placement,
         keys,
         peers,
+        local: crate::node::local::Local::new(handles),
+        kit: crate::node::membership::Kit::new(storage.clone(), wal.clone(), flusher.clone(), limits, cache_budget),
+        routes: Mutex::new(moved.into_iter().map(|(s, i, v)| (s, (i, v))).collect()),
         metrics,
-        shards,
         send_rate: crate::node::rate_limit::PerUser::new(cfg.user_send_rate, cfg.user_send_burst),
         login_failures: crate::node::rate_limit::LoginFailures::new(
             cfg.login_failures_per_user_per_minute,
@@ -135,7 +143,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
             cfg.node_max_inflight_sends,
             Duration::from_millis(cfg.admission_target_ms),
         ),
-        groups,
         leader_hints: Mutex::new(HashMap::new()),
         known_users: Mutex::new(HashSet::new()),
         revocations: Mutex::new(HashMap::new()),
@@ -167,11 +174,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         stop_rx.clone(),
     ));
     if node.cfg.prevote {
-        let members = node
-            .groups
-            .values()
-            .map(|g| crate::raft::prevote::Member { shard: g.shard, raft: g.raft.clone(), contact: g.contact.clone() })
-            .collect();
+        let of = node.clone();
+        let members = Arc::new(move || {
+            of.local
+                .groups()
+                .iter()
+                .map(|g| crate::raft::prevote::Member {
+                    shard: g.shard,
+                    raft: g.raft.clone(),
+                    contact: g.contact.clone(),
+                })
+                .collect()
+        });
         let timeouts = (
             Duration::from_millis(node.cfg.election_timeout_min_ms),
             Duration::from_millis(node.cfg.election_timeout_max_ms),
@@ -245,7 +259,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     for t in tasks {
         t.abort();
     }
-    for g in node.groups.values() {
+    for g in node.local.groups() {
         if let Err(e) = g.raft.shutdown().await {
             tracing::warn!(shard = g.shard, cause = %e, "raft shutdown");
         }

@@ -11,6 +11,10 @@
 //!   `raftchat admin restore` sends a backup's shards in chunks of at most [`INGEST_CHUNK`].
 //! - `POST /v1/admin/shards/{shard}/transfer-leader` `{"to": N}`: moves the shard's
 //!   leadership to node N (`raftchat admin transfer-leader`).
+//! - `POST /v1/admin/shards/{shard}/move` `{"from": A, "to": B}`: moves the shard's replica
+//!   from node A to node B (`node::membership`; `raftchat admin move-replica`, `add-node`,
+//!   `remove-node`, `replace-node`); answers once B is a voter and A dropped its copy (or
+//!   says why A did not). Needs cluster version 3.
 
 use super::error::ApiError;
 use super::http::{auth_header, respond};
@@ -37,6 +41,7 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/v1/admin/shards/{shard}/snapshot", get(snapshot))
         .route("/v1/admin/shards/{shard}/ingest", post(ingest).layer(DefaultBodyLimit::max(INGEST_CHUNK + (64 << 10))))
         .route("/v1/admin/shards/{shard}/transfer-leader", post(transfer_leader))
+        .route("/v1/admin/shards/{shard}/move", post(move_replica))
 }
 
 fn operator(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -62,7 +67,7 @@ async fn snapshot(State(node): St, headers: HeaderMap, Path(shard): Path<String>
     let r = async {
         operator(&node, &headers)?;
         let shard = shard_of(&node, &shard)?;
-        let group = node.groups.get(&shard).ok_or_else(|| {
+        let group = node.local.group(shard).ok_or_else(|| {
             ApiError::not_found(
                 "not_replica",
                 format!("this node holds no replica of shard {shard}; ask one that does (/status)"),
@@ -150,13 +155,15 @@ async fn transfer_leader(
         operator(&node, &headers)?;
         let shard = shard_of(&node, &shard)?;
         let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
-        if !node.placement.replicas(shard).contains(&b.to) {
+        // The leader checks that the target is a voter; this node's view of the voters may
+        // lag a replica move by a heartbeat.
+        if b.to != node.id && node.peers.addr(b.to).is_none() {
             return Err(ApiError::bad_request(
                 "not_replica",
                 format!(
-                    "node {} holds no replica of shard {shard} (replicas: {:?})",
+                    "node {} is not a member of this cluster, so it holds no replica of shard {shard} (replicas: {:?})",
                     b.to,
-                    node.placement.replicas(shard)
+                    node.replicas(shard)
                 ),
             ));
         }
@@ -170,6 +177,37 @@ async fn transfer_leader(
     }
     .await;
     respond(&node, "transfer_leader", r)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveBody {
+    from: u64,
+    to: u64,
+    /// How long the move may take (a large shard reaches the new node as a streamed
+    /// snapshot); default 600 s.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+/// `POST /v1/admin/shards/{shard}/move` `{"from": A, "to": B}` (module docs).
+async fn move_replica(
+    State(node): St,
+    headers: HeaderMap,
+    Path(shard): Path<String>,
+    body: Result<axum::Json<MoveBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        node.require_version(3, "moving a replica")?;
+        let shard = shard_of(&node, &shard)?;
+        let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(b.timeout_secs.unwrap_or(600).clamp(1, 86_400));
+        Ok(node.move_replica(shard, b.from, b.to, deadline).await?)
+    }
+    .await;
+    respond(&node, "move_replica", r)
 }
 
 async fn ingest(

@@ -98,7 +98,10 @@ impl From<ShardError> for ApiError {
                 "timeout",
                 format!("{e}; retry with the same client_msg_id, it will not create a second message"),
             ),
-            ShardError::NotLeader { .. } | ShardError::NotReplica { .. } | ShardError::Unavailable { .. } => {
+            ShardError::NotLeader { .. }
+            | ShardError::NotReplica { .. }
+            | ShardError::Moved { .. }
+            | ShardError::Unavailable { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
             }
             ShardError::Storage(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),

@@ -267,13 +267,15 @@ async fn metrics(State(node): St) -> Response {
 /// This node's view of its shard groups, for operators and the test fixture.
 async fn status(State(node): St) -> Response {
     let mut shards: Vec<serde_json::Value> = node
-        .groups
-        .values()
+        .local
+        .groups()
+        .iter()
         .map(|g| {
             let m = g.raft.metrics().borrow().clone();
             serde_json::json!({
                 "shard": g.shard,
-                "replicas": node.placement.replicas(g.shard),
+                "replicas": node.replicas(g.shard),
+                "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
                 "state": format!("{:?}", m.state),
                 "leader": m.current_leader,
                 "term": m.current_term,

@@ -36,7 +36,8 @@ impl Node {
         to: NodeId,
         deadline: Instant,
     ) -> Result<(), ShardError> {
-        let group = self.groups.get(&shard).ok_or(ShardError::NotReplica { shard })?;
+        let handle = self.local.handle(shard).ok_or(ShardError::NotReplica { shard })?;
+        let group = &handle.group;
         let m = group.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.id) {
             return Err(ShardError::NotLeader { shard, leader: m.current_leader });
@@ -47,13 +48,17 @@ impl Node {
         if !m.membership_config.membership().voter_ids().any(|v| v == to) {
             return Err(ShardError::Invalid(format!("node {to} is not a voter of shard {shard}")));
         }
-        // Wait until the target holds every entry this node has.
-        loop {
+        let lag = |group: &crate::raft::group::Group| {
             let m = group.raft.metrics().borrow().clone();
             let last = m.last_log_index.unwrap_or(0);
             let matched =
                 m.replication.as_ref().and_then(|r| r.get(&to).copied().flatten()).map(|l| l.index).unwrap_or(0);
-            if matched >= last {
+            (matched, last)
+        };
+        // First close to caught up while writes go on (a far-behind target may take long)...
+        loop {
+            let (matched, last) = lag(group);
+            if matched + 64 >= last {
                 break;
             }
             if Instant::now() >= deadline {
@@ -64,6 +69,28 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // ...then no new entries (they wait in the queue, and go to the new leader) until the
+        // target holds every entry this node has: under load a leader that keeps appending
+        // is always ahead, and voters refuse a candidate whose log is shorter than theirs.
+        // Writes wait at most about two election timeouts for this.
+        let hold = Duration::from_millis(self.cfg.election_timeout_max_ms * 2);
+        let until = deadline.min(Instant::now() + hold);
+        let Ok(_paused) = tokio::time::timeout_at(until, handle.pause_proposals()).await else {
+            return Err(ShardError::Timeout { shard });
+        };
+        loop {
+            let (matched, last) = lag(group);
+            if matched >= last {
+                break;
+            }
+            if Instant::now() >= until {
+                return Err(ShardError::Unavailable {
+                    shard,
+                    reason: format!("node {to} did not catch up (at {matched} of {last})"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let ttl = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
         match self.peers.call_raw(to, Kind::Elect, shard, ttl, Vec::new()).await {
             Ok(_) => {}
@@ -73,7 +100,7 @@ impl Node {
             Err(RawError::Failed(e)) => return Err(ShardError::Unavailable { shard, reason: e }),
         }
         let mut rx = group.raft.metrics();
-        let became = tokio::time::timeout_at(deadline, rx.wait_for(|m| m.current_leader == Some(to))).await;
+        let became = tokio::time::timeout_at(until, rx.wait_for(|m| m.current_leader == Some(to))).await;
         let ok = matches!(became, Ok(Ok(_)));
         self.metrics.leader_transfers.with_label_values(&[if ok { "ok" } else { "failed" }]).inc();
         if ok {
@@ -102,12 +129,14 @@ pub fn spawn(node: Arc<Node>, every: Duration, mut stop: watch::Receiver<bool>) 
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let mut shards: Vec<ShardId> = node.groups.keys().copied().collect();
-            shards.sort_unstable();
-            for shard in shards {
-                let Some(group) = node.groups.get(&shard) else { continue };
+            for shard in node.local.shards() {
+                let Some(group) = node.local.group(shard) else { continue };
                 let m = group.raft.metrics().borrow().clone();
-                let preferred = node.placement.replicas(shard).first().copied();
+                // The placement's first replica, while it is still a voter (after replica moves
+                // a shard may have none; its leader then stays where it is).
+                let preferred = node.placement.replicas(shard).first().copied().filter(|p| {
+                    group.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == *p)
+                });
                 let Some(p) = preferred.filter(|p| *p != node.id) else { continue };
                 // Only a leader that has been one for a while, to a preferred node that answers.
                 let settled = m.millis_since_quorum_ack.is_some_and(|ms| ms < 1_000);

@@ -30,7 +30,10 @@ impl Node {
     /// the user's shard. `after` beyond the last event is an error (a bad cursor).
     pub fn local_inbox(self: &Arc<Self>, user: UserId, after: u64) -> Result<mpsc::Receiver<InboxItem>, ShardError> {
         let shard = self.placement.shard_of_user(&user);
-        let group = self.groups.get(&shard).ok_or(ShardError::NotReplica { shard })?.clone();
+        let group = self.local.group(shard).ok_or_else(|| match self.route(shard) {
+            Some((index, voters)) => ShardError::Moved { shard, index, voters },
+            None => ShardError::NotReplica { shard },
+        })?;
         let leader = group.raft.metrics().borrow().current_leader;
         if leader != Some(self.id) {
             return Err(ShardError::NotLeader { shard, leader });
@@ -128,7 +131,7 @@ impl Node {
         attempt: usize,
     ) -> Result<mpsc::Receiver<InboxItem>, ShardError> {
         let shard = self.placement.shard_of_user(user);
-        let replicas = self.placement.replicas(shard);
+        let replicas = self.replicas(shard);
         let target = match self.leader_hint(shard) {
             Some(l) if attempt == 0 || attempt % 2 == 1 => l,
             _ => replicas[attempt % replicas.len()],
@@ -145,6 +148,10 @@ impl Node {
         let shard = self.placement.shard_of_user(user);
         match err {
             ShardError::NotLeader { leader: Some(l), .. } => self.set_leader_hint(shard, Some(*l)),
+            ShardError::Moved { index, voters, .. } => {
+                self.learn_route(shard, *index, voters.clone());
+                self.set_leader_hint(shard, None);
+            }
             _ => self.set_leader_hint(shard, None),
         }
     }

@@ -9,10 +9,14 @@
 //! - [`send`]: the coordinated send and its outbox (confirmation, re-drive after a crash).
 //! - [`shard_handle`]: per local shard: proposing, batching, admission, linearizable reads.
 //! - [`peer_service`]: the gRPC service peers call (Raft RPCs, forwarded ops).
+//! - [`local`]: the shards this node hosts now; [`membership`]: replica moves (hosting and
+//!   dropping shards at runtime, routing to where a shard went).
 
 pub mod admission;
 pub mod balance;
 pub mod inbox;
+pub mod local;
+pub mod membership;
 pub mod ops;
 pub mod peer_service;
 pub mod rate_limit;
@@ -25,7 +29,6 @@ use crate::auth::Keys;
 use crate::chat::{Command, ConversationId, UserId};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::raft::group::Group;
 use crate::raft::network::Peers;
 use crate::shard::{NodeId, Placement, ShardId};
 use router::{ShardError, ShardOp, ShardReply};
@@ -43,9 +46,14 @@ pub struct Node {
     pub keys: Keys,
     pub peers: Peers,
     pub metrics: Metrics,
-    pub groups: HashMap<ShardId, Group>,
-    /// Proposing, batching, admission and linearizable reads of each local shard.
-    pub shards: HashMap<ShardId, shard_handle::ShardHandle>,
+    /// The shards this node hosts: each one's group, and its proposing, batching,
+    /// admission and linearizable reads.
+    pub local: local::Local,
+    /// What hosting and dropping shards at runtime needs (replica moves).
+    pub(crate) kit: membership::Kit,
+    /// Where shards this node does not host went, as last learnt: (index of the membership
+    /// entry, its voters). See [`membership`].
+    pub(crate) routes: Mutex<HashMap<ShardId, (u64, Vec<NodeId>)>>,
     /// Node-wide admission of client sends (an adaptive limit, see [`admission`]).
     pub admission: Arc<admission::Limiter>,
     /// Per-user send rate (`user_send_rate`, `user_send_burst`).
@@ -77,7 +85,7 @@ impl Node {
     /// Where the shard's leader probably is: this node's own Raft view when it replicates
     /// the shard (it follows elections), else the last leader that answered.
     fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
-        if let Some(g) = self.groups.get(&shard) {
+        if let Some(g) = self.local.group(shard) {
             let l = g.raft.metrics().borrow().current_leader;
             if l.is_some() {
                 return l;
@@ -176,7 +184,7 @@ impl Node {
                 let shard = self.placement.shard_of_user(user);
                 // A fresh read (max_age zero) is linearizable, through the shard's leader;
                 // otherwise this node's own replica is close enough.
-                let local = self.groups.get(&shard).filter(|_| !max_age.is_zero());
+                let local = self.local.group(shard).filter(|_| !max_age.is_zero());
                 let read = match local {
                     Some(g) => g.sm.view.revoked_before(user).map_err(|e| ShardError::Storage(e.to_string())),
                     None => {
@@ -215,8 +223,9 @@ impl Node {
     /// Shards of this node that have no known leader.
     pub fn shards_without_leader(&self) -> Vec<ShardId> {
         let mut v: Vec<ShardId> = self
-            .groups
-            .values()
+            .local
+            .groups()
+            .iter()
             .filter(|g| g.raft.metrics().borrow().current_leader.is_none())
             .map(|g| g.shard)
             .collect();
@@ -227,7 +236,7 @@ impl Node {
     /// Copies openraft's per-shard metrics into the Prometheus gauges.
     pub fn refresh_metrics(&self) {
         let m = &self.metrics;
-        for g in self.groups.values() {
+        for g in self.local.groups() {
             let rm = g.raft.metrics().borrow().clone();
             let s = g.shard.to_string();
             let l = [s.as_str()];
@@ -240,7 +249,7 @@ impl Node {
             // On the leader: how far each follower's matched log is behind the leader's
             // last entry. Gone (not stale) on a node that no longer leads the shard.
             let last = rm.last_log_index.unwrap_or(0);
-            for follower in self.placement.replicas(g.shard) {
+            for follower in self.replicas(g.shard) {
                 if follower == self.id {
                     continue;
                 }

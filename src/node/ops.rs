@@ -24,14 +24,21 @@ impl Node {
         op: ShardOp,
         deadline: Instant,
     ) -> Result<ShardReply, ShardError> {
-        let Some(handle) = self.shards.get(&shard) else {
-            return Err(ShardError::NotReplica { shard });
+        let Some(handle) = self.local.handle(shard) else {
+            return Err(match self.route(shard) {
+                Some((index, voters)) => ShardError::Moved { shard, index, voters },
+                None => ShardError::NotReplica { shard },
+            });
         };
         match op {
             ShardOp::Write(cmd) => handle.propose(cmd, Admission::Internal, deadline).await.map(ShardReply::Written),
             ShardOp::Send { from, to, client_msg_id, text, attempt, admitted } => {
                 let admission = if admitted { Admission::Internal } else { Admission::Client };
-                self.coordinate_send(handle, from, to, client_msg_id, text, attempt, admission, deadline).await
+                self.coordinate_send(&handle, from, to, client_msg_id, text, attempt, admission, deadline).await
+            }
+            ShardOp::Members => self.members_local(shard, deadline).await.map(ShardReply::Members),
+            ShardOp::ChangeReplica { from, to } => {
+                self.change_replica_local(shard, from, to, deadline).await.map(ShardReply::Members)
             }
             ShardOp::TransferLeader { to } => {
                 self.transfer_leader(shard, to, deadline).await.map(|()| ShardReply::Leader(to))
@@ -53,13 +60,13 @@ impl Node {
         admission: Admission,
         deadline: Instant,
     ) -> Result<Reply, ShardError> {
-        let handle = self.shards.get(&shard).ok_or(ShardError::NotReplica { shard })?;
+        let handle = self.local.handle(shard).ok_or(ShardError::NotReplica { shard })?;
         handle.propose(cmd, admission, deadline).await
     }
 
     /// See [`ShardHandle::linearize`](super::shard_handle::ShardHandle::linearize).
     pub(crate) async fn linearize(&self, shard: ShardId, deadline: Instant) -> Result<(), ShardError> {
-        let handle = self.shards.get(&shard).ok_or(ShardError::NotReplica { shard })?;
+        let handle = self.local.handle(shard).ok_or(ShardError::NotReplica { shard })?;
         handle.linearize(deadline).await
     }
 
@@ -108,9 +115,11 @@ impl Node {
             ShardOp::RevokedBefore { user } => {
                 Ok(ShardReply::LastSeq(view.revoked_before(&user).map_err(storage_err)?))
             }
-            ShardOp::Write(_) | ShardOp::Send { .. } | ShardOp::TransferLeader { .. } => {
-                Err(ShardError::Invalid("not a read".into()))
-            }
+            ShardOp::Write(_)
+            | ShardOp::Send { .. }
+            | ShardOp::TransferLeader { .. }
+            | ShardOp::Members
+            | ShardOp::ChangeReplica { .. } => Err(ShardError::Invalid("not a read".into())),
         }
     }
 }

@@ -42,10 +42,10 @@ impl PeerService {
         key_ok(&self.node.keys, req.metadata())
     }
 
-    fn group(&self, g: u32) -> Result<&crate::raft::group::Group, Status> {
+    fn group(&self, g: u32) -> Result<crate::raft::group::Group, Status> {
         self.node
-            .groups
-            .get(&g)
+            .local
+            .group(g)
             .ok_or_else(|| Status::not_found(format!("node {} does not replicate shard {g}", self.node.id)))
     }
 }
@@ -69,8 +69,8 @@ impl PeerService {
             Err(s) => pb::PipeFrame { id: f.id, error: s.message().to_string(), ..Default::default() },
         };
         let group = || {
-            node.groups
-                .get(&f.group)
+            node.local
+                .group(f.group)
                 .ok_or_else(|| Status::not_found(format!("node {} does not replicate shard {}", node.id, f.group)))
         };
         let r = match PipeKind::from_u32(f.kind) {
@@ -91,13 +91,18 @@ impl PeerService {
                 Err(e) => Err(e),
             },
             Some(PipeKind::PreVote) => match group() {
-                Ok(g) => json(&node.pre_vote_answer(g)),
+                Ok(g) => json(&node.pre_vote_answer(&g)),
                 Err(e) => Err(e),
             },
             Some(PipeKind::Elect) => match group() {
-                Ok(g) => json(&node.elect_now(g).await),
+                Ok(g) => json(&node.elect_now(&g).await),
                 Err(e) => Err(e),
             },
+            Some(PipeKind::Host) => json(&node.host_shard(f.group).await),
+            Some(PipeKind::Drop) => {
+                let budget = Duration::from_millis(f.budget_ms.min(node.cfg.request_timeout_ms));
+                json(&node.drop_shard(f.group, Instant::now() + budget).await)
+            }
             None => Err(Status::invalid_argument(format!("{} {}", crate::raft::pipe::UNKNOWN_KIND, f.kind))),
         };
         answer(r)
@@ -172,13 +177,24 @@ impl pb::peer_server::Peer for PeerService {
     async fn raft(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         self.check(&req)?;
         let r = req.into_inner();
+        let node = &self.node;
+        match pb::RaftKind::try_from(r.kind) {
+            Ok(pb::RaftKind::HostShard) => {
+                return Ok(Response::new(pb::RaftReply { payload: json(&node.host_shard(r.group).await)? }))
+            }
+            Ok(pb::RaftKind::DropShard) => {
+                let deadline = Instant::now() + Duration::from_millis(node.cfg.request_timeout_ms);
+                return Ok(Response::new(pb::RaftReply { payload: json(&node.drop_shard(r.group, deadline).await)? }));
+            }
+            _ => {}
+        }
         let group = self.group(r.group)?;
         let raft = &group.raft;
         let payload = match pb::RaftKind::try_from(r.kind) {
             Ok(pb::RaftKind::AppendEntries) => json(&group.append_entries(parse(&r.payload)?).await)?,
             Ok(pb::RaftKind::Vote) => json(&raft.vote(parse(&r.payload)?).await)?,
-            Ok(pb::RaftKind::PreVote) => json(&self.node.pre_vote_answer(group))?,
-            Ok(pb::RaftKind::Elect) => json(&self.node.elect_now(group).await)?,
+            Ok(pb::RaftKind::PreVote) => json(&self.node.pre_vote_answer(&group))?,
+            Ok(pb::RaftKind::Elect) => json(&self.node.elect_now(&group).await)?,
             _ => return Err(Status::invalid_argument(format!("unknown raft rpc kind {}", r.kind))),
         };
         Ok(Response::new(pb::RaftReply { payload }))

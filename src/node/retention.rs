@@ -49,9 +49,7 @@ async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         if node.cfg.message_retention_secs > 0 {
             kinds.push((SweepKind::Messages, now.saturating_sub(node.cfg.message_retention_secs * 1000)));
         }
-        let mut shards: Vec<_> = node.groups.keys().copied().collect();
-        shards.sort_unstable();
-        for shard in shards {
+        for shard in node.local.shards() {
             for &(kind, before_ms) in &kinds {
                 if *stop.borrow() {
                     return;
@@ -66,7 +64,7 @@ async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
 async fn sweep(node: &Arc<Node>, shard: crate::shard::ShardId, kind: SweepKind, before_ms: u64) {
     let mut after = Vec::new();
     loop {
-        let leads = node.groups.get(&shard).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(node.id));
+        let leads = node.local.group(shard).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(node.id));
         if !leads {
             return;
         }

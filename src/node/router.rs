@@ -71,6 +71,14 @@ pub enum ShardOp {
         user: UserId,
     },
     /// Move the shard's leadership to node `to` (run by the leader; `node::balance`).
+    /// The shard's membership, as its leader sees it after a linearizable check.
+    Members,
+    /// A replica move's step on the leader (`node::membership`): `to` joins as a learner,
+    /// catches up and replaces `from` among the voters.
+    ChangeReplica {
+        from: NodeId,
+        to: NodeId,
+    },
     TransferLeader {
         to: NodeId,
     },
@@ -86,7 +94,14 @@ impl ShardOp {
 
     /// Reads change nothing and are served after a leadership check.
     pub fn is_read(&self) -> bool {
-        !matches!(self, ShardOp::Write(_) | ShardOp::Send { .. } | ShardOp::TransferLeader { .. })
+        !matches!(
+            self,
+            ShardOp::Write(_)
+                | ShardOp::Send { .. }
+                | ShardOp::TransferLeader { .. }
+                | ShardOp::Members
+                | ShardOp::ChangeReplica { .. }
+        )
     }
 
     pub fn kind(&self) -> &'static str {
@@ -101,6 +116,8 @@ impl ShardOp {
             ShardOp::Account { .. } => "account",
             ShardOp::RevokedBefore { .. } => "revoked_before",
             ShardOp::TransferLeader { .. } => "transfer_leader",
+            ShardOp::Members => "members",
+            ShardOp::ChangeReplica { .. } => "change_replica",
         }
     }
 }
@@ -127,6 +144,7 @@ pub enum ShardReply {
     Account(Option<crate::chat::Account>),
     /// The shard's leader after a transfer.
     Leader(NodeId),
+    Members(super::membership::Members),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -135,6 +153,9 @@ pub enum ShardError {
     NotLeader { shard: ShardId, leader: Option<NodeId> },
     #[error("this node does not replicate shard {shard}")]
     NotReplica { shard: ShardId },
+    /// This node gave the shard away; these are its voters since membership entry `index`.
+    #[error("shard {shard} moved away from this node (to nodes {voters:?})")]
+    Moved { shard: ShardId, index: u64, voters: Vec<NodeId> },
     #[error("shard {shard} is unavailable: {reason}")]
     Unavailable { shard: ShardId, reason: String },
     #[error("shard {shard} did not answer before the deadline; the outcome is unknown")]
@@ -157,7 +178,13 @@ impl ShardError {
     }
 
     fn retryable(&self) -> bool {
-        matches!(self, ShardError::NotLeader { .. } | ShardError::NotReplica { .. } | ShardError::Unavailable { .. })
+        matches!(
+            self,
+            ShardError::NotLeader { .. }
+                | ShardError::NotReplica { .. }
+                | ShardError::Moved { .. }
+                | ShardError::Unavailable { .. }
+        )
     }
 }
 
@@ -180,7 +207,7 @@ impl Node {
                 }
             }
             let mut op = op;
-            let replicas = node.placement.replicas(shard);
+            let mut replicas = node.replicas(shard);
             let mut target = node.pick_target(&replicas, node.leader_hint(shard), 0);
             let mut backoff = Duration::from_millis(10);
             let mut attempt = 0usize;
@@ -205,6 +232,14 @@ impl Node {
                         hops += 1;
                         target = l;
                     }
+                    // The shard moved: follow it at once (a chain of moves is a few hops).
+                    Err(ShardError::Moved { index, voters, .. }) if hops < 8 && !voters.is_empty() => {
+                        hops += 1;
+                        node.learn_route(shard, index, voters);
+                        replicas = node.replicas(shard);
+                        node.set_leader_hint(shard, None);
+                        target = node.pick_target(&replicas, None, 0);
+                    }
                     Err(e)
                         if e.retryable() || (matches!(e, ShardError::Timeout { .. }) && Instant::now() < deadline) =>
                     {
@@ -215,6 +250,7 @@ impl Node {
                         node.set_leader_hint(shard, None);
                         hops = 0;
                         attempt += 1;
+                        replicas = node.replicas(shard);
                         target = node.pick_target(&replicas, None, attempt);
                         let left = deadline.saturating_duration_since(Instant::now());
                         tokio::time::sleep(backoff.min(left)).await;

@@ -158,7 +158,8 @@ async fn redrive(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         let mut now_seen = HashSet::new();
-        for (shard, group) in &node.groups {
+        for (shard, h) in node.local.all().iter() {
+            let group = &h.group;
             if group.raft.metrics().borrow().current_leader != Some(node.id) {
                 continue;
             }

@@ -69,6 +69,8 @@ pub struct ShardHandle {
     metrics: Metrics,
     reads_started: AtomicU64,
     reads_last_ok: tokio::sync::Mutex<u64>,
+    /// The batcher's in-flight slots: holding them all holds new proposals back.
+    slots: Arc<Semaphore>,
 }
 
 /// Gives back an admitted command's share of the queue bounds when it is answered.
@@ -88,7 +90,8 @@ impl Drop for Admitted {
 impl ShardHandle {
     pub fn start(group: Group, limits: Limits, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(group.clone(), rx, limits, metrics.clone()));
+        let slots = Arc::new(Semaphore::new(limits.batches_in_flight.max(1)));
+        tokio::spawn(batcher(group.clone(), rx, limits, metrics.clone(), slots.clone()));
         Self {
             group,
             tx,
@@ -98,11 +101,20 @@ impl ShardHandle {
             metrics,
             reads_started: AtomicU64::new(0),
             reads_last_ok: tokio::sync::Mutex::new(0),
+            slots,
         }
     }
 
     pub fn shard(&self) -> ShardId {
         self.group.shard
+    }
+
+    /// Holds new proposals back (they wait in the queue) until the permit is dropped, once
+    /// the batches in flight are done: a leadership transfer needs the target to hold the
+    /// leader's whole log, which a leader still appending never lets it.
+    pub async fn pause_proposals(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = self.limits.batches_in_flight.max(1) as u32;
+        self.slots.clone().acquire_many_owned(n).await.ok()
     }
 
     /// Proposes `cmd` through the shard's Raft log (batched with whatever else is queued) and
@@ -169,13 +181,20 @@ impl ShardHandle {
 }
 
 /// Drains the queue into batches, keeping at most `batches_in_flight` of them proposed.
-async fn batcher(group: Group, mut rx: mpsc::UnboundedReceiver<Job>, limits: Limits, metrics: Metrics) {
-    let slots = Arc::new(Semaphore::new(limits.batches_in_flight.max(1)));
+async fn batcher(
+    group: Group,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    limits: Limits,
+    metrics: Metrics,
+    slots: Arc<Semaphore>,
+) {
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        // The first job, then a slot (an idle batcher holds none, so `pause_proposals` can
+        // take them all), then whatever queued meanwhile.
+        let Some(first) = rx.recv().await else {
             return;
         };
-        let Some(first) = rx.recv().await else {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
         let mut jobs = vec![first];

@@ -127,6 +127,8 @@ impl Peers {
                 PipeKind::Forward => "forward",
                 PipeKind::PreVote => "pre_vote",
                 PipeKind::Elect => "elect",
+                PipeKind::Host => "host_shard",
+                PipeKind::Drop => "drop_shard",
             };
             c.with_label_values(&[if piped { "pipe" } else { "unary" }, kind]).inc();
         }
@@ -276,6 +278,8 @@ impl Peers {
             PipeKind::Vote => pb::RaftKind::Vote,
             PipeKind::PreVote => pb::RaftKind::PreVote,
             PipeKind::Elect => pb::RaftKind::Elect,
+            PipeKind::Host => pb::RaftKind::HostShard,
+            PipeKind::Drop => pb::RaftKind::DropShard,
             PipeKind::Forward => return Err(RawError::Failed("forwards are not raft calls".into())),
         };
         let msg = pb::RaftRequest { group, kind: raft_kind as i32, payload };

@@ -35,6 +35,10 @@ pub enum Kind {
     Forward = 3,
     PreVote = 4,
     Elect = 5,
+    /// Host a shard (a replica moves here; `node::membership`); reply `Result<(), ShardError>`.
+    Host = 6,
+    /// Drop a shard (its replica moved away).
+    Drop = 7,
 }
 
 impl Kind {
@@ -45,6 +49,8 @@ impl Kind {
             3 => Some(Kind::Forward),
             4 => Some(Kind::PreVote),
             5 => Some(Kind::Elect),
+            6 => Some(Kind::Host),
+            7 => Some(Kind::Drop),
             _ => None,
         }
     }

@@ -36,6 +36,7 @@
 use super::network::Peers;
 use super::pipe::Kind;
 use crate::shard::{NodeId, ShardId};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -97,7 +98,7 @@ pub struct Member {
 /// Runs the elections of `groups` until `stop` (module docs).
 pub fn spawn(
     node: NodeId,
-    groups: Vec<Member>,
+    groups: Arc<dyn Fn() -> Vec<Member> + Send + Sync>,
     peers: Peers,
     timeouts: (Duration, Duration),
     metrics: crate::metrics::Metrics,
@@ -108,15 +109,16 @@ pub fn spawn(
         // followers of a lost leader do not all ask at once.
         let (min, max) = timeouts;
         let pick = move || max + Duration::from_millis(rand::random::<u64>() % (max - min).as_millis().max(1) as u64);
-        let mut wait: Vec<Duration> = groups.iter().map(|_| pick()).collect();
+        // Per group (groups come and go with replica moves).
+        let mut wait: HashMap<ShardId, Duration> = HashMap::new();
         // No new question before this, whatever the contact (a lost pre-vote waits a fresh
         // randomized timeout; this node's own asking is not leader contact, so it does not
         // make it refuse its peers' questions meanwhile).
-        let mut next_try: Vec<Instant> = groups.iter().map(|_| Instant::now()).collect();
+        let mut next_try: HashMap<ShardId, Instant> = HashMap::new();
         // One question per group at a time; questions of different groups run side by
         // side, so a dead voter's silence (up to `rpc_timeout` per question) delays no
         // other group's election.
-        let asking: Vec<Arc<AtomicBool>> = groups.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let mut asking: HashMap<ShardId, Arc<AtomicBool>> = HashMap::new();
         let mut questions = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
@@ -124,12 +126,19 @@ pub fn spawn(
                 Some(_) = questions.join_next(), if !questions.is_empty() => continue,
                 _ = stop.wait_for(|s| *s) => return,
             }
-            for (i, g) in groups.iter().enumerate() {
-                if asking[i].load(Ordering::Acquire) {
+            let members = groups();
+            wait.retain(|s, _| members.iter().any(|g| g.shard == *s));
+            next_try.retain(|s, _| members.iter().any(|g| g.shard == *s));
+            asking.retain(|s, _| members.iter().any(|g| g.shard == *s));
+            for g in &members {
+                let busy = asking.entry(g.shard).or_insert_with(|| Arc::new(AtomicBool::new(false))).clone();
+                if busy.load(Ordering::Acquire) {
                     continue;
                 }
+                let w = *wait.entry(g.shard).or_insert_with(pick);
+                let next = *next_try.entry(g.shard).or_insert_with(Instant::now);
                 let m = g.raft.metrics().borrow().clone();
-                if m.current_leader == Some(node) || g.contact.since() < wait[i] || Instant::now() < next_try[i] {
+                if m.current_leader == Some(node) || g.contact.since() < w || Instant::now() < next {
                     continue;
                 }
                 let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
@@ -137,10 +146,11 @@ pub fn spawn(
                     continue;
                 }
                 // Whatever comes of it, the next try waits another randomized timeout.
-                wait[i] = pick();
-                next_try[i] = Instant::now() + wait[i];
-                asking[i].store(true, Ordering::Release);
-                let (g, peers, metrics, busy) = (g.clone(), peers.clone(), metrics.clone(), asking[i].clone());
+                let w = pick();
+                wait.insert(g.shard, w);
+                next_try.insert(g.shard, Instant::now() + w);
+                busy.store(true, Ordering::Release);
+                let (g, peers, metrics) = (g.clone(), peers.clone(), metrics.clone());
                 questions.spawn(async move {
                     let won = majority_says_yes(&peers, &voters, node, g.shard, max).await;
                     metrics.prevotes.with_label_values(&[if won { "won" } else { "lost" }]).inc();

@@ -150,6 +150,48 @@ impl Storage {
         Ok((self.db.open_tree(format!("s{shard}.meta"))?, self.db.open_tree(format!("s{shard}.sm"))?))
     }
 
+    /// The shards this node hosts, as last recorded (replica moves change the set); `None`
+    /// for a data folder from before replica moves, or a fresh one.
+    pub fn hosted(&self) -> Result<Option<Vec<ShardId>>, StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        cluster.get("hosted")?.map(|v| decode(b"cluster/hosted", &v)).transpose()
+    }
+
+    /// Records the hosted set, durably.
+    pub fn set_hosted(&self, shards: &[ShardId]) -> Result<(), StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        cluster.insert("hosted", encode(&shards))?;
+        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
+        Ok(())
+    }
+
+    /// Where shards this node gave away went: (shard, the index of the membership entry that
+    /// left this node out, its voters). Routing follows these (see `node::membership`).
+    pub fn moved(&self) -> Result<Vec<(ShardId, u64, Vec<u64>)>, StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        match cluster.get("moved")? {
+            Some(v) => decode(b"cluster/moved", &v),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub fn set_moved(&self, moved: &[(ShardId, u64, Vec<u64>)]) -> Result<(), StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        cluster.insert("moved", encode(&moved))?;
+        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
+        Ok(())
+    }
+
+    /// Empties a shard's trees (its state machine and snapshot meta): the shard left this
+    /// node.
+    pub fn clear_shard(&self, shard: ShardId) -> Result<(), StoreError> {
+        let (meta, sm) = self.shard_trees(shard)?;
+        sm.clear()?;
+        meta.clear()?;
+        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
+        Ok(())
+    }
+
     /// [`Storage::sync_blocking`] off the async threads.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let me = self.clone();

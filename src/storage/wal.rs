@@ -88,6 +88,11 @@ enum Record {
     Checkpoint {
         shards: Vec<(ShardId, ShardMeta)>,
     },
+    /// Everything about the shard before this is gone: it left this node (a replica move).
+    /// Builds before cluster version 3 cannot read it.
+    Forget {
+        shard: ShardId,
+    },
 }
 
 /// [`Record::Entry`] by reference: the same JSON without moving the entry.
@@ -287,6 +292,12 @@ impl Wal {
                             }
                         };
                         let loc = Loc { segment: *seq, offset, len: flen };
+                        if let Record::Forget { shard } = &rec {
+                            for seg in segments.values_mut() {
+                                let seg: &mut Segment = seg;
+                                seg.max_index.remove(shard);
+                            }
+                        }
                         replay(&mut shards, &mut max_index, rec, loc);
                         offset += flen as u64;
                     }
@@ -335,6 +346,23 @@ impl Wal {
             .spawn(move || writer.run())
             .map_err(|source| WalError::Io { path: dir.to_path_buf(), source })?;
         Ok(Self { shared, tx })
+    }
+
+    /// Shards with anything in the log (entries, a vote, a commit mark or a purge point).
+    pub fn shards(&self) -> Vec<ShardId> {
+        lock(&self.shared.shards)
+            .iter()
+            .filter(|(_, l)| {
+                let l = lock(l);
+                !l.slots.is_empty() || l.meta != ShardMeta::default()
+            })
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    /// Nothing in the log yet (a fresh data folder).
+    pub fn is_empty(&self) -> bool {
+        self.shards().is_empty()
     }
 
     /// The in-memory log of `shard` (created empty if the shard has no records yet).
@@ -434,6 +462,31 @@ impl Wal {
         self.meta(Record::Purge { shard, upto }, false).await
     }
 
+    /// Forgets everything about `shard` (entries, vote, commit mark, purge point): the
+    /// shard left this node and its group is shut down. Durable when this returns; the
+    /// segments only its entries kept alive can then be deleted.
+    pub async fn forget(&self, shard: ShardId) -> io::Result<()> {
+        let frames = encode(&Record::Forget { shard })?;
+        let (tx, rx) = oneshot::channel();
+        let shared = self.shared.clone();
+        // Applied in memory once written: every earlier job of the shard is written by then
+        // (the writer takes jobs in order), so no segment gains its entries afterwards.
+        let done: Callback = Box::new(move |r: io::Result<()>| {
+            if r.is_ok() {
+                let log = lock(&shared.shards).get(&shard).cloned();
+                if let Some(l) = log {
+                    *lock(&l) = ShardLog::default();
+                }
+                for seg in lock(&shared.segments).values_mut() {
+                    seg.max_index.remove(&shard);
+                }
+            }
+            let _ = tx.send(r);
+        });
+        self.submit(Job { frames, entries: vec![], done: Done::Call(done), sync: true }).map_err(io::Error::other)?;
+        rx.await.map_err(|_| io::Error::other(WalError::Stopped))?
+    }
+
     /// Entries `[start, end)` of `shard` that are still in the log, in order.
     pub fn read(&self, log: &Mutex<ShardLog>, start: u64, end: u64) -> io::Result<Vec<Entry<TypeConfig>>> {
         let mut out = Vec::new();
@@ -500,6 +553,10 @@ fn replay(shards: &mut BTreeMap<ShardId, ShardLog>, max_index: &mut HashMap<Shar
         }
         Record::Vote { shard, vote } => shards.entry(shard).or_default().meta.vote = Some(vote),
         Record::Committed { shard, committed } => shards.entry(shard).or_default().meta.committed = committed,
+        Record::Forget { shard } => {
+            max_index.remove(&shard);
+            shards.remove(&shard);
+        }
         Record::Checkpoint { shards: metas } => {
             for (shard, meta) in metas {
                 let l = shards.entry(shard).or_default();

@@ -205,3 +205,42 @@ fn commit_marks_ride_on_the_next_synced_round() {
     let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
     assert_eq!(wal.shard(4).lock().unwrap().meta.committed.map(|c| c.index), Some(20));
 }
+
+/// A shard that left the node is forgotten: its entries and vote are gone now and after a
+/// reopen, the segments only it kept alive are deleted, the other shards are untouched, and
+/// the shard can come back with a fresh log.
+#[test]
+fn a_forgotten_shard_is_gone_after_reopening_and_frees_its_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::open_with(dir.path(), Metrics::new(), 4096).unwrap();
+        for i in 1..=200 {
+            append(&wal, 1, vec![entry(1, i)]);
+        }
+        append(&wal, 2, (1..=3).map(|i| entry(2, i)).collect());
+        let log1 = wal.shard(1);
+        let log2 = wal.shard(2);
+        rt().block_on(async {
+            wal.save_vote(1, &log1, Vote::new_committed(5, 1)).await.unwrap();
+            // Shard 2 purges its entries, so only shard 1 keeps the old segments alive.
+            wal.purge(2, &log2, LogId::new(CommittedLeaderId::new(2, 1), 3)).await.unwrap();
+        });
+        let before = wal.segments();
+        rt().block_on(wal.forget(1)).unwrap();
+        assert!(indexes(&wal, 1).is_empty());
+        assert_eq!(log1.lock().unwrap().meta, ShardMeta::default());
+        // Garbage goes with the next write.
+        append(&wal, 2, vec![entry(2, 4)]);
+        assert!(wal.segments() < before, "segments only shard 1 used go: {before} -> {}", wal.segments());
+    }
+    {
+        let wal = Wal::open_with(dir.path(), Metrics::new(), 4096).unwrap();
+        assert!(indexes(&wal, 1).is_empty());
+        assert_eq!(wal.shard(1).lock().unwrap().meta, ShardMeta::default());
+        assert_eq!(indexes(&wal, 2), vec![(2, 4)]);
+        // The shard comes back (moved here again) with a log of its own.
+        append(&wal, 1, vec![entry(9, 1), entry(9, 2)]);
+    }
+    let wal = Wal::open_with(dir.path(), Metrics::new(), 4096).unwrap();
+    assert_eq!(indexes(&wal, 1), vec![(9, 1), (9, 2)]);
+}

@@ -1,0 +1,165 @@
+//! Replica moves (src/node/membership.rs) on real processes: a shard's replica moves to a
+//! node that did not hold it and back, from a follower and from the leader, while clients
+//! send through every node; nothing acknowledged is lost or reordered, every node still
+//! serves every request (routing follows the moves), and it all holds after restarts.
+
+mod common;
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Shards node `i` hosts: shard -> (voters as it sees them, leader).
+async fn hosted(c: &common::TestCluster, i: usize) -> BTreeMap<u64, (Vec<u64>, Option<u64>)> {
+    let s = c.status(i).await.expect("status");
+    s["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .filter_map(|g| {
+            let voters = g["replicas"].as_array()?.iter().filter_map(Value::as_u64).collect();
+            Some((g["shard"].as_u64()?, (voters, g["leader"].as_u64())))
+        })
+        .collect()
+}
+
+/// The end of every node's log, for a failure's message.
+fn logs(c: &common::TestCluster) -> String {
+    (1..=c.len())
+        .map(|i| {
+            let text = std::fs::read_to_string(c.dir.join(format!("node{i}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+            format!("--- node {i}\n{}", lines[lines.len().saturating_sub(25)..].join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn move_replica(c: &common::TestCluster, via: usize, shard: u64, from: u64, to: u64) -> Value {
+    let path = format!("/v1/admin/shards/{shard}/move");
+    let a = match c.req(via, "POST", &path, Some(&c.admin_token()), Some(json!({ "from": from, "to": to }))).await {
+        Ok(a) => a,
+        Err(e) => panic!("move shard {shard} {from} -> {to}: {e}\n{}", logs(c)),
+    };
+    assert_eq!(a.status, 200, "move shard {shard} {from} -> {to}: {}\n{}", a.body, logs(c));
+    a.ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_moves_away_and_back_under_load_and_nothing_is_lost() {
+    let c = Arc::new(common::start(4, |cfg| cfg.balance_every_secs = 0).await);
+    let users: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    for u in &users {
+        c.register(0, u).await;
+    }
+
+    // Senders through every node, until told to stop; what was acknowledged, by conversation.
+    type Acked = BTreeMap<String, Vec<(u64, String)>>;
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for p in 0..4usize {
+        let (c, acked, stop, users) = (c.clone(), acked.clone(), stop.clone(), users.clone());
+        senders.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (a, b) = (&users[(p + n) % 8], &users[(p + 3 * n + 1) % 8]);
+                n += 1;
+                if a == b {
+                    continue;
+                }
+                let text = format!("p{p}-{n}");
+                // A send that fails (a shard mid-move, a timeout) is retried with its id until
+                // it is acknowledged: exactly once either way.
+                for _ in 0..20 {
+                    if let Ok(r) = c.send((p + n) % 4, a, b, &text, &text).await {
+                        if r.status == 200 {
+                            let s: raftchat::api::ops::SendResponse = r.ok();
+                            acked.lock().unwrap().entry(s.conversation_id).or_default().push((s.seq, text.clone()));
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A shard node 4 does not hold, and one of its followers.
+    let on4 = hosted(&c, 3).await;
+    let on1 = hosted(&c, 0).await;
+    let (&shard, (voters, leader)) =
+        on1.iter().find(|(s, _)| !on4.contains_key(s)).expect("node 4 lacks some shard node 1 holds");
+    assert_eq!(voters.len(), 3, "{voters:?}");
+    let leader = leader.expect("the shard has a leader");
+    let follower = *voters.iter().find(|v| **v != leader).unwrap();
+
+    // 1. From a follower to node 4, asked through a node that is neither.
+    let via = (1..=4u64).find(|n| *n != follower && *n != 4).unwrap() as usize - 1;
+    let out = move_replica(&c, via, shard, follower, 4).await;
+    assert_eq!(out["dropped"], true, "{out}");
+    let mut want: Vec<u64> = voters.iter().map(|v| if *v == follower { 4 } else { *v }).collect();
+    want.sort_unstable();
+    let mut got: Vec<u64> = out["voters"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    assert!(!hosted(&c, follower as usize - 1).await.contains_key(&shard), "node {follower} dropped shard {shard}");
+    common::eventually(Duration::from_secs(30), "node 4 holds the shard as a voter, with a leader", || async {
+        hosted(&c, 3).await.get(&shard).filter(|(v, _)| v.contains(&4)).and_then(|(_, l)| *l)
+    })
+    .await;
+
+    // 2. From the leader back to the node that just left it (its data was deleted: it
+    //    comes back empty and catches up).
+    let path = format!("/v1/admin/shards/{shard}/transfer-leader");
+    let a = c.req(3, "POST", &path, Some(&c.admin_token()), Some(json!({ "to": 4 }))).await.unwrap();
+    assert_eq!(a.status, 200, "{}\n{}", a.body, logs(&c));
+    let leader_now = 4u64;
+    let out = move_replica(&c, 3, shard, leader_now, follower).await;
+    assert_eq!(out["dropped"], true, "{out}");
+    assert!(out["voters"].as_array().unwrap().contains(&json!(follower)), "{out}");
+    assert!(!hosted(&c, leader_now as usize - 1).await.contains_key(&shard));
+
+    // Moving what is not there is refused with a reason.
+    let path = format!("/v1/admin/shards/{shard}/move");
+    let a = c.req(0, "POST", &path, Some(&c.admin_token()), Some(json!({"from": leader_now, "to": 9}))).await.unwrap();
+    a.err(400, "invalid_request");
+    let a = c.req(0, "POST", &path, Some(&c.token("m1")), Some(json!({"from": 1, "to": 2}))).await.unwrap();
+    assert_eq!(a.status, 403, "{}", a.body);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+
+    // Restarts keep what each node hosts and where moved shards went.
+    let mut c = Arc::try_unwrap(c).ok().expect("senders are done");
+    for i in [follower as usize - 1, leader_now as usize - 1] {
+        c.kill(i).unwrap();
+        c.spawn(i).unwrap();
+    }
+    c.wait_all_ready(common::READY).await.unwrap();
+
+    // Every acknowledged message, once, in order, read through every node.
+    let acked = acked.lock().unwrap().clone();
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert!(total > 20, "the senders sent during the moves ({total})");
+    for (conv, sent) in &acked {
+        let (a, _) = conv.split_once('~').unwrap();
+        for node in 0..4 {
+            let h = c.full_history(node, a, conv).await;
+            let seqs: Vec<u64> = h.messages.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=h.last_seq).collect::<Vec<_>>(), "{conv} via node {}: gap-free", node + 1);
+            let by_seq: BTreeMap<u64, &str> = h.messages.iter().map(|m| (m.seq, m.text.as_str())).collect();
+            for (seq, text) in sent {
+                assert_eq!(by_seq.get(seq), Some(&text.as_str()), "{conv} seq {seq} via node {}", node + 1);
+            }
+        }
+    }
+    assert!(!hosted(&c, 3).await.contains_key(&shard), "node 4 gave the shard back");
+    assert!(hosted(&c, follower as usize - 1).await.contains_key(&shard));
+}
