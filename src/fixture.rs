@@ -236,6 +236,46 @@ impl Cluster {
         self.configs.len()
     }
 
+    /// Adds a node to the cluster's configs (not started): a new id with fresh ports, set to
+    /// join a running cluster (`initial_cluster_state = "existing"`), and written into every
+    /// node's `members` (the others read it when next restarted). Returns its index.
+    pub fn add_node(&mut self) -> anyhow::Result<usize> {
+        let first = self.configs.first().context("a cluster has a node")?.clone();
+        if first.tls_cert_file.is_some() {
+            bail!("adding a node to a TLS cluster needs a certificate for it");
+        }
+        let i = self.configs.len();
+        let id = i as u64 + 1;
+        let (h, g, p) = (free_port()?, free_port()?, free_port()?);
+        let host = first.http_addr.ip();
+        let mut c = first.clone();
+        c.node_id = id;
+        c.data_dir = self.dir.join(format!("node{id}"));
+        c.http_addr = format!("{host}:{h}").parse()?;
+        c.grpc_addr = format!("{host}:{g}").parse()?;
+        c.peer_addr = format!("{host}:{p}").parse()?;
+        c.initial_cluster_state = crate::config::ClusterState::Existing;
+        let mut members = first.members();
+        members.push(NodeAddr {
+            id,
+            http: c.http_addr.to_string(),
+            grpc: c.grpc_addr.to_string(),
+            peer: c.peer_addr.to_string(),
+            public_url: None,
+        });
+        c.nodes = members.clone();
+        c.validate()?;
+        self.configs.push(c);
+        for (k, cfg) in self.configs.iter_mut().enumerate() {
+            cfg.nodes = members.clone();
+            std::fs::write(self.dir.join(format!("node{}.toml", k + 1)), config_toml(cfg)?)?;
+        }
+        self.bins.push(self.bins[0].clone());
+        self.children.push(None);
+        self.env.push(Vec::new());
+        Ok(i)
+    }
+
     /// The binary node `i` runs.
     pub fn bin(&self, i: usize) -> &Path {
         &self.bins[i]

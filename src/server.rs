@@ -66,7 +66,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let flusher = Flusher::start(storage.clone(), metrics.clone());
     let wal = crate::storage::wal::Wal::open(&cfg.data_dir.join("wal"), metrics.clone())?;
     let members = cfg.members();
-    let placement = Placement::new(cfg.shards, members.iter().map(|m| m.id).collect());
+    // The placement function always takes the nodes the cluster was created with (recorded
+    // at the first start), so adding a node to `members` later moves nothing by itself. A
+    // node that joined a running cluster never knew them: its guesses may miss, and the
+    // router then asks its peers (`node::membership`).
+    let joining = cfg.initial_cluster_state == crate::config::ClusterState::Existing && wal.is_empty();
+    let founders = match storage.founders()? {
+        Some(f) => f,
+        None => {
+            let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+            if !joining {
+                storage.set_founders(&ids)?;
+            }
+            ids
+        }
+    };
+    let placement = Placement::new(cfg.shards, founders);
     let peers = Peers::new(
         &members.iter().map(|m| (m.id, m.peer.clone())).collect::<Vec<_>>(),
         keys.peer_token(),
@@ -93,7 +108,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let first_start = recorded.is_none();
     let local = match recorded {
         Some(h) => h,
-        None if cfg.initial_cluster_state == crate::config::ClusterState::Existing && wal.is_empty() => Vec::new(),
+        None if joining => Vec::new(),
         None => placement.local_shards(cfg.node_id),
     };
     crate::node::membership::forget_leftovers(&storage, &wal, &cfg.data_dir, &local).await?;

@@ -163,3 +163,101 @@ async fn a_replica_moves_away_and_back_under_load_and_nothing_is_lost() {
     assert!(!hosted(&c, 3).await.contains_key(&shard), "node 4 gave the shard back");
     assert!(hosted(&c, follower as usize - 1).await.contains_key(&shard));
 }
+
+fn admin(c: &common::TestCluster, args: &[&str]) -> String {
+    let secret = c.dir.join("secret");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftchat"))
+        .arg("admin")
+        .args(args)
+        .args(["--server", &c.url(0), "--secret-file", secret.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "admin {args:?}: {}\n{text}\n{}", String::from_utf8_lossy(&out.stderr), logs(c));
+    text
+}
+
+/// Messages of `sent` (conversation, seq, text), each read through every running node.
+async fn all_there(c: &common::TestCluster, sent: &[(String, String, u64, String)], nodes: &[usize]) {
+    for (user, conv, seq, text) in sent {
+        for &n in nodes {
+            let h = c.full_history(n, user, conv).await;
+            let got = h.messages.iter().find(|m| m.seq == *seq).map(|m| m.text.as_str());
+            assert_eq!(got, Some(text.as_str()), "{conv} seq {seq} via node {}", n + 1);
+        }
+    }
+}
+
+/// An operator's path: a node joins a running 3-node cluster (listed in every node's
+/// `members`, started with `initial_cluster_state = "existing"`), `admin add-node` gives it
+/// its share; `admin remove-node` empties another; `admin replace-node` moves a third's
+/// replicas to the emptied one. Every message stays readable through every node, before and
+/// after a restart of all of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
+    let mut c = common::start(3, |cfg| cfg.balance_every_secs = 0).await;
+    let users = ["ja", "jb", "jc", "jd", "je", "jf"];
+    for u in users {
+        c.register(0, u).await;
+    }
+    let mut sent = Vec::new();
+    let mut send = async |c: &common::TestCluster, node: usize, tag: &str| {
+        for (k, a) in users.iter().enumerate() {
+            let b = users[(k + 1) % users.len()];
+            let id = format!("{tag}-{k}");
+            let r = c.send_ok(node, a, b, &id, &id).await;
+            sent.push((a.to_string(), r.conversation_id, r.seq, id));
+        }
+    };
+    send(&c, 0, "before").await;
+
+    // Node 4 joins: the others learn its address (a rolling restart), then it starts empty.
+    let n4 = c.add_node().unwrap();
+    for i in 0..3 {
+        c.stop(i, Duration::from_secs(20)).unwrap();
+        c.spawn(i).unwrap();
+        c.wait_ready(i, common::READY).await.unwrap();
+    }
+    c.spawn(n4).unwrap();
+    c.wait_ready(n4, common::READY).await.unwrap();
+    assert!(hosted(&c, n4).await.is_empty(), "a joining node hosts nothing by itself");
+    send(&c, n4, "joined").await;
+
+    let out = admin(&c, &["add-node", "4"]);
+    assert!(out.contains("node 4 holds 6 replicas"), "{out}");
+    assert_eq!(hosted(&c, n4).await.len(), 6);
+    send(&c, n4, "added").await;
+
+    // Node 1 leaves: nothing on it any more, and it still serves (routing follows moves).
+    let out = admin(&c, &["remove-node", "1"]);
+    assert!(out.contains("node 1 holds no replica"), "{out}");
+    assert!(hosted(&c, 0).await.is_empty());
+    send(&c, 0, "removed").await;
+
+    // Node 2's replicas go to node 1.
+    admin(&c, &["replace-node", "2", "1"]);
+    assert!(hosted(&c, 1).await.is_empty());
+    assert_eq!(hosted(&c, 0).await.len(), 8, "node 1 took all 8 of node 2's replicas");
+    send(&c, 1, "replaced").await;
+    all_there(&c, &sent, &[0, 1, 2, 3]).await;
+
+    // Everything holds after every node restarts.
+    for i in 0..4 {
+        c.kill(i).unwrap();
+    }
+    for i in 0..4 {
+        c.spawn(i).unwrap();
+    }
+    c.wait_all_ready(common::READY).await.unwrap();
+    assert!(hosted(&c, 1).await.is_empty(), "node 2 stays empty");
+    all_there(&c, &sent, &[0, 1, 2, 3]).await;
+
+    // What cannot be done is refused with a reason.
+    let secret = c.dir.join("secret");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftchat"))
+        .args(["admin", "add-node", "9", "--server", &c.url(0), "--secret-file", secret.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a member"), "{}", String::from_utf8_lossy(&out.stderr));
+}

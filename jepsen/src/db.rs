@@ -197,6 +197,66 @@ impl Db {
         }
     }
 
+    /// The membership nemesis: moves one replica of a random shard (from its leader or from a
+    /// follower, at random) to a node that does not hold it, through a random running node
+    /// (`POST /v1/admin/shards/{shard}/move`). Says what happened; a move that fails under
+    /// the other faults is reported, not an error (a later one completes it or another).
+    pub async fn move_replica(&self) -> String {
+        use rand::seq::IndexedRandom;
+        use rand::Rng;
+        let shard = rand::rng().random_range(0..self.shards);
+        let running: Vec<usize> = (0..self.len()).filter(|i| self.running(*i)).collect();
+        let mut voters: Vec<u64> = Vec::new();
+        let mut leader = None;
+        for &i in &running {
+            let Ok(s) = self.cluster.status(i).await else { continue };
+            for sh in s["shards"].as_array().into_iter().flatten() {
+                if sh["shard"] == shard {
+                    let v: Vec<u64> =
+                        sh["replicas"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).collect();
+                    if !v.is_empty() && (voters.is_empty() || sh["leader"] == (i as u64 + 1)) {
+                        voters = v;
+                        leader = sh["leader"].as_u64();
+                    }
+                }
+            }
+        }
+        if voters.is_empty() {
+            return format!("move a replica of shard {shard}: no running node reports its voters");
+        }
+        let from = match leader.filter(|_| rand::rng().random_bool(0.5)) {
+            Some(l) => l,
+            None => *voters.choose(&mut rand::rng()).expect("not empty"),
+        };
+        let others: Vec<u64> = (1..=self.len() as u64).filter(|n| !voters.contains(n)).collect();
+        let Some(&to) = others.choose(&mut rand::rng()) else {
+            return format!("move a replica of shard {shard}: every node holds one");
+        };
+        let Some(&via) = running.choose(&mut rand::rng()) else {
+            return "move a replica: no node runs".into();
+        };
+        let desc =
+            format!("move shard {shard} n{from}{} -> n{to}", if Some(from) == leader { " (leader)" } else { "" });
+        let started = std::time::Instant::now();
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/admin/shards/{shard}/move", self.url(via)))
+            .bearer_auth(self.cluster.admin_token())
+            .json(&serde_json::json!({ "from": from, "to": to, "timeout_secs": 20 }))
+            .timeout(Duration::from_secs(25))
+            .send()
+            .await;
+        let took = started.elapsed().as_secs_f64();
+        match r {
+            Ok(r) if r.status().is_success() => format!("{desc}: done in {took:.1} s"),
+            Ok(r) => {
+                let status = r.status();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                format!("{desc}: {status} after {took:.1} s ({})", body["message"].as_str().unwrap_or(""))
+            }
+            Err(e) => format!("{desc}: no answer after {took:.1} s ({e})"),
+        }
+    }
+
     pub async fn leader_of(&self, shard: u32) -> Option<usize> {
         self.cluster.leader_of(shard).await
     }

@@ -76,12 +76,16 @@ fn main() -> std::process::ExitCode {
             Cmd::Test { nodes, time, nemesis, rate, concurrency, users, shards, quiet, set, bin, old_bin, out } => {
                 anyhow::ensure!((3..=9).contains(&nodes), "--nodes must be in 3..=9");
                 anyhow::ensure!(users >= 2, "--users must be at least 2");
-                let nemesis = nemesis
+                let nemesis: Vec<String> = nemesis
                     .split(',')
                     .map(str::trim)
                     .filter(|s| !s.is_empty() && *s != "none")
                     .map(String::from)
                     .collect();
+                anyhow::ensure!(
+                    !(nemesis.iter().any(|n| n == "membership") && nemesis.iter().any(|n| n == "upgrade")),
+                    "--nemesis membership and upgrade do not mix: builds before cluster version 3 cannot move replicas"
+                );
                 let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
                 let out = out.unwrap_or_else(|| PathBuf::from(format!("jepsen/store/run-{stamp}")));
                 let o = jepsen::run::Opts {

@@ -17,6 +17,11 @@
 //! - `upgrade` (needs `--old-bin`): one node stops gracefully and starts on the other build
 //!   (old to new, or new back to old), so the cluster runs mixed builds all along, as
 //!   during a rolling upgrade (and a rollback).
+//! - `membership`: a replica of a random shard moves to a node that did not hold it, from
+//!   the shard's leader or a follower (`POST /v1/admin/shards/{shard}/move`: learner, catch
+//!   up, joint consensus, the old node drops its copy); moves are not undone, so over a run
+//!   the placement wanders and nodes lose and regain shards. Not with `upgrade` (builds
+//!   before cluster version 3 cannot move replicas).
 //!
 //! A third of the windows combine two families at once. Every window ends by undoing its
 //! faults; the run ends with a full heal.
@@ -33,7 +38,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
 
 pub const FAMILIES: &[&str] =
-    &["partition", "isolate", "kill", "pause", "clock", "restart", "power", "power-all", "upgrade"];
+    &["partition", "isolate", "kill", "pause", "clock", "restart", "power", "power-all", "upgrade", "membership"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
@@ -156,6 +161,7 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
             Ok((format!("power loss of {what} {ids:?} ({dropped} unsynced bytes dropped)"), Undo::Restart(victims)))
         }
         "upgrade" => Ok((db.switch_build(nodes[0])?, Undo::Nothing)),
+        "membership" => Ok((db.move_replica().await, Undo::Nothing)),
         other => anyhow::bail!("unknown nemesis {other:?}; known: {FAMILIES:?}"),
     }
 }

@@ -12,6 +12,9 @@
 //! - `admin restore DIR`: writes a backup into a new, empty cluster with the same shard
 //!   count, shard by shard through each shard's Raft log.
 //!
+//! - `admin move-replica`, `add-node`, `remove-node`, `replace-node`: replica moves
+//!   ([`super::placement`]).
+//!
 //! `status` and `members` read the operations endpoints, which need no token; backup and
 //! restore use an operator token minted from the cluster secret.
 
@@ -64,6 +67,35 @@ pub enum AdminCommand {
         /// The node that should lead it.
         to: u64,
     },
+    /// Move one replica of a shard from one node to another (the new one catches up, then
+    /// replaces the old one among the voters; the old one deletes its copy).
+    MoveReplica {
+        /// The shard.
+        shard: u32,
+        /// The node that holds the replica now.
+        from: u64,
+        /// The node that should hold it.
+        to: u64,
+    },
+    /// Give a node that joined (started with initial_cluster_state = "existing", listed in
+    /// every node's `members`) its fair share of replicas, moved from the busiest nodes.
+    AddNode {
+        /// The new node's id.
+        node: u64,
+    },
+    /// Move every replica off a node, so that it can be stopped and its data deleted.
+    RemoveNode {
+        /// The node to empty.
+        node: u64,
+    },
+    /// Move every replica of one node to another (a replacement machine; the old one may be
+    /// dead).
+    ReplaceNode {
+        /// The node to empty.
+        old: u64,
+        /// The node that takes its replicas.
+        new: u64,
+    },
 }
 
 pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
@@ -72,6 +104,12 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Backup { dir } => return backup(&a, &http, dir).await,
         AdminCommand::Restore { dir } => return restore(&a, &http, dir).await,
         AdminCommand::TransferLeader { shard, to } => return transfer_leader(&a, &http, *shard, *to).await,
+        AdminCommand::MoveReplica { shard, from, to } => {
+            return super::placement::move_replica(&a, &http, *shard, *from, *to).await
+        }
+        AdminCommand::AddNode { node } => return super::placement::add_node(&a, &http, *node).await,
+        AdminCommand::RemoveNode { node } => return super::placement::remove_node(&a, &http, *node).await,
+        AdminCommand::ReplaceNode { old, new } => return super::placement::replace_node(&a, &http, *old, *new).await,
         _ => {}
     }
     let get = |url: String| {
@@ -121,7 +159,13 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             print_table(&["NODE", "URL", "STATE"], &rows);
         }
         AdminCommand::Status => status(&members, &statuses),
-        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } | AdminCommand::TransferLeader { .. } => {
+        AdminCommand::Backup { .. }
+        | AdminCommand::Restore { .. }
+        | AdminCommand::TransferLeader { .. }
+        | AdminCommand::MoveReplica { .. }
+        | AdminCommand::AddNode { .. }
+        | AdminCommand::RemoveNode { .. }
+        | AdminCommand::ReplaceNode { .. } => {
             unreachable!("handled above")
         }
     }
@@ -299,7 +343,7 @@ async fn transfer_leader(a: &AdminArgs, http: &reqwest::Client, shard: u32, to: 
     Ok(())
 }
 
-fn operator_token(a: &AdminArgs) -> anyhow::Result<String> {
+pub(crate) fn operator_token(a: &AdminArgs) -> anyhow::Result<String> {
     let op = crate::chat::UserId::parse("operator")?;
     Ok(a.secret.keys_for(Some(&a.server))?.mint(&op, 3600, true))
 }

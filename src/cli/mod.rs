@@ -7,6 +7,7 @@ mod certs;
 mod chat;
 mod client;
 mod local;
+mod placement;
 
 use crate::config::Config;
 use anyhow::Context;

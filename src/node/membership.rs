@@ -159,6 +159,50 @@ impl Node {
         self.placement.replicas(shard)
     }
 
+    /// This node's answer to [`Kind::Locate`]: the membership of its group of `shard`, or
+    /// where it learnt the shard went.
+    pub fn locate_answer(&self, shard: ShardId) -> Option<(u64, Vec<NodeId>)> {
+        if let Some(g) = self.local.group(shard) {
+            let mc = g.raft.metrics().borrow().membership_config.clone();
+            let voters: Vec<NodeId> = mc.membership().voter_ids().collect();
+            if !voters.is_empty() {
+                return Some((mc.log_id().map(|l| l.index).unwrap_or(0), voters));
+            }
+        }
+        self.route(shard)
+    }
+
+    /// Asks every peer where `shard` is and keeps the newest answer: for a router whose
+    /// guesses all answered "not a replica" (a node that joined, or guesses from before a
+    /// move whose nodes were wiped). Returns whether it learnt anything new.
+    pub(crate) async fn locate(&self, shard: ShardId, deadline: Instant) -> bool {
+        use futures::StreamExt;
+        let ttl = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.peers.rpc_timeout())
+            .max(Duration::from_millis(100));
+        let peers: Vec<NodeId> = self.peers.ids().into_iter().filter(|p| *p != self.id).collect();
+        let mut asks: futures::stream::FuturesUnordered<_> = peers
+            .iter()
+            .map(|p| async move {
+                let r = tokio::time::timeout(ttl, self.peers.call_raw(*p, Kind::Locate, shard, ttl, Vec::new())).await;
+                match r {
+                    Ok(Ok(b)) => serde_json::from_slice::<Option<(u64, Vec<NodeId>)>>(&b).ok().flatten(),
+                    _ => None,
+                }
+            })
+            .collect();
+        let mut learnt = false;
+        while let Some(answer) = asks.next().await {
+            if let Some((index, voters)) = answer {
+                if !voters.is_empty() {
+                    learnt |= self.learn_route(shard, index, voters);
+                }
+            }
+        }
+        learnt
+    }
+
     pub(crate) fn route(&self, shard: ShardId) -> Option<(u64, Vec<NodeId>)> {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned()
     }

@@ -99,6 +99,7 @@ impl PeerService {
                 Err(e) => Err(e),
             },
             Some(PipeKind::Host) => json(&node.host_shard(f.group).await),
+            Some(PipeKind::Locate) => json(&node.locate_answer(f.group)),
             Some(PipeKind::Drop) => {
                 let budget = Duration::from_millis(f.budget_ms.min(node.cfg.request_timeout_ms));
                 json(&node.drop_shard(f.group, Instant::now() + budget).await)
@@ -179,6 +180,9 @@ impl pb::peer_server::Peer for PeerService {
         let r = req.into_inner();
         let node = &self.node;
         match pb::RaftKind::try_from(r.kind) {
+            Ok(pb::RaftKind::Locate) => {
+                return Ok(Response::new(pb::RaftReply { payload: json(&node.locate_answer(r.group))? }))
+            }
             Ok(pb::RaftKind::HostShard) => {
                 return Ok(Response::new(pb::RaftReply { payload: json(&node.host_shard(r.group).await)? }))
             }

@@ -212,6 +212,7 @@ impl Node {
             let mut backoff = Duration::from_millis(10);
             let mut attempt = 0usize;
             let mut hops = 0usize;
+            let mut located = false;
             loop {
                 if Instant::now() >= deadline {
                     return Err(ShardError::Timeout { shard });
@@ -231,6 +232,15 @@ impl Node {
                     {
                         hops += 1;
                         target = l;
+                    }
+                    // No route here, and the guess held no replica: ask the peers once.
+                    Err(ShardError::NotReplica { .. }) if !located => {
+                        located = true;
+                        node.locate(shard, deadline).await;
+                        replicas = node.replicas(shard);
+                        node.set_leader_hint(shard, None);
+                        attempt += 1;
+                        target = node.pick_target(&replicas, None, attempt);
                     }
                     // The shard moved: follow it at once (a chain of moves is a few hops).
                     Err(ShardError::Moved { index, voters, .. }) if hops < 8 && !voters.is_empty() => {

@@ -129,6 +129,7 @@ impl Peers {
                 PipeKind::Elect => "elect",
                 PipeKind::Host => "host_shard",
                 PipeKind::Drop => "drop_shard",
+                PipeKind::Locate => "locate",
             };
             c.with_label_values(&[if piped { "pipe" } else { "unary" }, kind]).inc();
         }
@@ -221,6 +222,11 @@ impl Peers {
         err > ok && self.now_ms().saturating_sub(err) < SUSPECT_FOR.as_millis() as u64
     }
 
+    /// Every node this one has an address for (itself included).
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.inner.channels.keys().copied().collect()
+    }
+
     pub fn addr(&self, id: NodeId) -> Option<String> {
         self.inner.channels.get(&id).map(|(a, _)| a.clone())
     }
@@ -280,6 +286,7 @@ impl Peers {
             PipeKind::Elect => pb::RaftKind::Elect,
             PipeKind::Host => pb::RaftKind::HostShard,
             PipeKind::Drop => pb::RaftKind::DropShard,
+            PipeKind::Locate => pb::RaftKind::Locate,
             PipeKind::Forward => return Err(RawError::Failed("forwards are not raft calls".into())),
         };
         let msg = pb::RaftRequest { group, kind: raft_kind as i32, payload };

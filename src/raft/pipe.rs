@@ -39,6 +39,8 @@ pub enum Kind {
     Host = 6,
     /// Drop a shard (its replica moved away).
     Drop = 7,
+    /// "Where is this shard?": reply `Option<(u64, Vec<NodeId>)>` (membership index, voters).
+    Locate = 8,
 }
 
 impl Kind {
@@ -51,6 +53,7 @@ impl Kind {
             5 => Some(Kind::Elect),
             6 => Some(Kind::Host),
             7 => Some(Kind::Drop),
+            8 => Some(Kind::Locate),
             _ => None,
         }
     }

@@ -165,6 +165,20 @@ impl Storage {
         Ok(())
     }
 
+    /// The nodes the cluster was created with, as this node recorded them: the placement
+    /// function's input for good (`members` may grow later; see `node::membership`).
+    pub fn founders(&self) -> Result<Option<Vec<u64>>, StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        cluster.get("founders")?.map(|v| decode(b"cluster/founders", &v)).transpose()
+    }
+
+    pub fn set_founders(&self, nodes: &[u64]) -> Result<(), StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        cluster.insert("founders", encode(&nodes))?;
+        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
+        Ok(())
+    }
+
     /// Where shards this node gave away went: (shard, the index of the membership entry that
     /// left this node out, its voters). Routing follows these (see `node::membership`).
     pub fn moved(&self) -> Result<Vec<(ShardId, u64, Vec<u64>)>, StoreError> {
