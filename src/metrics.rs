@@ -94,6 +94,32 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A shard left this node (a replica move): its per-shard gauges go rather than keep
+    /// their last values.
+    pub fn forget_shard(&self, shard: u32) {
+        let s = shard.to_string();
+        for g in [
+            &self.shard_leader,
+            &self.shard_term,
+            &self.shard_commit,
+            &self.shard_applied,
+            &self.shard_last_log,
+            &self.shard_snapshot,
+        ] {
+            let _ = g.remove_label_values(&[&s]);
+        }
+        // Lag series are labelled (shard, follower); drop every one of this shard.
+        let families = prometheus::core::Collector::collect(&self.replication_lag);
+        for f in families {
+            for m in f.get_metric() {
+                let labels: Vec<&str> = m.get_label().iter().map(|l| l.value()).collect();
+                if labels.first() == Some(&s.as_str()) {
+                    let _ = self.replication_lag.remove_label_values(&labels);
+                }
+            }
+        }
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("raftchat".into()), None).expect("valid prefix");
         let h = |name: &str, help: &str| {

@@ -124,6 +124,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     if first_start {
         storage.set_hosted(&local)?;
     }
+    if local.is_empty() {
+        tracing::warn!(
+            "this node hosts no shard: it serves as a router until `raftchat admin add-node {}` (or a replica move) gives it some",
+            cfg.node_id
+        );
+    }
     let moved = storage.moved()?;
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -77,7 +77,7 @@ async fn admin_transfer_leader_moves_a_shard_and_refuses_what_it_cannot_do() {
         "--secret-file",
         secret.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.log_tails(40));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains(&format!("node {to} leads")), "{text}");
     for node in 0..3 {

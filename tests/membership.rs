@@ -26,14 +26,7 @@ async fn hosted(c: &common::TestCluster, i: usize) -> BTreeMap<u64, (Vec<u64>, O
 
 /// The end of every node's log, for a failure's message.
 fn logs(c: &common::TestCluster) -> String {
-    (1..=c.len())
-        .map(|i| {
-            let text = std::fs::read_to_string(c.dir.join(format!("node{i}.log"))).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
-            format!("--- node {i}\n{}", lines[lines.len().saturating_sub(25)..].join("\n"))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    c.log_tails(25)
 }
 
 async fn move_replica(c: &common::TestCluster, via: usize, shard: u64, from: u64, to: u64) -> Value {
@@ -97,6 +90,9 @@ async fn a_replica_moves_away_and_back_under_load_and_nothing_is_lost() {
     let leader = leader.expect("the shard has a leader");
     let follower = *voters.iter().find(|v| **v != leader).unwrap();
 
+    let series = format!("raftchat_shard_term{{shard=\"{shard}\"}}");
+    assert!(c.metric(follower as usize - 1, &series).await >= 1.0, "node {follower} exports shard {shard}'s term");
+
     // 1. From a follower to node 4, asked through a node that is neither.
     let via = (1..=4u64).find(|n| *n != follower && *n != 4).unwrap() as usize - 1;
     let out = move_replica(&c, via, shard, follower, 4).await;
@@ -107,6 +103,9 @@ async fn a_replica_moves_away_and_back_under_load_and_nothing_is_lost() {
     got.sort_unstable();
     assert_eq!(got, want);
     assert!(!hosted(&c, follower as usize - 1).await.contains_key(&shard), "node {follower} dropped shard {shard}");
+    assert_eq!(c.metric(follower as usize - 1, &series).await, 0.0, "its per-shard series went with it");
+    let text = c.http.get(format!("{}/metrics", c.url(follower as usize - 1))).send().await.unwrap();
+    assert!(!text.text().await.unwrap().contains(&series), "no {series} on node {follower}");
     common::eventually(Duration::from_secs(30), "node 4 holds the shard as a voter, with a leader", || async {
         hosted(&c, 3).await.get(&shard).filter(|(v, _)| v.contains(&4)).and_then(|(_, l)| *l)
     })

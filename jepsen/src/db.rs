@@ -197,41 +197,30 @@ impl Db {
         }
     }
 
-    /// The membership nemesis: moves one replica of a random shard (from its leader or from a
-    /// follower, at random) to a node that does not hold it, through a random running node
-    /// (`POST /v1/admin/shards/{shard}/move`). Says what happened; a move that fails under
-    /// the other faults is reported, not an error (a later one completes it or another).
-    pub async fn move_replica(&self) -> String {
-        use rand::seq::IndexedRandom;
-        use rand::Rng;
-        let shard = rand::rng().random_range(0..self.shards);
-        let running: Vec<usize> = (0..self.len()).filter(|i| self.running(*i)).collect();
-        let mut voters: Vec<u64> = Vec::new();
-        let mut leader = None;
-        for &i in &running {
+    /// Every shard's voters and leader, as the running nodes report them (the leader's
+    /// view where it answered).
+    async fn placement(&self) -> std::collections::BTreeMap<u32, (Vec<u64>, Option<u64>)> {
+        let mut out: std::collections::BTreeMap<u32, (Vec<u64>, Option<u64>)> = Default::default();
+        for i in (0..self.len()).filter(|i| self.running(*i)) {
             let Ok(s) = self.cluster.status(i).await else { continue };
             for sh in s["shards"].as_array().into_iter().flatten() {
-                if sh["shard"] == shard {
-                    let v: Vec<u64> =
-                        sh["replicas"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).collect();
-                    if !v.is_empty() && (voters.is_empty() || sh["leader"] == (i as u64 + 1)) {
-                        voters = v;
-                        leader = sh["leader"].as_u64();
-                    }
+                let Some(shard) = sh["shard"].as_u64() else { continue };
+                let v: Vec<u64> = sh["replicas"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).collect();
+                let leads = sh["leader"] == (i as u64 + 1);
+                let e = out.entry(shard as u32).or_default();
+                if !v.is_empty() && (e.0.is_empty() || leads) {
+                    *e = (v, sh["leader"].as_u64());
                 }
             }
         }
-        if voters.is_empty() {
-            return format!("move a replica of shard {shard}: no running node reports its voters");
-        }
-        let from = match leader.filter(|_| rand::rng().random_bool(0.5)) {
-            Some(l) => l,
-            None => *voters.choose(&mut rand::rng()).expect("not empty"),
-        };
-        let others: Vec<u64> = (1..=self.len() as u64).filter(|n| !voters.contains(n)).collect();
-        let Some(&to) = others.choose(&mut rand::rng()) else {
-            return format!("move a replica of shard {shard}: every node holds one");
-        };
+        out
+    }
+
+    /// One move through a random running node (`POST /v1/admin/shards/{shard}/move`); says
+    /// what happened.
+    async fn post_move(&self, shard: u32, from: u64, to: u64, leader: Option<u64>) -> String {
+        use rand::seq::IndexedRandom;
+        let running: Vec<usize> = (0..self.len()).filter(|i| self.running(*i)).collect();
         let Some(&via) = running.choose(&mut rand::rng()) else {
             return "move a replica: no node runs".into();
         };
@@ -255,6 +244,52 @@ impl Db {
             }
             Err(e) => format!("{desc}: no answer after {took:.1} s ({e})"),
         }
+    }
+
+    /// The membership nemesis: moves one replica of a random shard (from its leader or from a
+    /// follower, at random) to a node that does not hold it. A move that fails under the
+    /// other faults is reported, not an error (a later one completes it or another).
+    pub async fn move_replica(&self) -> String {
+        use rand::seq::IndexedRandom;
+        use rand::Rng;
+        let shard = rand::rng().random_range(0..self.shards);
+        let Some((voters, leader)) = self.placement().await.remove(&shard).filter(|(v, _)| !v.is_empty()) else {
+            return format!("move a replica of shard {shard}: no running node reports its voters");
+        };
+        let from = match leader.filter(|_| rand::rng().random_bool(0.5)) {
+            Some(l) => l,
+            None => *voters.choose(&mut rand::rng()).expect("not empty"),
+        };
+        let others: Vec<u64> = (1..=self.len() as u64).filter(|n| !voters.contains(n)).collect();
+        let Some(&to) = others.choose(&mut rand::rng()) else {
+            return format!("move a replica of shard {shard}: every node holds one");
+        };
+        self.post_move(shard, from, to, leader).await
+    }
+
+    /// The membership nemesis's other kind: every replica of node `i` moves away, each to
+    /// the node holding the fewest (as `raftchat admin remove-node`).
+    pub async fn drain(&self, i: usize) -> String {
+        let node = i as u64 + 1;
+        let mut placement = self.placement().await;
+        let mut done = Vec::new();
+        let shards: Vec<u32> = placement.iter().filter(|(_, (v, _))| v.contains(&node)).map(|(s, _)| *s).collect();
+        for shard in shards {
+            let (voters, leader) = placement[&shard].clone();
+            let load = |n: u64| placement.values().filter(|(v, _)| v.contains(&n)).count();
+            let Some(to) = (1..=self.len() as u64).filter(|n| !voters.contains(n)).min_by_key(|n| (load(*n), *n))
+            else {
+                continue;
+            };
+            let r = self.post_move(shard, node, to, leader).await;
+            if r.contains(": done") {
+                let e = placement.get_mut(&shard).expect("listed");
+                e.0.retain(|n| *n != node);
+                e.0.push(to);
+            }
+            done.push(r);
+        }
+        format!("drain n{node}: [{}]", done.join("; "))
     }
 
     pub async fn leader_of(&self, shard: u32) -> Option<usize> {

@@ -17,8 +17,9 @@
 //! - `upgrade` (needs `--old-bin`): one node stops gracefully and starts on the other build
 //!   (old to new, or new back to old), so the cluster runs mixed builds all along, as
 //!   during a rolling upgrade (and a rollback).
-//! - `membership`: a replica of a random shard moves to a node that did not hold it, from
-//!   the shard's leader or a follower (`POST /v1/admin/shards/{shard}/move`: learner, catch
+//! - `membership`: one to three times, a replica of a random shard moves to a node that did
+//!   not hold it, from the shard's leader or a follower; or (one time in five) every replica
+//!   of a node moves away, as `admin remove-node` does (`POST /v1/admin/shards/{shard}/move`: learner, catch
 //!   up, joint consensus, the old node drops its copy); moves are not undone, so over a run
 //!   the placement wanders and nodes lose and regain shards. Not with `upgrade` (builds
 //!   before cluster version 3 cannot move replicas).
@@ -161,7 +162,18 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
             Ok((format!("power loss of {what} {ids:?} ({dropped} unsynced bytes dropped)"), Undo::Restart(victims)))
         }
         "upgrade" => Ok((db.switch_build(nodes[0])?, Undo::Nothing)),
-        "membership" => Ok((db.move_replica().await, Undo::Nothing)),
+        "membership" => {
+            if pick == 0 {
+                // Empty a node, as `admin remove-node` does (later moves bring shards back).
+                return Ok((db.drain(nodes[0]).await, Undo::Nothing));
+            }
+            // One to three moves, one after the other (each waits for the last).
+            let mut done = Vec::new();
+            for _ in 0..pick.min(3) {
+                done.push(db.move_replica().await);
+            }
+            Ok((done.join("; "), Undo::Nothing))
+        }
         other => anyhow::bail!("unknown nemesis {other:?}; known: {FAMILIES:?}"),
     }
 }

@@ -288,6 +288,7 @@ impl Node {
         kit.storage.clear_shard(shard).map_err(|e| ShardError::Storage(e.to_string()))?;
         remove_snapshots(&self.cfg.data_dir, shard);
         kit.wal.forget(shard).await.map_err(|e| ShardError::Storage(format!("write-ahead log: {e}")))?;
+        self.metrics.forget_shard(shard);
         tracing::info!(shard, voters = ?m.voters, "dropped shard (its replica moved away)");
         Ok(())
     }
@@ -391,7 +392,10 @@ impl Node {
                 )));
             }
             if m.leader == from {
-                let other = m.voters.iter().copied().find(|v| *v != from).ok_or_else(|| {
+                // Another voter, one that answers if there is one.
+                let others: Vec<NodeId> = m.voters.iter().copied().filter(|v| *v != from).collect();
+                let answering = |v: &NodeId| *v == self.id || !self.peers.suspect(*v);
+                let other = others.iter().copied().find(answering).or(others.first().copied()).ok_or_else(|| {
                     ShardError::Invalid(format!("shard {shard} has one voter; add a replica before moving it"))
                 })?;
                 self.call(shard, ShardOp::TransferLeader { to: other }, deadline).await?;

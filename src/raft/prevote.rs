@@ -138,7 +138,15 @@ pub fn spawn(
                 let w = *wait.entry(g.shard).or_insert_with(pick);
                 let next = *next_try.entry(g.shard).or_insert_with(Instant::now);
                 let m = g.raft.metrics().borrow().clone();
-                if m.current_leader == Some(node) || g.contact.since() < w || Instant::now() < next {
+                if m.current_leader == Some(node) {
+                    // A leader is in contact with itself: when it steps down (a leadership
+                    // transfer, a higher term) it waits a whole timeout before asking, rather
+                    // than at once (it would win against the leader that just took over, which
+                    // has no quorum acknowledgement yet, and undo the transfer).
+                    g.contact.note();
+                    continue;
+                }
+                if g.contact.since() < w || Instant::now() < next {
                     continue;
                 }
                 let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();

@@ -192,6 +192,18 @@ impl TestCluster {
         text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     }
 
+    /// The last lines (without DEBUG) of every node's log, for a failure's message.
+    pub fn log_tails(&self, lines: usize) -> String {
+        (1..=self.len())
+            .map(|i| {
+                let text = std::fs::read_to_string(self.dir.join(format!("node{i}.log"))).unwrap_or_default();
+                let kept: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+                format!("--- node {i}\n{}", kept[kept.len().saturating_sub(lines)..].join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Index of a running node other than `not`.
     pub fn other_than(&self, not: &[usize]) -> usize {
         (0..self.len()).find(|i| !not.contains(i) && self.is_running(*i)).expect("another running node")
