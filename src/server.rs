@@ -113,12 +113,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
     crate::node::membership::forget_leftovers(&storage, &wal, &cfg.data_dir, &local).await?;
     let cache_budget = crate::node::membership::cache_budget(&cfg, &placement);
+    let moved_in = storage.moved_in()?;
     let mut groups = HashMap::new();
     for shard in &local {
         // Only a first start creates groups (a shard's preferred leader initializes it);
         // a shard hosted later came by a replica move and gets its state from the leader.
         let init = if first_start { placement.replicas(*shard) } else { Vec::new() };
-        let g = group::start(&cfg, *shard, &init, &storage, &wal, &flusher, &peers, &metrics, cache_budget).await?;
+        let from_move = moved_in.contains(shard);
+        let g = group::start(&cfg, *shard, &init, &storage, &wal, &flusher, &peers, &metrics, cache_budget, from_move)
+            .await?;
         groups.insert(*shard, g);
     }
     if first_start {

@@ -194,7 +194,14 @@ async fn all_there(c: &common::TestCluster, sent: &[(String, String, u64, String
 /// after a restart of all of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
-    let mut c = common::start(3, |cfg| cfg.balance_every_secs = 0).await;
+    // Small logs: shards snapshot and purge early, so a replica moving to a new node can
+    // only catch up by a streamed snapshot.
+    let mut c = common::start(3, |cfg| {
+        cfg.balance_every_secs = 0;
+        cfg.snapshot_every = 10;
+        cfg.keep_logs = 2;
+    })
+    .await;
     let users = ["ja", "jb", "jc", "jd", "je", "jf"];
     for u in users {
         c.register(0, u).await;
@@ -208,7 +215,26 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
             sent.push((a.to_string(), r.conversation_id, r.seq, id));
         }
     };
-    send(&c, 0, "before").await;
+    for round in 0..6 {
+        send(&c, round % 3, &format!("before{round}")).await;
+    }
+    // Shards whose leader purged its log's start: a new replica gets them by snapshot.
+    // (Every replica purged, the leader included: the lowest purge point of the three.)
+    let purged: BTreeMap<u64, u64> = common::eventually(Duration::from_secs(30), "some shards purge", || async {
+        let mut low: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for n in 0..3 {
+            let s = c.status(n).await.ok()?;
+            for g in s["shards"].as_array()? {
+                low.entry(g["shard"].as_u64()?).or_default().push(g["purged_index"].as_u64().unwrap_or(0));
+            }
+        }
+        let p: BTreeMap<u64, u64> = low
+            .into_iter()
+            .filter_map(|(s, v)| Some((s, v.iter().copied().min().filter(|m| *m > 0 && v.len() == 3)?)))
+            .collect();
+        (p.len() >= 3).then_some(p)
+    })
+    .await;
 
     // Node 4 joins: the others learn its address (a rolling restart), then it starts empty.
     let n4 = c.add_node().unwrap();
@@ -224,7 +250,19 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
 
     let out = admin(&c, &["add-node", "4"]);
     assert!(out.contains("node 4 holds 6 replicas"), "{out}");
-    assert_eq!(hosted(&c, n4).await.len(), 6);
+    let on4 = hosted(&c, n4).await;
+    assert_eq!(on4.len(), 6);
+    // Node 4 holds at least one shard whose log had been purged, and has applied past it.
+    let caught: Vec<u64> = on4.keys().copied().filter(|s| purged.contains_key(s)).collect();
+    assert!(!caught.is_empty(), "node 4 holds a purged shard: {purged:?} vs {:?}", on4.keys());
+    for shard in caught {
+        common::eventually(Duration::from_secs(30), "node 4 applied past the purge", || async {
+            let s = c.status(n4).await.ok()?;
+            let g = s["shards"].as_array()?.iter().find(|g| g["shard"] == shard)?.clone();
+            (g["applied_index"].as_u64()? >= purged[&shard]).then_some(())
+        })
+        .await;
+    }
     send(&c, n4, "added").await;
 
     // Node 1 leaves: nothing on it any more, and it still serves (routing follows moves).

@@ -33,8 +33,13 @@
 //! so a chain of answers always leads to S.
 //!
 //! Safety. A node forgets S only after S's committed membership leaves it out, so it never
-//! votes in S again with a forgotten vote; should S come back to it later, it comes as a
-//! learner, which takes the leader's term before it may vote. Moves need cluster version 3:
+//! votes in S again with a forgotten vote. Should S come back to it later, its group starts
+//! empty, and an empty log would grant any candidate's vote (openraft checks only the log
+//! and the lease): so a node answers votes and pre-votes of a group only while that group's
+//! own membership lists it as a voter (`Node::votes_in`), which a returning replica reaches
+//! only through the log, as a learner promoted by the leader. Before its group is dropped,
+//! the state machine is closed (`StateMachine::close`): openraft's state-machine worker may
+//! still hold queued applies after `Raft::shutdown`, and none may write after the delete. Moves need cluster version 3:
 //! the write-ahead log record of a forgotten shard is unknown to older builds.
 
 use super::router::{ShardError, ShardOp, ShardReply};
@@ -230,6 +235,21 @@ impl Node {
         if self.local.contains(shard) {
             return Ok(());
         }
+        // Whatever an earlier stay of this shard left (a drop cut short) goes first: the
+        // replica starts empty and gets its state from the leader.
+        let leftover = |e: String| ShardError::Storage(format!("clearing what shard {shard} left here: {e}"));
+        kit.storage.clear_shard(shard).map_err(|e| leftover(e.to_string()))?;
+        remove_snapshots(&self.cfg.data_dir, shard);
+        if kit.wal.shards().contains(&shard) {
+            kit.wal.forget(shard).await.map_err(|e| leftover(e.to_string()))?;
+        }
+        // Recorded before the group exists: after a crash it still votes for no one.
+        let mut moved_in = kit.storage.moved_in().map_err(|e| ShardError::Storage(e.to_string()))?;
+        if !moved_in.contains(&shard) {
+            moved_in.push(shard);
+            moved_in.sort_unstable();
+            kit.storage.set_moved_in(&moved_in).map_err(|e| ShardError::Storage(e.to_string()))?;
+        }
         let g = crate::raft::group::start(
             &self.cfg,
             shard,
@@ -240,6 +260,7 @@ impl Node {
             &self.peers,
             &self.metrics,
             kit.cache_budget,
+            true,
         )
         .await
         .map_err(|e| ShardError::Storage(e.to_string()))?;
@@ -276,18 +297,22 @@ impl Node {
         }
         // Where it went, first: from here on this node answers requests for it with that.
         self.learn_route(shard, m.index, m.voters.clone());
-        self.save_routes()?;
         self.local.remove(shard);
+        self.save_routes()?;
         let mut hosted = self.local.shards();
         hosted.sort_unstable();
         kit.storage.set_hosted(&hosted).map_err(|e| ShardError::Storage(e.to_string()))?;
         if let Err(e) = handle.group.raft.shutdown().await {
             tracing::warn!(shard, cause = %e, "raft shutdown of a dropped shard");
         }
+        handle.group.sm.close().await;
         drop(handle);
         kit.storage.clear_shard(shard).map_err(|e| ShardError::Storage(e.to_string()))?;
         remove_snapshots(&self.cfg.data_dir, shard);
         kit.wal.forget(shard).await.map_err(|e| ShardError::Storage(format!("write-ahead log: {e}")))?;
+        let mut moved_in = kit.storage.moved_in().map_err(|e| ShardError::Storage(e.to_string()))?;
+        moved_in.retain(|s| *s != shard);
+        kit.storage.set_moved_in(&moved_in).map_err(|e| ShardError::Storage(e.to_string()))?;
         self.metrics.forget_shard(shard);
         tracing::info!(shard, voters = ?m.voters, "dropped shard (its replica moved away)");
         Ok(())
@@ -337,6 +362,12 @@ impl Node {
         if !m.voters.contains(&from) && from != to {
             return Err(ShardError::Invalid(format!("node {from} is not a voter of shard {shard} ({:?})", m.voters)));
         }
+        if m.voters.contains(&to) {
+            return Err(ShardError::Invalid(format!(
+                "node {to} already holds a replica of shard {shard} ({:?})",
+                m.voters
+            )));
+        }
         if from == self.id {
             return Err(ShardError::Invalid(format!("node {from} leads shard {shard}: move the leadership first")));
         }
@@ -384,6 +415,12 @@ impl Node {
             other => return Err(ShardError::Storage(format!("unexpected reply {other:?}"))),
         };
         let done = m.voters.contains(&to) && !m.voters.contains(&from);
+        if m.voters.contains(&to) && m.voters.contains(&from) {
+            return Err(ShardError::Invalid(format!(
+                "node {to} already holds a replica of shard {shard} (voters {:?}): pick a node that does not",
+                m.voters
+            )));
+        }
         if !done {
             if !m.voters.contains(&from) {
                 return Err(ShardError::Invalid(format!(

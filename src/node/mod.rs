@@ -75,7 +75,22 @@ impl Node {
     /// This node's answer to a peer's pre-vote for `group` (`raft::prevote`).
     pub fn pre_vote_answer(&self, group: &crate::raft::group::Group) -> bool {
         let lease = Duration::from_millis(self.cfg.election_timeout_max_ms);
-        crate::raft::prevote::answer(self.id, &group.raft, &group.contact, lease)
+        self.votes_in(group) && crate::raft::prevote::answer(self.id, &group.raft, &group.contact, lease)
+    }
+
+    /// Whether this node may vote in `group`: it is a voter by the group's own membership. A group that
+    /// came by a replica move starts empty, and openraft grants a vote on the log alone; an
+    /// empty (or never promoted) replica must not count towards anyone's majority, or a
+    /// stale candidate could win with it (`node::membership`).
+    pub fn votes_in(&self, group: &crate::raft::group::Group) -> bool {
+        let m = group.raft.metrics().borrow().membership_config.clone();
+        let mut voters = m.membership().voter_ids().peekable();
+        // A group of the cluster's creation that no leader reached yet votes as ever (the
+        // first election needs it); one that came by a move waits for its membership.
+        if voters.peek().is_none() {
+            return !group.from_move;
+        }
+        voters.any(|v| v == self.id)
     }
 
     pub fn request_deadline(&self) -> Instant {
@@ -184,7 +199,14 @@ impl Node {
                 let shard = self.placement.shard_of_user(user);
                 // A fresh read (max_age zero) is linearizable, through the shard's leader;
                 // otherwise this node's own replica is close enough.
-                let local = self.local.group(shard).filter(|_| !max_age.is_zero());
+                // Only a voter that hears from its leader: a replica still filling up after a
+                // move, or one left behind, could say "never revoked".
+                let lease = Duration::from_millis(self.cfg.election_timeout_max_ms);
+                let local = self.local.group(shard).filter(|g| {
+                    !max_age.is_zero()
+                        && self.votes_in(g)
+                        && (g.raft.metrics().borrow().current_leader == Some(self.id) || g.contact.since() < lease)
+                });
                 let read = match local {
                     Some(g) => g.sm.view.revoked_before(user).map_err(|e| ShardError::Storage(e.to_string())),
                     None => {

@@ -50,6 +50,10 @@ impl PeerService {
     }
 }
 
+fn not_a_voter(node: u64, shard: u32) -> Status {
+    Status::failed_precondition(format!("node {node} is not a voter of shard {shard}'s group: no vote"))
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Status> {
     serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))
 }
@@ -79,6 +83,7 @@ impl PeerService {
                 (Err(e), _) | (_, Err(e)) => Err(e),
             },
             Some(PipeKind::Vote) => match (group(), parse(&f.payload)) {
+                (Ok(g), Ok(_)) if !node.votes_in(&g) => Err(not_a_voter(node.id, f.group)),
                 (Ok(g), Ok(rpc)) => json(&g.raft.vote(rpc).await),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             },
@@ -196,6 +201,7 @@ impl pb::peer_server::Peer for PeerService {
         let raft = &group.raft;
         let payload = match pb::RaftKind::try_from(r.kind) {
             Ok(pb::RaftKind::AppendEntries) => json(&group.append_entries(parse(&r.payload)?).await)?,
+            Ok(pb::RaftKind::Vote) if !self.node.votes_in(&group) => return Err(not_a_voter(self.node.id, r.group)),
             Ok(pb::RaftKind::Vote) => json(&raft.vote(parse(&r.payload)?).await)?,
             Ok(pb::RaftKind::PreVote) => json(&self.node.pre_vote_answer(&group))?,
             Ok(pb::RaftKind::Elect) => json(&self.node.elect_now(&group).await)?,

@@ -202,8 +202,8 @@ impl Node {
         Box::pin(async move {
             #[cfg(feature = "fault-stale-reads")]
             if op.is_read() {
-                if let Some(group) = node.groups.get(&shard) {
-                    return node.read_local(group, op);
+                if let Some(group) = node.local.group(shard) {
+                    return node.read_local(&group, op);
                 }
             }
             let mut op = op;

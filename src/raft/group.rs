@@ -36,6 +36,10 @@ pub struct Group {
     pub committed_index: Arc<AtomicU64>,
     /// When this node last heard from the group's leader (pre-vote, [`super::prevote`]).
     pub contact: super::prevote::Contact,
+    /// The group came to this node by a replica move (not at the cluster's creation): until
+    /// its membership, learnt through the log, names this node a voter, it votes for no one
+    /// (`Node::votes_in`).
+    pub from_move: bool,
 }
 
 impl Group {
@@ -89,6 +93,7 @@ pub async fn start(
     peers: &Peers,
     metrics: &Metrics,
     cache_budget: usize,
+    from_move: bool,
 ) -> Result<Group, GroupError> {
     let (meta_tree, sm_tree) = storage.shard_trees(shard)?;
     let log = LogStore::new(shard, wal.clone(), flusher.clone());
@@ -119,5 +124,5 @@ pub async fn start(
             Err(e) => tracing::warn!(shard, cause = %e, "initialize skipped"),
         }
     }
-    Ok(Group { shard, raft, sm, committed_index, contact: Default::default() })
+    Ok(Group { shard, raft, sm, committed_index, contact: Default::default(), from_move })
 }

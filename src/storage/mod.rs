@@ -179,6 +179,19 @@ impl Storage {
         Ok(())
     }
 
+    /// Shards that came to this node by a replica move (not at the cluster's creation).
+    pub fn moved_in(&self) -> Result<Vec<ShardId>, StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        Ok(cluster.get("moved_in")?.map(|v| decode(b"cluster/moved_in", &v)).transpose()?.unwrap_or_default())
+    }
+
+    pub fn set_moved_in(&self, shards: &[ShardId]) -> Result<(), StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        cluster.insert("moved_in", encode(&shards))?;
+        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
+        Ok(())
+    }
+
     /// Where shards this node gave away went: (shard, the index of the membership entry that
     /// left this node out, its voters). Routing follows these (see `node::membership`).
     pub fn moved(&self) -> Result<Vec<(ShardId, u64, Vec<u64>)>, StoreError> {

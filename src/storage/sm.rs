@@ -51,6 +51,8 @@ pub struct StateMachine {
     lock: Arc<RwLock<()>>,
     /// One snapshot build or install at a time (each replaces the current snapshot file).
     snap_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Set once the shard left this node ([`StateMachine::close`]): nothing writes any more.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     snaps: SnapshotDir,
     /// New inbox events of this shard's users, as they are applied (delivery reads these).
     pub inbox_tx: broadcast::Sender<InboxNotice>,
@@ -76,6 +78,22 @@ impl StateMachine {
     /// without it a list read mid-apply can miss a conversation or show it twice.
     pub async fn read_lock(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.lock.read().await
+    }
+
+    /// The shard leaves this node: waits for a running apply, snapshot build or install to
+    /// end and refuses every later one (openraft's state-machine worker may still hold
+    /// queued applies after `Raft::shutdown`), so that deleting the shard's state is final.
+    pub async fn close(&self) {
+        let _one = self.snap_lock.lock().await;
+        let _g = self.lock.write().await;
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_open(&self) -> Result<(), StoreError> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Corrupt { key: "-".into(), reason: "the shard left this node".into() });
+        }
+        Ok(())
     }
 
     /// Opens the shard's state, first completing an entry a crash cut short (see
@@ -122,6 +140,7 @@ impl StateMachine {
             cache,
             lock: Arc::new(RwLock::new(())),
             snap_lock: Arc::new(tokio::sync::Mutex::new(())),
+            closed: Arc::default(),
             snaps,
             inbox_tx,
         };
@@ -260,6 +279,7 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let _one = self.snap_lock.lock().await;
+        self.check_open().map_err(snap_err)?;
         let part = self.snaps.part("build");
         let (meta, bytes, path) = {
             let _g = self.lock.read().await;
@@ -311,6 +331,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let _g = self.lock.write().await;
+        self.check_open().map_err(sm_err)?;
         let mut replies = Vec::new();
         for e in entries {
             let reply = self.apply_one(&e).map_err(|err| StorageIOError::apply(*e.get_log_id(), &err))?;
@@ -343,6 +364,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<SnapFile>) -> SResult<()> {
         let _one = self.snap_lock.lock().await;
+        self.check_open().map_err(snap_err)?;
         let SnapFile { mut file, path: part } = *snapshot;
         let werr = |e: std::io::Error| StorageError::from(StorageIOError::write_snapshot(None, &e));
         {
