@@ -116,9 +116,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let moved_in = storage.moved_in()?;
     let mut groups = HashMap::new();
     for shard in &local {
-        // Only a first start creates groups (a shard's preferred leader initializes it);
-        // a shard hosted later came by a replica move and gets its state from the leader.
-        let init = if first_start { placement.replicas(*shard) } else { Vec::new() };
+        // A shard of the cluster's creation: its preferred leader initializes the group if
+        // it holds no state yet (a no-op once it does). A shard that came by a replica move
+        // never: it gets its state from the leader.
+        let init = if moved_in.contains(shard) { Vec::new() } else { placement.replicas(*shard) };
         let from_move = moved_in.contains(shard);
         let g = group::start(&cfg, *shard, &init, &storage, &wal, &flusher, &peers, &metrics, cache_budget, from_move)
             .await?;

@@ -250,6 +250,16 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
 
     let out = admin(&c, &["add-node", "4"]);
     assert!(out.contains("node 4 holds 6 replicas"), "{out}");
+    // And its share of leaders (8 shards over 4 nodes), on shards with no preferred leader
+    // left, so leader balancing does not take them back.
+    assert!(out.contains("node 4 leads 2 shards"), "{out}");
+    let s4 = c.status(n4).await.unwrap();
+    let led: Vec<&Value> = s4["shards"].as_array().unwrap().iter().filter(|g| g["leader"] == 4).collect();
+    assert!(led.len() >= 2, "node 4 leads {} shards", led.len());
+    for g in led {
+        // Leader balancing moves a leadership only to a shard's preferred leader.
+        assert!(g["preferred_leader"].is_null() || g["preferred_leader"] == 4, "{g}");
+    }
     let on4 = hosted(&c, n4).await;
     assert_eq!(on4.len(), 6);
     // Node 4 holds at least one shard whose log had been purged, and has applied past it.

@@ -151,7 +151,16 @@ async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> 
         tokio::time::sleep(Duration::from_secs(1)).await;
         progress("quiet", &rec, &mut last, &timeline);
     }
-    db.lock().await.wait_ready(Duration::from_secs(60)).await?;
+    // A node that does not come back after everything healed is a finding, not a broken run
+    // (e.g. state a power loss left inconsistent): the history is still checked and the
+    // verdict says so.
+    let unrecovered = match db.lock().await.wait_ready(Duration::from_secs(60)).await {
+        Ok(()) => None,
+        Err(e) => {
+            eprintln!("warning: {e:#}");
+            Some(format!("{e:#}"))
+        }
+    };
     eprintln!("final reads of every conversation");
     let missing = client::final_reads(&target, &rec, 2000, Duration::from_secs(60)).await;
     if missing > 0 {
@@ -175,7 +184,16 @@ async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> 
     history::write_jsonl(&ops, &mut std::io::BufWriter::new(std::fs::File::create(out.join("history.jsonl"))?))?;
     history::write_edn(&ops, &mut std::io::BufWriter::new(std::fs::File::create(out.join("history.edn"))?))?;
     std::fs::write(out.join("nemesis.json"), serde_json::to_string_pretty(&windows)?)?;
-    let verdict = checker::check(&ops);
+    let mut verdict = checker::check(&ops);
+    if let Some(e) = unrecovered {
+        verdict.valid = false;
+        *verdict.counts.entry("node-unrecovered").or_default() += 1;
+        verdict.anomalies.push(checker::Anomaly {
+            kind: "node-unrecovered",
+            message: format!("after the final heal a node did not become ready: {e}"),
+            ops: Vec::new(),
+        });
+    }
     std::fs::write(out.join("verdict.json"), serde_json::to_string_pretty(&verdict)?)?;
     let title = format!("raftchat: {} nodes, {}s, nemesis {}, {} ops", o.nodes, o.time, o.nemesis.join(","), ops.len());
     std::fs::write(out.join("latency.svg"), crate::plot::svg(&ops, &windows, &title))?;

@@ -276,6 +276,7 @@ async fn status(State(node): St) -> Response {
                 "shard": g.shard,
                 "replicas": node.replicas(g.shard),
                 "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
+                "preferred_leader": node.preferred_leader(g.shard),
                 "state": format!("{:?}", m.state),
                 "leader": m.current_leader,
                 "term": m.current_term,

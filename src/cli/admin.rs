@@ -323,7 +323,7 @@ impl std::io::Write for HashWriter<'_> {
     }
 }
 
-async fn transfer_leader(a: &AdminArgs, http: &reqwest::Client, shard: u32, to: u64) -> anyhow::Result<()> {
+pub(crate) async fn transfer_leader(a: &AdminArgs, http: &reqwest::Client, shard: u32, to: u64) -> anyhow::Result<()> {
     let url = format!("{}/v1/admin/shards/{shard}/transfer-leader", a.server.trim_end_matches('/'));
     let started = std::time::Instant::now();
     let r = http

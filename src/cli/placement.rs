@@ -21,6 +21,9 @@ struct View {
     voters: BTreeMap<u32, Vec<u64>>,
     /// Shard -> leader, where known.
     leaders: BTreeMap<u32, u64>,
+    /// Shard -> the node leader balancing gives it back to (its creation-time first replica
+    /// while still a voter); absent when it has none.
+    preferred: BTreeMap<u32, u64>,
 }
 
 impl View {
@@ -41,6 +44,7 @@ async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
     let mut up = BTreeSet::new();
     let mut voters: BTreeMap<u32, (bool, Vec<u64>)> = BTreeMap::new();
     let mut leaders = BTreeMap::new();
+    let mut preferred = BTreeMap::new();
     for (id, url) in &urls {
         let Ok(s) = get(http, &format!("{url}/status")).await else { continue };
         up.insert(*id);
@@ -50,6 +54,9 @@ async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
             let leads = sh["leader"].as_u64() == Some(*id);
             if leads {
                 leaders.insert(shard, *id);
+                if let Some(p) = sh["preferred_leader"].as_u64() {
+                    preferred.insert(shard, p);
+                }
             }
             let e = voters.entry(shard).or_insert((false, Vec::new()));
             if !e.0 && !v.is_empty() {
@@ -58,7 +65,7 @@ async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
         }
     }
     let voters = voters.into_iter().map(|(s, (_, v))| (s, v)).collect();
-    Ok(View { urls, up, voters, leaders })
+    Ok(View { urls, up, voters, leaders, preferred })
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
@@ -159,8 +166,14 @@ pub async fn add_node(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyho
         }
         let candidates: Vec<u32> =
             v.voters.iter().filter(|(_, vs)| vs.contains(&from) && !vs.contains(&node)).map(|(s, _)| *s).collect();
-        let Some(shard) =
-            candidates.iter().copied().find(|s| v.leaders.get(s) != Some(&from)).or(candidates.first().copied())
+        // Best a shard `from` is the preferred leader of (after the move it has none, so the
+        // new node may lead it for good), then one `from` does not lead (no transfer needed).
+        let Some(shard) = candidates
+            .iter()
+            .copied()
+            .find(|s| v.preferred.get(s) == Some(&from))
+            .or_else(|| candidates.iter().copied().find(|s| v.leaders.get(s) != Some(&from)))
+            .or(candidates.first().copied())
         else {
             break;
         };
@@ -171,6 +184,26 @@ pub async fn add_node(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyho
         moved += 1;
     }
     println!("node {node} holds {} replicas ({moved} moved here; fair share {share})", v.load_of(node));
+
+    // Leaders too: the new node takes the leadership of shards that have no preferred
+    // leader any more (balancing leaves those where they are), up to its share.
+    let v = view(a, http).await?;
+    let lead_share = v.voters.len() / nodes;
+    let mut leads = v.leaders.values().filter(|l| **l == node).count();
+    for (shard, voters) in &v.voters {
+        if leads >= lead_share {
+            break;
+        }
+        let free = v.preferred.get(shard).is_none_or(|p| *p == node);
+        if !voters.contains(&node) || v.leaders.get(shard) == Some(&node) || !free {
+            continue;
+        }
+        match super::admin::transfer_leader(a, http, *shard, node).await {
+            Ok(()) => leads += 1,
+            Err(e) => println!("  shard {shard}: leadership not moved to node {node}: {e}"),
+        }
+    }
+    println!("node {node} leads {leads} shards (fair share {lead_share})");
     Ok(())
 }
 

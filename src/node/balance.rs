@@ -111,6 +111,18 @@ impl Node {
         }
     }
 
+    /// The node that should lead `shard` when all is well: its first replica at the
+    /// cluster's creation, while that node is still a voter. After a replica move took it
+    /// away the shard has none, and its leadership stays where it is (or where an operator,
+    /// e.g. `admin add-node`, puts it).
+    pub fn preferred_leader(&self, shard: ShardId) -> Option<NodeId> {
+        let group = self.local.group(shard)?;
+        let first = self.placement.replicas(shard).first().copied()?;
+        let voters = group.raft.metrics().borrow().membership_config.clone();
+        let is_voter = voters.membership().voter_ids().any(|v| v == first);
+        is_voter.then_some(first)
+    }
+
     /// A peer's request to start an election for `group` at once (the target of a transfer).
     pub async fn elect_now(&self, group: &crate::raft::group::Group) -> bool {
         group.contact.note();
@@ -132,11 +144,7 @@ pub fn spawn(node: Arc<Node>, every: Duration, mut stop: watch::Receiver<bool>) 
             for shard in node.local.shards() {
                 let Some(group) = node.local.group(shard) else { continue };
                 let m = group.raft.metrics().borrow().clone();
-                // The placement's first replica, while it is still a voter (after replica moves
-                // a shard may have none; its leader then stays where it is).
-                let preferred = node.placement.replicas(shard).first().copied().filter(|p| {
-                    group.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == *p)
-                });
+                let preferred = node.preferred_leader(shard);
                 let Some(p) = preferred.filter(|p| *p != node.id) else { continue };
                 // Only a leader that has been one for a while, to a preferred node that answers.
                 let settled = m.millis_since_quorum_ack.is_some_and(|ms| ms < 1_000);
