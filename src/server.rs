@@ -208,6 +208,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
                     shard: g.shard,
                     raft: g.raft.clone(),
                     contact: g.contact.clone(),
+                    leading_since: g.leading_since.clone(),
                 })
                 .collect()
         });

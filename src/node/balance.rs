@@ -48,6 +48,16 @@ impl Node {
         if !m.membership_config.membership().voter_ids().any(|v| v == to) {
             return Err(ShardError::Invalid(format!("node {to} is not a voter of shard {shard}")));
         }
+        // openraft's voters, the leader included, refuse a vote for `election_timeout_max`
+        // after their vote last changed: a transfer right after this node's own election
+        // would fail (and raise the term), so it waits that out first.
+        let lease = Duration::from_millis(self.cfg.election_timeout_max_ms + 300);
+        if let Some(led) = crate::raft::prevote::leading_for(&group.leading_since) {
+            if led < lease {
+                let wait = (lease - led).min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(wait).await;
+            }
+        }
         let lag = |group: &crate::raft::group::Group| {
             let m = group.raft.metrics().borrow().clone();
             let last = m.last_log_index.unwrap_or(0);

@@ -40,6 +40,8 @@ pub struct Group {
     /// its membership, learnt through the log, names this node a voter, it votes for no one
     /// (`Node::votes_in`).
     pub from_move: bool,
+    /// When this node became the leader (`prevote::leading_for`).
+    pub leading_since: Arc<AtomicU64>,
 }
 
 impl Group {
@@ -124,5 +126,13 @@ pub async fn start(
             Err(e) => tracing::warn!(shard, cause = %e, "initialize skipped"),
         }
     }
-    Ok(Group { shard, raft, sm, committed_index, contact: Default::default(), from_move })
+    Ok(Group {
+        shard,
+        raft,
+        sm,
+        committed_index,
+        contact: Default::default(),
+        from_move,
+        leading_since: Arc::default(),
+    })
 }

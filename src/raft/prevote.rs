@@ -93,6 +93,18 @@ pub struct Member {
     pub shard: ShardId,
     pub raft: super::Raft,
     pub contact: Contact,
+    /// When this node (last) became the group's leader, ms on this module's clock; 0 while
+    /// it is not the leader ([`leading_for`]).
+    pub leading_since: Arc<AtomicU64>,
+}
+
+/// How long this node has led, as noted by the election task (at most one tick late);
+/// `None` while it does not lead or no task notes it (`prevote` off).
+pub fn leading_for(since: &AtomicU64) -> Option<Duration> {
+    match since.load(Ordering::Relaxed) {
+        0 => None,
+        t => Some(Duration::from_millis(now_ms().saturating_sub(t))),
+    }
 }
 
 /// Runs the elections of `groups` until `stop` (module docs).
@@ -139,6 +151,9 @@ pub fn spawn(
                 let next = *next_try.entry(g.shard).or_insert_with(Instant::now);
                 let m = g.raft.metrics().borrow().clone();
                 if m.current_leader == Some(node) {
+                    if g.leading_since.load(Ordering::Relaxed) == 0 {
+                        g.leading_since.store(now_ms().max(1), Ordering::Relaxed);
+                    }
                     // A leader is in contact with itself: when it steps down (a leadership
                     // transfer, a higher term) it waits a whole timeout before asking, rather
                     // than at once (it would win against the leader that just took over, which
@@ -146,6 +161,7 @@ pub fn spawn(
                     g.contact.note();
                     continue;
                 }
+                g.leading_since.store(0, Ordering::Relaxed);
                 if g.contact.since() < w || Instant::now() < next {
                     continue;
                 }
