@@ -323,22 +323,36 @@ impl std::io::Write for HashWriter<'_> {
     }
 }
 
-pub(crate) async fn transfer_leader(a: &AdminArgs, http: &reqwest::Client, shard: u32, to: u64) -> anyhow::Result<()> {
-    let url = format!("{}/v1/admin/shards/{shard}/transfer-leader", a.server.trim_end_matches('/'));
-    let started = std::time::Instant::now();
+/// POSTs `body` to `path` on `--server` with an operator token; the JSON answer, or the
+/// status and the node's message.
+pub(crate) async fn post_admin(
+    a: &AdminArgs,
+    http: &reqwest::Client,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let url = format!("{}{path}", a.server.trim_end_matches('/'));
     let r = http
         .post(&url)
         .bearer_auth(operator_token(a)?)
-        .json(&serde_json::json!({ "to": to }))
-        .timeout(Duration::from_secs(15))
+        .json(body)
+        .timeout(timeout)
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let status = r.status();
-    let body: Value = r.json().await.unwrap_or(Value::Null);
+    let answer: Value = r.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
-        anyhow::bail!("{status}: {}", body["message"].as_str().unwrap_or("no message"));
+        anyhow::bail!("{status}: {}", answer["message"].as_str().unwrap_or("no message"));
     }
+    Ok(answer)
+}
+
+pub(crate) async fn transfer_leader(a: &AdminArgs, http: &reqwest::Client, shard: u32, to: u64) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let path = format!("/v1/admin/shards/{shard}/transfer-leader");
+    let body = post_admin(a, http, &path, &serde_json::json!({ "to": to }), Duration::from_secs(15)).await?;
     println!("shard {shard}: node {} leads (in {} ms)", body["leader"], started.elapsed().as_millis());
     Ok(())
 }

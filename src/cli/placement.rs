@@ -76,24 +76,17 @@ async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
 
 /// One move through `--server`; prints what happened.
 async fn move_one(a: &AdminArgs, http: &reqwest::Client, shard: u32, from: u64, to: u64) -> anyhow::Result<()> {
-    let url = format!("{}/v1/admin/shards/{shard}/move", a.server.trim_end_matches('/'));
     let started = std::time::Instant::now();
-    let r = http
-        .post(&url)
-        .bearer_auth(super::admin::operator_token(a)?)
-        .json(&serde_json::json!({ "from": from, "to": to }))
-        .timeout(Duration::from_secs(660))
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-    let status = r.status();
-    let body: Value = r.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        anyhow::bail!(
-            "shard {shard}: moving its replica from node {from} to node {to}: {status}: {}",
-            body["message"].as_str().unwrap_or("no message")
-        );
-    }
+    let path = format!("/v1/admin/shards/{shard}/move");
+    let body = super::admin::post_admin(
+        a,
+        http,
+        &path,
+        &serde_json::json!({ "from": from, "to": to }),
+        Duration::from_secs(660),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("shard {shard}: moving its replica from node {from} to node {to}: {e}"))?;
     let voters: Vec<String> =
         body["voters"].as_array().into_iter().flatten().filter_map(Value::as_u64).map(|v| v.to_string()).collect();
     println!(

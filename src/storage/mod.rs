@@ -150,63 +150,56 @@ impl Storage {
         Ok((self.db.open_tree(format!("s{shard}.meta"))?, self.db.open_tree(format!("s{shard}.sm"))?))
     }
 
+    /// A record of the node-local `cluster` tree, if written.
+    fn cluster_get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let cluster = self.db.open_tree("cluster")?;
+        cluster.get(key)?.map(|v| decode(format!("cluster/{key}").as_bytes(), &v)).transpose()
+    }
+
+    /// Writes a record of the `cluster` tree, durably.
+    fn cluster_put<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
+        self.db.open_tree("cluster")?.insert(key, encode(v))?;
+        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
+        Ok(())
+    }
+
     /// The shards this node hosts, as last recorded (replica moves change the set); `None`
     /// for a data folder from before replica moves, or a fresh one.
     pub fn hosted(&self) -> Result<Option<Vec<ShardId>>, StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        cluster.get("hosted")?.map(|v| decode(b"cluster/hosted", &v)).transpose()
+        self.cluster_get("hosted")
     }
 
-    /// Records the hosted set, durably.
     pub fn set_hosted(&self, shards: &[ShardId]) -> Result<(), StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        cluster.insert("hosted", encode(&shards))?;
-        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
-        Ok(())
+        self.cluster_put("hosted", &shards)
     }
 
     /// The nodes the cluster was created with, as this node recorded them: the placement
     /// function's input for good (`members` may grow later; see `node::membership`).
     pub fn founders(&self) -> Result<Option<Vec<u64>>, StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        cluster.get("founders")?.map(|v| decode(b"cluster/founders", &v)).transpose()
+        self.cluster_get("founders")
     }
 
     pub fn set_founders(&self, nodes: &[u64]) -> Result<(), StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        cluster.insert("founders", encode(&nodes))?;
-        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
-        Ok(())
+        self.cluster_put("founders", &nodes)
     }
 
     /// Shards that came to this node by a replica move (not at the cluster's creation).
     pub fn moved_in(&self) -> Result<Vec<ShardId>, StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        Ok(cluster.get("moved_in")?.map(|v| decode(b"cluster/moved_in", &v)).transpose()?.unwrap_or_default())
+        Ok(self.cluster_get("moved_in")?.unwrap_or_default())
     }
 
     pub fn set_moved_in(&self, shards: &[ShardId]) -> Result<(), StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        cluster.insert("moved_in", encode(&shards))?;
-        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
-        Ok(())
+        self.cluster_put("moved_in", &shards)
     }
 
     /// Where shards this node gave away went: (shard, the index of the membership entry that
     /// left this node out, its voters). Routing follows these (see `node::membership`).
     pub fn moved(&self) -> Result<Vec<(ShardId, u64, Vec<u64>)>, StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        match cluster.get("moved")? {
-            Some(v) => decode(b"cluster/moved", &v),
-            None => Ok(Vec::new()),
-        }
+        Ok(self.cluster_get("moved")?.unwrap_or_default())
     }
 
     pub fn set_moved(&self, moved: &[(ShardId, u64, Vec<u64>)]) -> Result<(), StoreError> {
-        let cluster = self.db.open_tree("cluster")?;
-        cluster.insert("moved", encode(&moved))?;
-        self.sync_blocking().map_err(|source| StoreError::Io { path: "db".into(), source })?;
-        Ok(())
+        self.cluster_put("moved", &moved)
     }
 
     /// Empties a shard's trees (its state machine and snapshot meta): the shard left this
