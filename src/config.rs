@@ -191,7 +191,7 @@ pub struct Config {
 /// invites, token revocation, retention sweeps, restore (`Ingest`); 3: replica moves (a
 /// node that gives a shard away records it in its write-ahead log in a way older builds
 /// cannot read).
-pub const CLUSTER_VERSION: u32 = 3;
+pub const CLUSTER_VERSION: u32 = 4;
 
 /// Whether a node with a fresh data folder starts a new cluster or joins a running one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -237,8 +237,9 @@ impl Cluster {
     }
 
     /// Adds a node to the cluster's configs (not started): a new id with fresh ports, set to
-    /// join a running cluster (`initial_cluster_state = "existing"`), and written into every
-    /// node's `members` (the others read it when next restarted). Returns its index.
+    /// join a running cluster (`initial_cluster_state = "existing"`), its `members` the
+    /// running cluster's plus itself. The other nodes' configs stay as they are: they learn
+    /// of it from the node table once it registers. Returns its index.
     pub fn add_node(&mut self) -> anyhow::Result<usize> {
         let first = self.configs.first().context("a cluster has a node")?.clone();
         if first.tls_cert_file.is_some() {
@@ -263,13 +264,10 @@ impl Cluster {
             peer: c.peer_addr.to_string(),
             public_url: None,
         });
-        c.nodes = members.clone();
+        c.nodes = members;
         c.validate()?;
+        std::fs::write(self.dir.join(format!("node{}.toml", i + 1)), config_toml(&c)?)?;
         self.configs.push(c);
-        for (k, cfg) in self.configs.iter_mut().enumerate() {
-            cfg.nodes = members.clone();
-            std::fs::write(self.dir.join(format!("node{}.toml", k + 1)), config_toml(cfg)?)?;
-        }
         self.bins.push(self.bins[0].clone());
         self.children.push(None);
         self.env.push(Vec::new());

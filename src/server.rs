@@ -38,6 +38,8 @@ pub enum NodeError {
     Serve(String),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Removed(#[from] crate::node::directory::SetNodeError),
 }
 
 /// Starts a node from `cfg` and serves until `shutdown` completes, then stops cleanly:
@@ -65,7 +67,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());
     let wal = crate::storage::wal::Wal::open(&cfg.data_dir.join("wal"), metrics.clone())?;
-    let members = cfg.members();
+    // The address book: the config's members overlaid by the node table as last read.
+    let saved = if cfg.cluster_version >= crate::node::directory::VERSION { storage.directory()? } else { Vec::new() };
+    let directory = crate::node::directory::Directory::new(&cfg, saved);
+    if directory.is_removed(cfg.node_id) {
+        return Err(crate::node::directory::SetNodeError::Removed(cfg.node_id).into());
+    }
+    let members = directory.members();
     // The placement function always takes the nodes the cluster was created with (recorded
     // at the first start), so adding a node to `members` later moves nothing by itself. A
     // node that joined a running cluster never knew them: its guesses may miss, and the
@@ -153,6 +161,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         placement,
         keys,
         peers,
+        directory,
         local: crate::node::local::Local::new(handles),
         kit: crate::node::membership::Kit::new(storage.clone(), wal.clone(), flusher.clone(), limits, cache_budget),
         routes: Mutex::new(moved.into_iter().map(|(s, i, v)| (s, (i, v))).collect()),
@@ -192,6 +201,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = crate::node::send::spawn(node.clone(), outbox_rx, stop_rx.clone());
+    tasks.push(crate::node::directory::spawn(node.clone(), stop_rx.clone()));
     tasks.push(crate::node::retention::spawn(node.clone(), stop_rx.clone()));
     tasks.extend(crate::node::balance::spawn(
         node.clone(),
@@ -273,7 +283,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         tokio::spawn(crate::api::listener::serve(http_listener, app, limits, metrics, acceptor, stop))
     };
 
-    shutdown.await;
+    let mut removed = node.directory.on_removed();
+    tokio::select! {
+        _ = shutdown => {}
+        _ = removed.wait_for(|r| *r) => {}
+    }
+    let removed = *removed.borrow();
     tracing::info!(node = node.id, "shutting down: draining requests");
     let _ = stop_tx.send(true);
     // In-flight client requests finish (or fail cleanly) before Raft stops under them.
@@ -292,5 +307,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     }
     storage.flush().await?;
     tracing::info!(node = node.id, "stopped; data flushed");
+    if removed {
+        return Err(crate::node::directory::SetNodeError::Removed(node.id).into());
+    }
     Ok(())
 }

@@ -176,6 +176,18 @@ fn admin(c: &common::TestCluster, args: &[&str]) -> String {
     text
 }
 
+/// `raftchat admin ARGS` through node `via`: whether it succeeded, and its output.
+fn admin_via(c: &common::TestCluster, via: usize, args: &[&str]) -> (bool, String) {
+    let secret = c.dir.join("secret");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftchat"))
+        .arg("admin")
+        .args(args)
+        .args(["--server", &c.url(via), "--secret-file", secret.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
 /// Messages of `sent` (conversation, seq, text), each read through every running node.
 async fn all_there(c: &common::TestCluster, sent: &[(String, String, u64, String)], nodes: &[usize]) {
     for (user, conv, seq, text) in sent {
@@ -187,11 +199,13 @@ async fn all_there(c: &common::TestCluster, sent: &[(String, String, u64, String
     }
 }
 
-/// An operator's path: a node joins a running 3-node cluster (listed in every node's
-/// `members`, started with `initial_cluster_state = "existing"`), `admin add-node` gives it
-/// its share; `admin remove-node` empties another; `admin replace-node` moves a third's
-/// replicas to the emptied one. Every message stays readable through every node, before and
-/// after a restart of all of them.
+/// An operator's path, with no config edited and no node restarted for it: a node joins a
+/// running 3-node cluster (started with `initial_cluster_state = "existing"` and the running
+/// nodes as seeds: it registers in the replicated node table), `admin add-node` gives it
+/// its share; `admin remove-node` empties another and removes it for good (it stops by
+/// itself and cannot come back, not even with an empty data folder); another node joins and
+/// `admin replace-node` moves a third's replicas to it. Every message stays readable through
+/// every member, before and after a restart of all of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     // Small logs: shards snapshot and purge early, so a replica moving to a new node can
@@ -236,16 +250,23 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     })
     .await;
 
-    // Node 4 joins: the others learn its address (a rolling restart), then it starts empty.
+    // Node 4 joins: it registers its addresses in the node table, and the others learn them
+    // from there (nobody restarts, no config changes).
     let n4 = c.add_node().unwrap();
-    for i in 0..3 {
-        c.stop(i, Duration::from_secs(20)).unwrap();
-        c.spawn(i).unwrap();
-        c.wait_ready(i, common::READY).await.unwrap();
-    }
     c.spawn(n4).unwrap();
     c.wait_ready(n4, common::READY).await.unwrap();
     assert!(hosted(&c, n4).await.is_empty(), "a joining node hosts nothing by itself");
+    common::eventually(Duration::from_secs(30), "every node lists node 4", || async {
+        for i in 0..3 {
+            let r = c.req(i, "GET", "/v1/nodes", None, None).await.ok()?;
+            let ids: Vec<u64> = r.body["nodes"].as_array()?.iter().filter_map(|n| n["id"].as_u64()).collect();
+            if !ids.contains(&4) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
     send(&c, n4, "joined").await;
 
     let out = admin(&c, &["add-node", "4"]);
@@ -275,36 +296,99 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     }
     send(&c, n4, "added").await;
 
-    // Node 1 leaves: nothing on it any more, and it still serves (routing follows moves).
+    // Node 1 leaves: its replicas move away, it is removed from the node table and stops.
     let out = admin(&c, &["remove-node", "1"]);
     assert!(out.contains("node 1 holds no replica"), "{out}");
-    assert!(hosted(&c, 0).await.is_empty());
-    send(&c, 0, "removed").await;
+    assert!(out.contains("node 1 removed from the cluster"), "{out}");
+    common::eventually(Duration::from_secs(30), "node 1 stops by itself", || async {
+        std::fs::read_to_string(c.dir.join("node1.log"))
+            .ok()?
+            .contains("this node was removed from the cluster")
+            .then_some(())
+    })
+    .await;
+    common::eventually(Duration::from_secs(60), "node 1's process ends", || {
+        let done = c.exited(0);
+        async move { done.then_some(()) }
+    })
+    .await;
+    send(&c, 1, "removed").await;
+    // Every other node drops it from its list.
+    common::eventually(Duration::from_secs(30), "no node lists node 1", || async {
+        for i in 1..4 {
+            let r = c.req(i, "GET", "/v1/nodes", None, None).await.ok()?;
+            let ids: Vec<u64> = r.body["nodes"].as_array()?.iter().filter_map(|n| n["id"].as_u64()).collect();
+            if ids.contains(&1) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
 
-    // Node 2's replicas go to node 1.
-    admin(&c, &["replace-node", "2", "1"]);
-    assert!(hosted(&c, 1).await.is_empty());
-    assert_eq!(hosted(&c, 0).await.len(), 8, "node 1 took all 8 of node 2's replicas");
-    send(&c, 1, "replaced").await;
-    all_there(&c, &sent, &[0, 1, 2, 3]).await;
+    // Node 5 joins and takes all of node 2's replicas; node 2 is removed too.
+    let n5 = c.add_node().unwrap();
+    c.spawn(n5).unwrap();
+    c.wait_ready(n5, common::READY).await.unwrap();
+    let listed = common::eventually(Duration::from_secs(30), "node 5 registered", || async {
+        let r = c.req(2, "GET", "/v1/nodes", None, None).await.ok()?;
+        let ids: Vec<u64> = r.body["nodes"].as_array()?.iter().filter_map(|n| n["id"].as_u64()).collect();
+        ids.contains(&5).then_some(ids)
+    })
+    .await;
+    assert_eq!(listed, vec![2, 3, 4, 5], "{}", logs(&c));
+    let (ok, out) = admin_via(&c, 2, &["replace-node", "2", "5"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("node 2 removed from the cluster"), "{out}");
+    assert_eq!(hosted(&c, n5).await.len(), 8, "node 5 took all 8 of node 2's replicas");
+    common::eventually(Duration::from_secs(60), "node 2's process ends", || {
+        let done = c.exited(1);
+        async move { done.then_some(()) }
+    })
+    .await;
+    send(&c, n5, "replaced").await;
+    all_there(&c, &sent, &[2, 3, 4]).await;
 
-    // Everything holds after every node restarts.
-    for i in 0..4 {
+    // Everything holds after every member restarts.
+    for i in 2..5 {
         c.kill(i).unwrap();
     }
-    for i in 0..4 {
+    for i in 2..5 {
         c.spawn(i).unwrap();
     }
-    c.wait_all_ready(common::READY).await.unwrap();
-    assert!(hosted(&c, 1).await.is_empty(), "node 2 stays empty");
-    all_there(&c, &sent, &[0, 1, 2, 3]).await;
+    for i in 2..5 {
+        c.wait_ready(i, common::READY).await.unwrap();
+    }
+    all_there(&c, &sent, &[2, 3, 4]).await;
+
+    // A removed node cannot come back by accident: not with its data folder...
+    c.spawn(0).unwrap();
+    let status = common::eventually(Duration::from_secs(30), "node 1 refuses to start", || {
+        let s = c.reap(0);
+        async move { s }
+    })
+    .await;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(c.dir.join("node1.log")).unwrap();
+    assert!(log.contains("node 1 was removed from this cluster"), "{log}");
+    // ...nor with an empty one, joining as a new node would.
+    std::fs::remove_dir_all(c.dir.join("node1")).unwrap();
+    let mut cfg = c.configs[0].clone();
+    cfg.initial_cluster_state = raftchat::config::ClusterState::Existing;
+    std::fs::write(c.dir.join("node1.toml"), raftchat::fixture::config_toml(&cfg).unwrap()).unwrap();
+    std::fs::write(c.dir.join("node1.log"), "").unwrap();
+    c.spawn(0).unwrap();
+    let status = common::eventually(Duration::from_secs(60), "node 1 is refused again", || {
+        let s = c.reap(0);
+        async move { s }
+    })
+    .await;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(c.dir.join("node1.log")).unwrap();
+    assert!(log.contains("node 1 was removed from this cluster"), "{log}");
 
     // What cannot be done is refused with a reason.
-    let secret = c.dir.join("secret");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftchat"))
-        .args(["admin", "add-node", "9", "--server", &c.url(0), "--secret-file", secret.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a member"), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, out) = admin_via(&c, 2, &["add-node", "9"]);
+    assert!(!ok);
+    assert!(out.contains("not a member"), "{out}");
 }

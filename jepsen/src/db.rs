@@ -60,6 +60,12 @@ impl Db {
         lazy: bool,
         set: Vec<(String, toml::Value)>,
     ) -> anyhow::Result<Self> {
+        // With an older build in the cluster, the new one may only propose what the old one
+        // applies (cluster version 2: 9004378, the old build CI uses).
+        let mut set = set;
+        if old_bin.is_some() && !set.iter().any(|(k, _)| k == "cluster_version") {
+            set.push(("cluster_version".to_string(), toml::Value::Integer(2)));
+        }
         for b in std::iter::once(bin).chain(old_bin) {
             if !b.exists() {
                 bail!("raftchat binary {} not found: build it first (cargo build --release)", b.display());

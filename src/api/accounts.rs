@@ -442,7 +442,7 @@ async fn invite(State(node): St, headers: HeaderMap, body: Result<Bytes, BytesRe
 async fn nodes(State(node): St) -> Response {
     let scheme = if node.cfg.tls_cert_file.is_some() { "https" } else { "http" };
     let list: Vec<serde_json::Value> = node
-        .cfg
+        .directory
         .members()
         .iter()
         .map(|m| {

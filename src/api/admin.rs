@@ -15,6 +15,11 @@
 //!   from node A to node B (`node::membership`; `raftchat admin move-replica`, `add-node`,
 //!   `remove-node`, `replace-node`); answers once B is a voter and A dropped its copy (or
 //!   says why A did not). Needs cluster version 3.
+//! - `GET /v1/admin/nodes`: the cluster's node table (`node::directory`), read from the
+//!   directory shard's leader, and this node's address book.
+//! - `POST /v1/admin/nodes/{id}/remove`: node `id` leaves the cluster for good (its id is
+//!   never taken back); refused with 409 `node_holds_replicas` while any shard still lists
+//!   it (`raftchat admin remove-node` and `replace-node` move them first). Cluster version 4.
 
 use super::error::ApiError;
 use super::http::{auth_header, respond};
@@ -42,6 +47,8 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/v1/admin/shards/{shard}/ingest", post(ingest).layer(DefaultBodyLimit::max(INGEST_CHUNK + (64 << 10))))
         .route("/v1/admin/shards/{shard}/transfer-leader", post(transfer_leader))
         .route("/v1/admin/shards/{shard}/move", post(move_replica))
+        .route("/v1/admin/nodes", get(nodes))
+        .route("/v1/admin/nodes/{id}/remove", post(remove_node))
 }
 
 fn operator(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -245,4 +252,56 @@ async fn ingest(
     }
     .await;
     respond(&node, "restore", r)
+}
+
+/// `GET /v1/admin/nodes` (module docs).
+async fn nodes(State(node): St, headers: HeaderMap) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        node.require_version(crate::node::directory::VERSION, "the node table")?;
+        node.refresh_directory().await?;
+        Ok(serde_json::json!({ "table": node.directory.table(), "book": node.directory.members() }))
+    }
+    .await;
+    respond(&node, "admin_nodes", r)
+}
+
+/// `POST /v1/admin/nodes/{id}/remove` (module docs).
+async fn remove_node(State(node): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        node.require_version(crate::node::directory::VERSION, "removing a node")?;
+        let id: u64 = id.parse().map_err(|_| ApiError::bad_request("invalid_node", "node id must be a number"))?;
+        node.refresh_directory().await?;
+        let known = node.directory.members().into_iter().find(|m| m.id == id);
+        let rec = match (known, node.directory.table().into_iter().find(|r| r.id == id)) {
+            (_, Some(r)) if r.removed => return Ok(serde_json::json!({ "node": id, "removed": true, "note": "already removed" })),
+            (Some(a), _) => crate::node::directory::record(&a, true),
+            (None, _) => return Err(ApiError::not_found("unknown_node", format!("node {id} is not a member of this cluster"))),
+        };
+        // Every shard's membership, from its leader: the node must be in none.
+        let mut holds = Vec::new();
+        for shard in 0..node.placement.shard_count() {
+            let deadline = node.request_deadline();
+            match node.call(shard, ShardOp::Members, deadline).await? {
+                ShardReply::Members(m) if m.voters.contains(&id) || m.learners.contains(&id) => holds.push(shard),
+                _ => {}
+            }
+        }
+        if !holds.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "node_holds_replicas",
+                format!("node {id} still holds replicas of shards {holds:?}: `raftchat admin remove-node {id}` moves them away first"),
+            ));
+        }
+        node.set_node(rec, node.request_deadline()).await.map_err(|e| match e {
+            crate::node::directory::SetNodeError::Shard(e) => ApiError::from(e),
+            removed => ApiError::new(StatusCode::CONFLICT, "node_removed", removed.to_string()),
+        })?;
+        node.refresh_directory().await?;
+        Ok(serde_json::json!({ "node": id, "removed": true }))
+    }
+    .await;
+    respond(&node, "remove_node", r)
 }

@@ -45,39 +45,33 @@ pub fn router(node: Arc<Node>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(limit));
-    let app = match cors {
-        Some(c) => app.layer(c),
-        None => app,
-    };
-    app.with_state(node)
+    app.layer(cors).with_state(node)
 }
 
 /// CORS for browser clients on other origins: the cluster's own nodes (the page served by
-/// one node fails over to another) and `cors_origins`. Requests from any other origin get
-/// no CORS headers, so browsers refuse to hand them the answers.
-fn cors(node: &Node) -> Option<tower_http::cors::CorsLayer> {
+/// one node fails over to another; the node table's members as this node knows them now,
+/// so a node that joined later counts too) and `cors_origins`. Requests from any other
+/// origin get no CORS headers, so browsers refuse to hand them the answers.
+fn cors(node: &Arc<Node>) -> tower_http::cors::CorsLayer {
     use axum::http::{header, HeaderValue, Method};
-    let scheme = if node.cfg.tls_cert_file.is_some() { "https" } else { "http" };
-    let mut origins: Vec<HeaderValue> = node
-        .cfg
-        .members()
-        .iter()
-        .map(|m| m.public_url.clone().unwrap_or_else(|| format!("{scheme}://{}", m.http)))
-        .chain(node.cfg.cors_origins.iter().cloned())
-        .filter_map(|o| o.trim_end_matches('/').parse().ok())
-        .collect();
-    origins.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    origins.dedup();
-    if origins.is_empty() {
-        return None;
-    }
-    Some(
-        tower_http::cors::CorsLayer::new()
-            .allow_origin(tower_http::cors::AllowOrigin::list(origins))
-            .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-            .max_age(std::time::Duration::from_secs(600)),
-    )
+    let fixed: Vec<String> = node.cfg.cors_origins.iter().map(|o| o.trim_end_matches('/').to_string()).collect();
+    let node = node.clone();
+    let allowed = move |origin: &HeaderValue, _: &axum::http::request::Parts| {
+        let Ok(origin) = origin.to_str() else { return false };
+        if fixed.iter().any(|o| o == origin) {
+            return true;
+        }
+        let scheme = if node.cfg.tls_cert_file.is_some() { "https" } else { "http" };
+        node.directory.members().iter().any(|m| {
+            let url = m.public_url.clone().unwrap_or_else(|| format!("{scheme}://{}", m.http));
+            url.trim_end_matches('/') == origin
+        })
+    };
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::AllowOrigin::predicate(allowed))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 pub(crate) fn auth_header(h: &HeaderMap) -> Option<&str> {

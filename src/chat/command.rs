@@ -5,7 +5,7 @@
 //! `(conversation, from, client_msg_id)`, index updates merge by max seq, read markers
 //! only move forward, registration and outbox completion are set operations.
 
-use super::types::{ConversationId, ReceiptKind, UserId};
+use super::types::{ConversationId, NodeRecord, ReceiptKind, UserId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +70,10 @@ pub enum Command {
         #[serde(default)]
         ts: u64,
     },
+    /// Add, update or remove a node in the cluster's node table (on the directory shard,
+    /// `node::directory`). A removed id stays removed: any later record for it is refused
+    /// ([`Reply::NodeSet`] `false`). Cluster version 4.
+    SetNode { node: NodeRecord },
     /// Retention: delete up to `limit` records of `kind` older than `before_ms`, scanning in
     /// key order from just after `after` (empty: the start). Proposed by the shard leader's
     /// sweeper with its clock; every replica deletes the same records because the scan
@@ -119,6 +123,7 @@ impl Command {
             Command::Ingest { .. } => "ingest",
             Command::Sweep { .. } => "sweep",
             Command::Batch(_) => "batch",
+            Command::SetNode { .. } => "set_node",
         }
     }
 
@@ -162,6 +167,8 @@ pub enum Reply {
     },
     /// Blank and membership entries, outbox completion.
     Done,
+    /// A [`Command::SetNode`]: `false` when refused (the id was removed from the cluster).
+    NodeSet(bool),
     /// The replies of a [`Command::Batch`], in order.
     Batch(Vec<Reply>),
 }

@@ -11,4 +11,6 @@ pub mod state;
 pub mod types;
 
 pub use command::{AccountOutcome, Command, Reply, SweepKind};
-pub use types::{Account, ConversationId, InboxEvent, IndexEntry, Message, ReceiptKind, UserId, ValidationError};
+pub use types::{
+    Account, ConversationId, InboxEvent, IndexEntry, Message, NodeRecord, ReceiptKind, UserId, ValidationError,
+};

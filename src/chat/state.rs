@@ -6,8 +6,8 @@
 
 use super::command::{AccountOutcome, Command, Reply, SweepKind};
 use super::types::{
-    preview as make_preview, Account, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, Pending, ReceiptKind,
-    Session, UserId, MAX_SESSIONS,
+    preview as make_preview, Account, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, NodeRecord, Pending,
+    ReceiptKind, Session, UserId, MAX_SESSIONS,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -39,6 +39,8 @@ pub trait Store {
     /// Up to `limit` records of `kind` in key order after the cursor `after` (empty: from
     /// the start), with their times.
     fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, Self::Error>;
+    /// Node `id`'s record in the node table (on the directory shard).
+    fn node(&self, id: u64) -> Result<Option<NodeRecord>, Self::Error>;
 }
 
 /// A record a sweep may delete.
@@ -120,6 +122,7 @@ pub enum Change {
         user: UserId,
         first: u64,
     },
+    PutNode(NodeRecord),
 }
 
 /// Applies one command (a batch: each of its commands in order) to the state seen through
@@ -336,6 +339,17 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
         | Command::UseInvite { .. } => apply_account(cmd, store),
         // Batches are built by the shard handle and never nested.
         Command::Batch(_) => Ok((vec![], Reply::Done)),
+        Command::SetNode { node } => {
+            let old = store.node(node.id)?;
+            if old.as_ref().is_some_and(|o| o.removed) {
+                // Removing it again is a retry; anything else would take the id back.
+                return Ok((vec![], Reply::NodeSet(node.removed)));
+            }
+            if old.as_ref() == Some(node) {
+                return Ok((vec![], Reply::NodeSet(true)));
+            }
+            Ok((vec![Change::PutNode(node.clone())], Reply::NodeSet(true)))
+        }
     }
 }
 
@@ -409,6 +423,7 @@ struct Overlay<'a, S> {
     accounts: HashMap<UserId, Account>,
     invites: HashMap<String, UserId>,
     revoked: HashMap<UserId, u64>,
+    nodes: HashMap<u64, NodeRecord>,
 }
 
 impl<'a, S: Store> Overlay<'a, S> {
@@ -423,6 +438,7 @@ impl<'a, S: Store> Overlay<'a, S> {
             accounts: HashMap::new(),
             invites: HashMap::new(),
             revoked: HashMap::new(),
+            nodes: HashMap::new(),
         }
     }
 
@@ -458,6 +474,9 @@ impl<'a, S: Store> Overlay<'a, S> {
             // Ingest is proposed alone by `admin restore`, never batched with chat commands.
             Change::PutRaw { .. } => {}
             Change::PutMessage { .. } | Change::PutPending(_) | Change::DeletePending { .. } => {}
+            Change::PutNode(n) => {
+                self.nodes.insert(n.id, n.clone());
+            }
         }
     }
 }
@@ -520,6 +539,12 @@ impl<S: Store> Store for Overlay<'_, S> {
     }
     fn sweep_page(&self, kind: SweepKind, after: &[u8], limit: usize) -> Result<Vec<SweepItem>, S::Error> {
         self.base.sweep_page(kind, after, limit)
+    }
+    fn node(&self, id: u64) -> Result<Option<NodeRecord>, S::Error> {
+        match self.nodes.get(&id) {
+            Some(n) => Ok(Some(n.clone())),
+            None => self.base.node(id),
+        }
     }
 }
 

@@ -303,6 +303,24 @@ pub struct Pending {
     pub preview: String,
 }
 
+/// One node of the cluster's node table (the address book every node dials peers from),
+/// replicated on the directory shard (`node::directory`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    /// Peer address (Raft, forwarded operations).
+    pub peer: String,
+    /// Client gRPC address.
+    pub grpc: String,
+    /// Client HTTP address.
+    pub http: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// Removed from the cluster for good: its id is never taken back.
+    #[serde(default)]
+    pub removed: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

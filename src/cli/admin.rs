@@ -77,19 +77,25 @@ pub enum AdminCommand {
         /// The node that should hold it.
         to: u64,
     },
-    /// Give a node that joined (started with initial_cluster_state = "existing", listed in
-    /// every node's `members`) its fair share of replicas, moved from the busiest nodes.
+    /// Give a node that joined (started with initial_cluster_state = "existing" and `members`
+    /// naming a running node or more: it registers itself in the node table) its fair share
+    /// of replicas, moved from the busiest nodes.
     AddNode {
         /// The new node's id.
         node: u64,
     },
-    /// Move every replica off a node, so that it can be stopped and its data deleted.
+    /// Move every replica off a node, then remove it from the cluster for good (it stops by
+    /// itself; its id is never taken back; its data folder can be deleted).
     RemoveNode {
-        /// The node to empty.
+        /// The node to remove.
         node: u64,
+        /// Only move its replicas away: it stays a member (e.g. for maintenance; `add-node`
+        /// or replica moves give it shards again).
+        #[arg(long)]
+        drain_only: bool,
     },
     /// Move every replica of one node to another (a replacement machine; the old one may be
-    /// dead).
+    /// dead), then remove the old one from the cluster for good.
     ReplaceNode {
         /// The node to empty.
         old: u64,
@@ -108,7 +114,9 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             return super::placement::move_replica(&a, &http, *shard, *from, *to).await
         }
         AdminCommand::AddNode { node } => return super::placement::add_node(&a, &http, *node).await,
-        AdminCommand::RemoveNode { node } => return super::placement::remove_node(&a, &http, *node).await,
+        AdminCommand::RemoveNode { node, drain_only } => {
+            return super::placement::remove_node(&a, &http, *node, !*drain_only).await
+        }
         AdminCommand::ReplaceNode { old, new } => return super::placement::replace_node(&a, &http, *old, *new).await,
         _ => {}
     }

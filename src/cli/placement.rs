@@ -34,6 +34,12 @@ impl View {
 
 async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
     let base = a.server.trim_end_matches('/');
+    // The node asked reads the node table afresh first, so a node that registered a moment
+    // ago is listed (an older build has no such endpoint: its list is its config's).
+    if let Ok(token) = super::admin::operator_token(a) {
+        let _ =
+            http.get(format!("{base}/v1/admin/nodes")).bearer_auth(token).timeout(Duration::from_secs(10)).send().await;
+    }
     let nodes = get(http, &format!("{base}/v1/nodes")).await?;
     let urls: BTreeMap<u64, String> = nodes["nodes"]
         .as_array()
@@ -103,7 +109,7 @@ async fn move_one(a: &AdminArgs, http: &reqwest::Client, shard: u32, from: u64, 
 fn member(v: &View, node: u64) -> anyhow::Result<()> {
     anyhow::ensure!(
         v.urls.contains_key(&node),
-        "node {node} is not a member of this cluster (members: {:?}); add it to every node's `members` first",
+        "node {node} is not a member of this cluster (members: {:?}); start it with initial_cluster_state = \"existing\" so that it registers first",
         v.urls.keys().collect::<Vec<_>>()
     );
     Ok(())
@@ -114,8 +120,8 @@ pub async fn move_replica(a: &AdminArgs, http: &reqwest::Client, shard: u32, fro
 }
 
 /// Moves every replica of `node` to the other nodes that answer, each to the one holding
-/// the fewest.
-pub async fn remove_node(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
+/// the fewest; then, with `remove`, takes it out of the node table for good.
+pub async fn remove_node(a: &AdminArgs, http: &reqwest::Client, node: u64, remove: bool) -> anyhow::Result<()> {
     let mut v = view(a, http).await?;
     member(&v, node)?;
     let shards: Vec<u32> = v.voters.iter().filter(|(_, vs)| vs.contains(&node)).map(|(s, _)| *s).collect();
@@ -132,8 +138,22 @@ pub async fn remove_node(a: &AdminArgs, http: &reqwest::Client, node: u64) -> an
         e.retain(|n| *n != node);
         e.push(to);
     }
+    if !remove {
+        println!("node {node} holds no replica (still a member: add-node or moves give it shards again)");
+        return Ok(());
+    }
+    println!("node {node} holds no replica");
+    leave(a, http, node).await
+}
+
+/// Takes `node` out of the node table for good (`POST /v1/admin/nodes/{id}/remove`).
+async fn leave(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
+    let path = format!("/v1/admin/nodes/{node}/remove");
+    super::admin::post_admin(a, http, &path, &serde_json::json!({}), Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("removing node {node} from the node table: {e}"))?;
     println!(
-        "node {node} holds no replica: stop it, delete its data folder, and take it out of every node's `members`"
+        "node {node} removed from the cluster: it stops by itself (if running) and its id is never taken back; delete its data folder (and drop it from the seeds in `members` of the configs at your leisure)"
     );
     Ok(())
 }
@@ -213,6 +233,6 @@ pub async fn replace_node(a: &AdminArgs, http: &reqwest::Client, old: u64, new: 
     for shard in &shards {
         move_one(a, http, *shard, old, new).await?;
     }
-    println!("node {old} holds no replica ({} moved to node {new}): stop it and delete its data folder", shards.len());
-    Ok(())
+    println!("node {old} holds no replica ({} moved to node {new})", shards.len());
+    leave(a, http, old).await
 }

@@ -62,7 +62,7 @@ use tokio::time::Instant;
 
 /// What starting and stopping groups at runtime needs.
 pub struct Kit {
-    storage: Storage,
+    pub(super) storage: Storage,
     wal: Wal,
     flusher: Flusher,
     limits: Limits,
@@ -347,7 +347,7 @@ impl Node {
     /// The leader's side of a move ([`ShardOp::ChangeReplica`]): `to` becomes a learner,
     /// catches up, and replaces `from` among the voters.
     pub(crate) async fn change_replica_local(
-        &self,
+        self: &Arc<Self>,
         shard: ShardId,
         from: NodeId,
         to: NodeId,
@@ -371,7 +371,8 @@ impl Node {
         if from == self.id {
             return Err(ShardError::Invalid(format!("node {from} leads shard {shard}: move the leadership first")));
         }
-        let addr = self.peers.addr(to).ok_or_else(|| ShardError::Invalid(format!("node {to} is not a known peer")))?;
+        let addr =
+            self.peer_addr(to).await.ok_or_else(|| ShardError::Invalid(format!("node {to} is not a known peer")))?;
         if !m.learners.contains(&to) && !m.voters.contains(&to) {
             // Blocks until the learner holds the leader's log (or the deadline).
             let add = group.raft.add_learner(to, BasicNode::new(addr), true);
@@ -406,7 +407,7 @@ impl Node {
             return Err(ShardError::Invalid("a replica moves between two different nodes".into()));
         }
         for n in [from, to] {
-            if n != self.id && self.peers.addr(n).is_none() {
+            if n != self.id && self.peer_addr(n).await.is_none() {
                 return Err(ShardError::Invalid(format!("node {n} is not a member of this cluster")));
             }
         }

@@ -10,10 +10,12 @@
 //! - [`shard_handle`]: per local shard: proposing, batching, admission, linearizable reads.
 //! - [`peer_service`]: the gRPC service peers call (Raft RPCs, forwarded ops).
 //! - [`local`]: the shards this node hosts now; [`membership`]: replica moves (hosting and
-//!   dropping shards at runtime, routing to where a shard went).
+//!   dropping shards at runtime, routing to where a shard went); [`directory`]: the
+//!   replicated node table (joining and leaving without restarts).
 
 pub mod admission;
 pub mod balance;
+pub mod directory;
 pub mod inbox;
 pub mod local;
 pub mod membership;
@@ -45,6 +47,8 @@ pub struct Node {
     pub placement: Placement,
     pub keys: Keys,
     pub peers: Peers,
+    /// The cluster's node table and this node's address book ([`directory`]).
+    pub directory: directory::Directory,
     pub metrics: Metrics,
     /// The shards this node hosts: each one's group, and its proposing, batching,
     /// admission and linearizable reads.

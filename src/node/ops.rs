@@ -115,6 +115,7 @@ impl Node {
             ShardOp::RevokedBefore { user } => {
                 Ok(ShardReply::LastSeq(view.revoked_before(&user).map_err(storage_err)?))
             }
+            ShardOp::Nodes => Ok(ShardReply::Nodes(view.nodes().map_err(storage_err)?)),
             ShardOp::Write(_)
             | ShardOp::Send { .. }
             | ShardOp::TransferLeader { .. }

@@ -105,6 +105,7 @@ impl PeerService {
             },
             Some(PipeKind::Host) => json(&node.host_shard(f.group).await),
             Some(PipeKind::Locate) => json(&node.locate_answer(f.group)),
+            Some(PipeKind::Book) => json(&node.directory.known()),
             Some(PipeKind::Drop) => {
                 let budget = Duration::from_millis(f.budget_ms.min(node.cfg.request_timeout_ms));
                 json(&node.drop_shard(f.group, Instant::now() + budget).await)
@@ -187,6 +188,9 @@ impl pb::peer_server::Peer for PeerService {
         match pb::RaftKind::try_from(r.kind) {
             Ok(pb::RaftKind::Locate) => {
                 return Ok(Response::new(pb::RaftReply { payload: json(&node.locate_answer(r.group))? }))
+            }
+            Ok(pb::RaftKind::Book) => {
+                return Ok(Response::new(pb::RaftReply { payload: json(&node.directory.known())? }))
             }
             Ok(pb::RaftKind::HostShard) => {
                 return Ok(Response::new(pb::RaftReply { payload: json(&node.host_shard(r.group).await)? }))

@@ -82,6 +82,8 @@ pub enum ShardOp {
     TransferLeader {
         to: NodeId,
     },
+    /// The cluster's node table (a linearizable read of the directory shard).
+    Nodes,
 }
 
 impl ShardOp {
@@ -118,6 +120,7 @@ impl ShardOp {
             ShardOp::TransferLeader { .. } => "transfer_leader",
             ShardOp::Members => "members",
             ShardOp::ChangeReplica { .. } => "change_replica",
+            ShardOp::Nodes => "nodes",
         }
     }
 }
@@ -145,6 +148,7 @@ pub enum ShardReply {
     /// The shard's leader after a transfer.
     Leader(NodeId),
     Members(super::membership::Members),
+    Nodes(Vec<crate::chat::NodeRecord>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -29,14 +29,23 @@ pub struct Peers {
 }
 
 struct PeersInner {
-    channels: HashMap<NodeId, (String, Channel)>,
+    /// The address book: replaced whole when the cluster's node table changes
+    /// ([`Peers::update`]), read by cloning the `Arc`.
+    book: std::sync::RwLock<Arc<Book>>,
     key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     rpc_timeout: Duration,
-    health: HashMap<NodeId, Health>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     epoch: std::time::Instant,
-    pipes: HashMap<NodeId, super::pipe::Pipe>,
     pipe_on: bool,
     calls: Option<prometheus::IntCounterVec>,
+}
+
+/// Per peer: its address and channel, its health, its pipe.
+#[derive(Default)]
+struct Book {
+    channels: HashMap<NodeId, (String, Channel)>,
+    health: HashMap<NodeId, Arc<Health>>,
+    pipes: HashMap<NodeId, Arc<super::pipe::Pipe>>,
 }
 
 /// When a peer last answered and last failed to (ms since `epoch`, 0 = never), and whether
@@ -73,39 +82,72 @@ impl Peers {
         rpc_timeout: Duration,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self, PeerError> {
-        let mut channels = HashMap::new();
-        for (id, addr) in members {
-            let ep = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| PeerError::BadAddress { addr: addr.clone(), reason: e.to_string() })?
-                .connect_timeout(rpc_timeout.min(Duration::from_secs(1)))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5));
-            let channel = match &tls {
-                None => ep.connect_lazy(),
-                Some(cfg) => {
-                    let cfg = cfg.clone();
-                    let connect_timeout = rpc_timeout.min(Duration::from_secs(1));
-                    ep.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
-                        let cfg = cfg.clone();
-                        async move {
-                            tokio::time::timeout(connect_timeout, crate::tls::connect(cfg, uri))
-                                .await
-                                .map_err(|_| std::io::Error::other("TLS connect timed out"))?
-                        }
-                    }))
-                }
-            };
-            channels.insert(*id, (addr.clone(), channel));
-        }
         let key = peer_key
             .parse()
             .map_err(|_| PeerError::BadAddress { addr: "-".into(), reason: "peer key is not ASCII".into() })?;
-        let health = channels.keys().map(|id| (*id, Health::default())).collect();
-        let pipes = channels.keys().map(|id| (*id, super::pipe::Pipe::default())).collect();
-        let epoch = std::time::Instant::now();
-        let inner = PeersInner { channels, key, rpc_timeout, health, epoch, pipes, pipe_on: true, calls: None };
-        Ok(Self { inner: Arc::new(inner) })
+        let inner = PeersInner {
+            book: std::sync::RwLock::new(Arc::new(Book::default())),
+            key,
+            rpc_timeout,
+            tls,
+            epoch: std::time::Instant::now(),
+            pipe_on: true,
+            calls: None,
+        };
+        let peers = Self { inner: Arc::new(inner) };
+        peers.update(members)?;
+        Ok(peers)
+    }
+
+    /// Replaces the address book by `members` (id, peer address): a peer whose address is
+    /// unchanged keeps its channel, health and pipe; a new or moved one gets a fresh
+    /// channel; one no longer listed is forgotten (calls to it fail with
+    /// [`PeerError::UnknownNode`]). Nothing changes when an address is invalid.
+    pub fn update(&self, members: &[(NodeId, String)]) -> Result<(), PeerError> {
+        let old = self.book();
+        let mut book = Book::default();
+        for (id, addr) in members {
+            let channel = match old.channels.get(id) {
+                Some((a, ch)) if a == addr => ch.clone(),
+                _ => self.channel(addr)?,
+            };
+            let same = old.channels.get(id).is_some_and(|(a, _)| a == addr);
+            book.channels.insert(*id, (addr.clone(), channel));
+            book.health.insert(*id, old.health.get(id).cloned().unwrap_or_default());
+            let pipe = old.pipes.get(id).filter(|_| same).cloned().unwrap_or_default();
+            book.pipes.insert(*id, pipe);
+        }
+        *self.inner.book.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(book);
+        Ok(())
+    }
+
+    fn book(&self) -> Arc<Book> {
+        self.inner.book.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
+        let rpc_timeout = self.inner.rpc_timeout;
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| PeerError::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
+            .connect_timeout(rpc_timeout.min(Duration::from_secs(1)))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(match &self.inner.tls {
+            None => ep.connect_lazy(),
+            Some(cfg) => {
+                let cfg = cfg.clone();
+                let connect_timeout = rpc_timeout.min(Duration::from_secs(1));
+                ep.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
+                    let cfg = cfg.clone();
+                    async move {
+                        tokio::time::timeout(connect_timeout, crate::tls::connect(cfg, uri))
+                            .await
+                            .map_err(|_| std::io::Error::other("TLS connect timed out"))?
+                    }
+                }))
+            }
+        })
     }
 
     /// Whether peer calls use the pipe (`peer_pipe`; on by default), and where calls are
@@ -130,6 +172,7 @@ impl Peers {
                 PipeKind::Host => "host_shard",
                 PipeKind::Drop => "drop_shard",
                 PipeKind::Locate => "locate",
+                PipeKind::Book => "book",
             };
             c.with_label_values(&[if piped { "pipe" } else { "unary" }, kind]).inc();
         }
@@ -138,7 +181,7 @@ impl Peers {
     /// Whether calls to `target` should go over the pipe: pipes are on and the peer is not
     /// known to lack them (an older build). Otherwise use the unary RPCs.
     pub fn pipe_usable(&self, target: NodeId) -> bool {
-        self.inner.pipe_on && self.inner.pipes.get(&target).is_some_and(|p| p.usable())
+        self.inner.pipe_on && self.book().pipes.get(&target).is_some_and(|p| p.usable())
     }
 
     /// One call over the pipe to `target` (see [`super::pipe`]). [`PipeError::Unsupported`]
@@ -156,9 +199,10 @@ impl Peers {
             return Err(PipeError::Unsupported);
         }
         let pipe = self
-            .inner
+            .book()
             .pipes
             .get(&target)
+            .cloned()
             .ok_or_else(|| PipeError::Broken(format!("node {target} is not a cluster member")))?;
         let open = || {
             let client = self.client(target).ok()?;
@@ -175,7 +219,7 @@ impl Peers {
 
     /// Records that an RPC to `id` (Raft or forwarded) was answered.
     pub fn note_ok(&self, id: NodeId) {
-        if let Some(h) = self.inner.health.get(&id) {
+        if let Some(h) = self.book().health.get(&id).cloned() {
             h.ok.store(self.now_ms(), Ordering::Relaxed);
             if h.down.swap(false, Ordering::Relaxed) {
                 tracing::info!(peer = id, "peer reachable again");
@@ -188,14 +232,14 @@ impl Peers {
     /// warnings are off by default (see `main.rs`), so a dead peer costs one log line, not
     /// dozens a second.
     pub fn note_failure(&self, id: NodeId, cause: &dyn std::fmt::Display) {
-        if let Some(h) = self.inner.health.get(&id) {
+        if let Some(h) = self.book().health.get(&id).cloned() {
             let now = self.now_ms();
             h.err.store(now, Ordering::Relaxed);
             if !h.down.swap(true, Ordering::Relaxed) {
                 let last = h.logged_down.load(Ordering::Relaxed);
                 if last == 0 || now.saturating_sub(last) >= LOG_DOWN_EVERY.as_millis() as u64 {
                     h.logged_down.store(now, Ordering::Relaxed);
-                    let addr = self.inner.channels.get(&id).map(|(a, _)| a.as_str()).unwrap_or("?");
+                    let addr = self.addr(id).unwrap_or_else(|| "?".into());
                     tracing::warn!(peer = id, addr, %cause, "peer unreachable; retrying in the background (logged again when it answers)");
                 }
             }
@@ -209,7 +253,7 @@ impl Peers {
 
     /// Whether an RPC to `id` failed after `mark` with no success since.
     pub fn failed_since(&self, id: NodeId, mark: u64) -> bool {
-        let Some(h) = self.inner.health.get(&id) else { return false };
+        let Some(h) = self.book().health.get(&id).cloned() else { return false };
         let (ok, err) = (h.ok.load(Ordering::Relaxed), h.err.load(Ordering::Relaxed));
         err > ok && err >= mark
     }
@@ -217,18 +261,18 @@ impl Peers {
     /// Whether `id` recently stopped answering (timeouts, refused connections): the router
     /// then prefers other replicas. Raft heartbeats keep this fresh within milliseconds.
     pub fn suspect(&self, id: NodeId) -> bool {
-        let Some(h) = self.inner.health.get(&id) else { return false };
+        let Some(h) = self.book().health.get(&id).cloned() else { return false };
         let (ok, err) = (h.ok.load(Ordering::Relaxed), h.err.load(Ordering::Relaxed));
         err > ok && self.now_ms().saturating_sub(err) < SUSPECT_FOR.as_millis() as u64
     }
 
     /// Every node this one has an address for (itself included).
     pub fn ids(&self) -> Vec<NodeId> {
-        self.inner.channels.keys().copied().collect()
+        self.book().channels.keys().copied().collect()
     }
 
     pub fn addr(&self, id: NodeId) -> Option<String> {
-        self.inner.channels.get(&id).map(|(a, _)| a.clone())
+        self.book().channels.get(&id).map(|(a, _)| a.clone())
     }
 
     pub fn rpc_timeout(&self) -> Duration {
@@ -236,8 +280,8 @@ impl Peers {
     }
 
     pub fn client(&self, id: NodeId) -> Result<PeerClient<Channel>, PeerError> {
-        let (_, ch) = self.inner.channels.get(&id).ok_or(PeerError::UnknownNode(id))?;
-        Ok(PeerClient::new(ch.clone()).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+        let ch = self.book().channels.get(&id).map(|(_, ch)| ch.clone()).ok_or(PeerError::UnknownNode(id))?;
+        Ok(PeerClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
     }
 
     /// Wraps `msg` with the peer key and a deadline.
@@ -287,6 +331,7 @@ impl Peers {
             PipeKind::Host => pb::RaftKind::HostShard,
             PipeKind::Drop => pb::RaftKind::DropShard,
             PipeKind::Locate => pb::RaftKind::Locate,
+            PipeKind::Book => pb::RaftKind::Book,
             PipeKind::Forward => return Err(RawError::Failed("forwards are not raft calls".into())),
         };
         let msg = pb::RaftRequest { group, kind: raft_kind as i32, payload };

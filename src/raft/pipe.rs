@@ -41,6 +41,8 @@ pub enum Kind {
     Drop = 7,
     /// "Where is this shard?": reply `Option<(u64, Vec<NodeId>)>` (membership index, voters).
     Locate = 8,
+    /// "Which nodes do you know?": reply `Vec<NodeRecord>` (`node::directory`).
+    Book = 9,
 }
 
 impl Kind {
@@ -54,6 +56,7 @@ impl Kind {
             6 => Some(Kind::Host),
             7 => Some(Kind::Drop),
             8 => Some(Kind::Locate),
+            9 => Some(Kind::Book),
             _ => None,
         }
     }

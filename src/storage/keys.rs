@@ -12,6 +12,7 @@
 //! | `u/<user>` | the user exists |
 //! | `e/<user>\0<n BE>` | inbox event number n of the user (the delivery stream) |
 //! | `n/<user>` | number of the user's last inbox event |
+//! | `N/<node id BE>` | the cluster's node table (directory shard only; a restore skips it) |
 //! | `\0applied`, `\0membership` | openraft's applied log id and membership |
 //! | `\0redo` | the writes of the last applied entry (see [`Writes`]); not in snapshots |
 //!
@@ -21,7 +22,7 @@ use super::{decode, encode, StoreError};
 use crate::chat::state::{Change, Store, SweepItem, SweepRecord};
 use crate::chat::types::{Account, ConvMeta, Pending};
 use crate::chat::SweepKind;
-use crate::chat::{ConversationId, InboxEvent, IndexEntry, Message, UserId};
+use crate::chat::{ConversationId, InboxEvent, IndexEntry, Message, NodeRecord, UserId};
 
 pub const APPLIED: &[u8] = b"\0applied";
 pub const MEMBERSHIP: &[u8] = b"\0membership";
@@ -194,6 +195,11 @@ pub fn inbox_first(u: &UserId) -> Vec<u8> {
 pub fn inbox_last(u: &UserId) -> Vec<u8> {
     k(&[b"n/", u.as_str().as_bytes()])
 }
+/// The node table: cluster bookkeeping, not chat data (a restore never writes it).
+pub const NODE_PREFIX: &[u8] = b"N/";
+pub fn node(id: u64) -> Vec<u8> {
+    k(&[NODE_PREFIX, &id.to_be_bytes()])
+}
 
 /// What one applied entry added that live readers care about.
 #[derive(Default)]
@@ -255,7 +261,10 @@ impl ShardView {
                 }
                 Change::PutInboxFirst { user: u, first } => batch.insert(inbox_first(&u), first.to_be_bytes()),
                 Change::PutRevokedBefore { user: u, before } => batch.insert(revoked_before(&u), before.to_be_bytes()),
+                // A backup of another cluster must not bring its node table along.
+                Change::PutRaw { key, .. } if key.starts_with(NODE_PREFIX) => {}
                 Change::PutRaw { key, value } => batch.insert(key, value),
+                Change::PutNode(n) => batch.insert(node(n.id), encode(&n)),
                 Change::PutInbox { user: u, n, event } => {
                     batch.insert(inbox(&u, n), encode(&event));
                     batch.insert(inbox_last(&u), n.to_be_bytes());
@@ -264,6 +273,16 @@ impl ShardView {
             }
         }
         staged
+    }
+
+    /// The node table (`node::directory`), by id.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(NODE_PREFIX) {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
     }
 
     /// Up to `limit` inbox events of `u` numbered after `after`, ascending.
@@ -358,8 +377,13 @@ impl Store for ShardView {
         self.get(&account(u))
     }
     fn has_data(&self) -> Result<bool, StoreError> {
-        // Any key but the state machine's own bookkeeping (which starts with \0).
-        Ok(self.tree.range(&b"\x01"[..]..).next().transpose()?.is_some())
+        // Any key but the state machine's own bookkeeping (which starts with \0) and the
+        // node table.
+        let before = self.tree.range(&b"\x01"[..]..NODE_PREFIX).next().transpose()?.is_some();
+        Ok(before || self.tree.range(&b"N0"[..]..).next().transpose()?.is_some())
+    }
+    fn node(&self, id: u64) -> Result<Option<NodeRecord>, StoreError> {
+        self.get(&node(id))
     }
     fn revoked_before(&self, u: &UserId) -> Result<u64, StoreError> {
         match self.tree.get(revoked_before(u))? {

@@ -183,6 +183,15 @@ impl Storage {
         self.cluster_put("founders", &nodes)
     }
 
+    /// The cluster's node table as this node last read it (`node::directory`).
+    pub fn directory(&self) -> Result<Vec<crate::chat::NodeRecord>, StoreError> {
+        Ok(self.cluster_get("directory")?.unwrap_or_default())
+    }
+
+    pub fn set_directory(&self, records: &[crate::chat::NodeRecord]) -> Result<(), StoreError> {
+        self.cluster_put("directory", &records)
+    }
+
     /// Shards that came to this node by a replica move (not at the cluster's creation).
     pub fn moved_in(&self) -> Result<Vec<ShardId>, StoreError> {
         Ok(self.cluster_get("moved_in")?.unwrap_or_default())

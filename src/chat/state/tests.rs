@@ -18,6 +18,7 @@ struct Mem {
     invites: BTreeMap<String, UserId>,
     inbox_first: BTreeMap<UserId, u64>,
     revoked: BTreeMap<UserId, u64>,
+    nodes: BTreeMap<u64, NodeRecord>,
 }
 
 impl Store for Mem {
@@ -86,6 +87,9 @@ impl Store for Mem {
         all.sort_by(|a, b| a.cursor.cmp(&b.cursor));
         Ok(all.into_iter().filter(|i| after.is_empty() || i.cursor.as_slice() > after).take(limit).collect())
     }
+    fn node(&self, id: u64) -> Result<Option<NodeRecord>, Infallible> {
+        Ok(self.nodes.get(&id).cloned())
+    }
 }
 
 impl Mem {
@@ -140,6 +144,9 @@ impl Mem {
                     self.revoked.insert(user, before);
                 }
                 Change::PutRaw { .. } => {}
+                Change::PutNode(n) => {
+                    self.nodes.insert(n.id, n);
+                }
             }
         }
         reply
@@ -469,4 +476,29 @@ fn an_invite_is_used_once() {
     assert_eq!(m.run(use_by("ann")), Reply::Account(AccountOutcome::InviteAccepted));
     assert_eq!(m.run(use_by("ann")), Reply::Account(AccountOutcome::InviteAccepted), "a retry is fine");
     assert_eq!(m.run(use_by("bob")), Reply::Account(AccountOutcome::InviteUsed));
+}
+
+#[test]
+fn a_removed_node_id_is_never_taken_back() {
+    let mut m = Mem::default();
+    let rec = |addr: &str, removed: bool| NodeRecord {
+        id: 4,
+        peer: addr.into(),
+        grpc: "g".into(),
+        http: "h".into(),
+        public_url: None,
+        removed,
+    };
+    let set = |n: NodeRecord| Command::SetNode { node: n };
+    assert_eq!(m.run(set(rec("10.0.0.4:7000", false))), Reply::NodeSet(true));
+    assert_eq!(m.run(set(rec("10.0.0.9:7000", false))), Reply::NodeSet(true), "a node may move");
+    assert_eq!(m.nodes[&4].peer, "10.0.0.9:7000");
+    assert_eq!(m.run(set(rec("10.0.0.9:7000", true))), Reply::NodeSet(true));
+    assert_eq!(m.run(set(rec("10.0.0.9:7000", true))), Reply::NodeSet(true), "removing again is a no-op");
+    assert_eq!(m.run(set(rec("10.0.0.4:7000", false))), Reply::NodeSet(false), "removed for good");
+    assert!(m.nodes[&4].removed);
+    // In one batch, a later command sees the removal of an earlier one.
+    let mut m = Mem::default();
+    let batch = Command::Batch(vec![set(rec("a", true)), set(rec("b", false))]);
+    assert_eq!(m.run(batch), Reply::Batch(vec![Reply::NodeSet(true), Reply::NodeSet(false)]));
 }
