@@ -243,7 +243,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         // The key is checked on the request's headers, before its body is read: an unknown
         // caller cannot make the node buffer or decode anything.
         let keys = node.keys.clone();
-        let check = move |req: tonic::Request<()>| crate::node::peer_service::check_key(&keys, req);
+        let me = node.id;
+        let check = move |req: tonic::Request<()>| crate::node::peer_service::check_key(&keys, me, req);
         let svc = crate::pb::peer_server::PeerServer::new(svc).max_decoding_message_size(64 << 20);
         // Peers cancel RPCs that time out (a partition, a paused node); when a link heals,
         // hundreds of such resets arrive together. h2's default limit (20), meant for

@@ -227,6 +227,24 @@ async fn the_peer_port_authenticates_before_reading_and_clients_keep_default_lim
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(grown < 40 << 10, "four refused 60 MiB requests grew the node by {grown} KiB");
 
+    // With the key, a call meant for another node id is refused (a wrong address in the
+    // caller's book); one meant for this node, or naming none (older builds), is served.
+    let key: tonic::metadata::MetadataValue<_> = c.keys().peer_token().parse().unwrap();
+    let locate = |to: Option<&str>| {
+        let mut req =
+            tonic::Request::new(pb::RaftRequest { group: 0, kind: pb::RaftKind::Locate as i32, payload: vec![] });
+        req.metadata_mut().insert("x-raftchat-peer", key.clone());
+        if let Some(to) = to {
+            req.metadata_mut().insert("x-raftchat-to", to.parse().unwrap());
+        }
+        req
+    };
+    let err = client.raft(locate(Some("2"))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("this is node 1, not node 2"), "{err}");
+    client.raft(locate(Some("1"))).await.unwrap();
+    client.raft(locate(None)).await.unwrap();
+
     // The client port: no peer service, and tonic's 4 MiB message limit.
     let grpc = format!("http://{}", c.configs[0].grpc_addr);
     let mut wrong = pb::peer_client::PeerClient::connect(grpc.clone()).await.unwrap();

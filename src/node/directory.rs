@@ -44,6 +44,11 @@ pub struct Directory {
     seeds: Vec<NodeAddr>,
     /// The table as last read (or saved), by id.
     table: Mutex<BTreeMap<NodeId, NodeRecord>>,
+    /// What peers said they know, while this node cannot read the table itself: below the
+    /// table, above the seeds; dropped on the next good read.
+    heard: Mutex<BTreeMap<NodeId, NodeRecord>>,
+    /// One address book update at a time (they run from several tasks).
+    updating: Mutex<()>,
     /// Set when this node finds itself removed: the server stops.
     removed: watch::Sender<bool>,
 }
@@ -74,56 +79,40 @@ impl Directory {
         Self {
             seeds: cfg.members(),
             table: Mutex::new(saved.into_iter().map(|r| (r.id, r)).collect()),
+            heard: Mutex::new(BTreeMap::new()),
+            updating: Mutex::new(()),
             removed: watch::channel(false).0,
         }
     }
 
-    /// The nodes of the cluster as this node knows them: seeds overlaid by the table,
-    /// removed ones left out. By id.
-    pub fn members(&self) -> Vec<NodeAddr> {
-        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all: BTreeMap<NodeId, NodeAddr> = self.seeds.iter().map(|a| (a.id, a.clone())).collect();
-        for (id, r) in table.iter() {
-            if r.removed {
-                all.remove(id);
-            } else {
-                all.insert(*id, addr(r));
-            }
-        }
-        all.into_values().collect()
-    }
-
-    /// Everything this node knows: its seeds, overlaid by the table (removed ones included,
-    /// marked). What it answers a peer's [`Kind::Book`](crate::raft::pipe::Kind::Book).
-    pub fn known(&self) -> Vec<NodeRecord> {
-        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+    /// Seeds, overlaid by what peers said, overlaid by the table; removed ones included.
+    fn view(&self) -> BTreeMap<NodeId, NodeRecord> {
         let mut all: BTreeMap<NodeId, NodeRecord> = self.seeds.iter().map(|a| (a.id, record(a, false))).collect();
-        all.extend(table.iter().map(|(id, r)| (*id, r.clone())));
-        all.into_values().collect()
-    }
-
-    /// Adds what a peer knows to the table: nodes this one has never heard of, and
-    /// removals. True when anything changed. (The directory shard's table replaces it all
-    /// on the next refresh.)
-    fn merge(&self, records: Vec<NodeRecord>) -> bool {
-        let seeds: Vec<NodeId> = self.seeds.iter().map(|a| a.id).collect();
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut changed = false;
-        for r in records {
-            let known = table.get(&r.id);
-            let new = known.is_none() && (!seeds.contains(&r.id) || r.removed);
-            let removal = known.is_some_and(|k| !k.removed) && r.removed;
-            if new || removal {
-                table.insert(r.id, r);
-                changed = true;
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (id, r) in heard.into_iter().chain(table) {
+            // A removal is final, whoever reported it.
+            if !all.get(&id).is_some_and(|o| o.removed) {
+                all.insert(id, r);
             }
         }
-        changed
+        all
     }
 
-    /// Whether the table says `id` was removed.
+    /// The nodes of the cluster as this node knows them (removed ones left out), by id.
+    pub fn members(&self) -> Vec<NodeAddr> {
+        self.view().values().filter(|r| !r.removed).map(addr).collect()
+    }
+
+    /// Everything this node knows, removed nodes included (marked): what it answers a
+    /// peer's [`Kind::Book`](crate::raft::pipe::Kind::Book).
+    pub fn known(&self) -> Vec<NodeRecord> {
+        self.view().into_values().collect()
+    }
+
+    /// Whether `id` is known to be removed.
     pub fn is_removed(&self, id: NodeId) -> bool {
-        self.table.lock().unwrap_or_else(|p| p.into_inner()).get(&id).is_some_and(|r| r.removed)
+        self.view().get(&id).is_some_and(|r| r.removed)
     }
 
     /// The table as last read.
@@ -136,8 +125,21 @@ impl Directory {
         self.removed.subscribe()
     }
 
-    /// Replaces the table; true when it changed.
+    /// Replaces what peers said by these answers (a removal wins over any other record of
+    /// the same id).
+    fn hear(&self, answers: Vec<Vec<NodeRecord>>) {
+        let mut heard: BTreeMap<NodeId, NodeRecord> = BTreeMap::new();
+        for r in answers.into_iter().flatten() {
+            if !heard.get(&r.id).is_some_and(|o| o.removed) {
+                heard.insert(r.id, r);
+            }
+        }
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = heard;
+    }
+
+    /// Replaces the table (and forgets what peers said); true when the table changed.
     fn set(&self, records: Vec<NodeRecord>) -> bool {
+        self.heard.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let next: BTreeMap<NodeId, NodeRecord> = records.into_iter().map(|r| (r.id, r)).collect();
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if *table == next {
@@ -180,9 +182,8 @@ impl Node {
     }
 
     fn apply_directory(self: &Arc<Self>, records: Vec<NodeRecord>) {
-        if self.directory.set(records) {
-            self.directory_changed();
-        }
+        let changed = self.directory.set(records);
+        self.sync_book(changed);
     }
 
     /// Asks every peer it knows which nodes they know, and adds what is new: how a node
@@ -202,16 +203,18 @@ impl Node {
                 }
             })
             .collect();
-        let mut changed = false;
+        let mut answers = Vec::new();
         while let Some(records) = asks.next().await {
-            changed |= self.directory.merge(records);
+            answers.push(records);
         }
-        if changed {
-            self.directory_changed();
-        }
+        self.directory.hear(answers);
+        self.sync_book(false);
     }
 
-    fn directory_changed(self: &Arc<Self>) {
+    /// Makes the peers' address book match what this node knows; saves the table when it
+    /// changed; stops the node when it finds itself removed.
+    fn sync_book(self: &Arc<Self>, table_changed: bool) {
+        let _one = self.directory.updating.lock().unwrap_or_else(|p| p.into_inner());
         let members = self.directory.members();
         let book: Vec<(NodeId, String)> = members.iter().map(|m| (m.id, m.peer.clone())).collect();
         let before: Vec<(NodeId, String)> =
@@ -225,8 +228,10 @@ impl Node {
                 tracing::warn!(cause = %e, "node table has an unusable address; address book unchanged");
             }
         }
-        if let Err(e) = self.kit.storage.set_directory(&self.directory.table()) {
-            tracing::warn!(cause = %e, "could not save the node table");
+        if table_changed {
+            if let Err(e) = self.kit.storage.set_directory(&self.directory.table()) {
+                tracing::warn!(cause = %e, "could not save the node table");
+            }
         }
         if self.directory.is_removed(self.id) {
             tracing::error!(node = self.id, "this node was removed from the cluster: stopping");
@@ -237,10 +242,13 @@ impl Node {
     /// Node `id`'s peer address; an id not in the address book makes this node read the node
     /// table first (a node that registered a moment ago).
     pub async fn peer_addr(self: &Arc<Self>, id: NodeId) -> Option<String> {
+        if self.directory.is_removed(id) {
+            return None;
+        }
         if let Some(a) = self.peers.addr(id) {
             return Some(a);
         }
-        if self.cfg.cluster_version >= VERSION && !self.directory.is_removed(id) {
+        if self.cfg.cluster_version >= VERSION {
             if let Err(e) = self.refresh_directory().await {
                 tracing::debug!(cause = %e, "node table not read");
             }
@@ -250,8 +258,14 @@ impl Node {
 
     /// Registers this node's own addresses in the table, retrying until the cluster answers.
     async fn register_self(self: &Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let me = self.cfg.members().into_iter().find(|m| m.id == self.id);
+        // A node without a `nodes` list is a cluster of one, its addresses the ones it binds
+        // (perhaps 0.0.0.0): not addresses to give to others.
+        let me = self.cfg.nodes.iter().find(|m| m.id == self.id).cloned();
         let Some(me) = me else { return };
+        if me.peer.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_unspecified()) {
+            tracing::warn!(peer = %me.peer, "not registering in the node table: this node's peer address in `nodes` is unspecified (0.0.0.0 or ::); give the address other nodes reach it at");
+            return;
+        }
         let mut wait = Duration::from_millis(200);
         let started = Instant::now();
         let mut warned = false;
@@ -320,4 +334,38 @@ pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> JoinHandle<()>
 /// Whether a failed call may have failed for lack of an address (then asking peers helps).
 fn attempt_learns(e: &ShardError) -> bool {
     matches!(e, ShardError::Unavailable { .. } | ShardError::Timeout { .. } | ShardError::NotReplica { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: u64, peer: &str, removed: bool) -> NodeRecord {
+        NodeRecord { id, peer: peer.into(), grpc: "g".into(), http: "h".into(), public_url: None, removed }
+    }
+
+    #[test]
+    fn the_book_is_seeds_then_hearsay_then_the_table_and_a_removal_is_final() {
+        let cfg = Config {
+            node_id: 1,
+            nodes: vec![
+                NodeAddr { id: 1, grpc: "g".into(), http: "h".into(), peer: "p1".into(), public_url: None },
+                NodeAddr { id: 2, grpc: "g".into(), http: "h".into(), peer: "p2-old".into(), public_url: None },
+            ],
+            ..Config::default()
+        };
+        let d = Directory::new(&cfg, vec![rec(3, "p3", false)]);
+        let peers = |d: &Directory| d.members().into_iter().map(|m| (m.id, m.peer)).collect::<Vec<_>>();
+        assert_eq!(peers(&d), vec![(1, "p1".into()), (2, "p2-old".into()), (3, "p3".into())]);
+        // Peers say node 2 moved, node 4 joined, node 3 was removed (one of them disagrees).
+        d.hear(vec![vec![rec(2, "p2", false), rec(4, "p4", false), rec(3, "p3", true)], vec![rec(3, "p3", false)]]);
+        assert_eq!(peers(&d), vec![(1, "p1".into()), (2, "p2".into()), (4, "p4".into())]);
+        assert!(d.is_removed(3));
+        // A read of the table replaces the hearsay; a removal stays whoever says otherwise.
+        assert!(d.set(vec![rec(2, "p2", false), rec(3, "p3", true)]));
+        assert_eq!(peers(&d), vec![(1, "p1".into()), (2, "p2".into())]);
+        d.hear(vec![vec![rec(3, "p3", false)]]);
+        assert!(d.is_removed(3));
+        assert!(!d.set(vec![rec(2, "p2", false), rec(3, "p3", true)]), "unchanged");
+    }
 }

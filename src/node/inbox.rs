@@ -165,9 +165,11 @@ impl Node {
         let shard = self.placement.shard_of_user(user);
         let unavailable = move |reason: String| ShardError::Unavailable { shard, reason };
         let mut client = self.peers.client(target).map_err(|e| unavailable(e.to_string()))?;
-        let req = self
-            .peers
-            .request(pb::SubscribeRequest { user: user.to_string(), after }, Duration::from_secs(86_400 * 365));
+        let req = self.peers.request(
+            target,
+            pb::SubscribeRequest { user: user.to_string(), after },
+            Duration::from_secs(86_400 * 365),
+        );
         let open = tokio::time::timeout(self.peers.rpc_timeout(), client.subscribe(req)).await;
         let mut stream = match open {
             Ok(Ok(s)) => s.into_inner(),

@@ -4,7 +4,7 @@
 use super::router::{ShardError, ShardOp};
 use super::Node;
 use crate::pb;
-use crate::raft::network::PEER_KEY_HEADER;
+use crate::raft::network::{PEER_KEY_HEADER, PEER_TO_HEADER};
 use crate::raft::pipe::Kind as PipeKind;
 use openraft::raft::InstallSnapshotRequest;
 use std::sync::Arc;
@@ -17,8 +17,16 @@ pub struct PeerService {
 }
 
 /// The peer listener's interceptor: runs on the request's headers, before the body is read.
-pub fn check_key(keys: &crate::auth::Keys, req: Request<()>) -> Result<Request<()>, Status> {
+/// A call meant for another node id (`x-raftchat-to`; older builds send none) is refused.
+pub fn check_key(keys: &crate::auth::Keys, me: u64, req: Request<()>) -> Result<Request<()>, Status> {
     key_ok(keys, req.metadata())?;
+    if let Some(to) = req.metadata().get(PEER_TO_HEADER).and_then(|v| v.to_str().ok()) {
+        if to.parse::<u64>().ok() != Some(me) {
+            return Err(Status::failed_precondition(format!(
+                "this is node {me}, not node {to}: the caller's address book is wrong (see the node table, GET /v1/admin/nodes)"
+            )));
+        }
+    }
     Ok(req)
 }
 

@@ -313,7 +313,7 @@ impl Node {
             } else {
                 let msg = pb::ForwardRequest { shard, op: op_bytes, budget_ms: budget.as_millis() as u64 };
                 let mut client = self.peers.client(target).map_err(|e| (true, e.to_string()))?;
-                match client.forward(self.peers.request(msg, budget)).await {
+                match client.forward(self.peers.request(target, msg, budget)).await {
                     Ok(r) => Ok(r.into_inner().payload),
                     Err(status) => Err((true, status.message().to_string())),
                 }

@@ -22,6 +22,9 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 pub const PEER_KEY_HEADER: &str = "x-raftchat-peer";
+/// The node id a peer call is meant for: a node refuses a call for another id (a stale or
+/// wrong address in its caller's book must not deliver votes or entries to the wrong node).
+pub const PEER_TO_HEADER: &str = "x-raftchat-to";
 
 #[derive(Clone)]
 pub struct Peers {
@@ -208,6 +211,7 @@ impl Peers {
             let client = self.client(target).ok()?;
             let mut md = tonic::metadata::MetadataMap::new();
             md.insert(PEER_KEY_HEADER, self.inner.key.clone());
+            md.insert(PEER_TO_HEADER, target.into());
             Some((client, md))
         };
         pipe.call(kind, group, budget, payload, open).await
@@ -284,10 +288,11 @@ impl Peers {
         Ok(PeerClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
     }
 
-    /// Wraps `msg` with the peer key and a deadline.
-    pub fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
+    /// Wraps `msg` for node `to` with the peer key and a deadline.
+    pub fn request<T>(&self, to: NodeId, msg: T, timeout: Duration) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut().insert(PEER_KEY_HEADER, self.inner.key.clone());
+        req.metadata_mut().insert(PEER_TO_HEADER, to.into());
         req.set_timeout(timeout);
         req
     }
@@ -336,7 +341,7 @@ impl Peers {
         };
         let msg = pb::RaftRequest { group, kind: raft_kind as i32, payload };
         let mut client = self.client(target).map_err(|e| RawError::Failed(e.to_string()))?;
-        match client.raft(self.request(msg, ttl)).await {
+        match client.raft(self.request(target, msg, ttl)).await {
             Ok(r) => Ok(r.into_inner().payload),
             Err(s) if s.code() == tonic::Code::InvalidArgument && s.message().starts_with("unknown raft rpc kind") => {
                 Err(RawError::UnknownCall)
@@ -418,7 +423,7 @@ impl Conn {
         } else {
             let msg = pb::RaftRequest { group: self.group, kind: kind as i32, payload };
             let mut client = self.peers.client(self.target).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-            match tokio::time::timeout(ttl, client.raft(self.peers.request(msg, ttl))).await {
+            match tokio::time::timeout(ttl, client.raft(self.peers.request(self.target, msg, ttl))).await {
                 Ok(Ok(r)) => r.into_inner().payload,
                 Ok(Err(status)) => {
                     self.peers.note_failure(self.target, &status.message());
@@ -466,7 +471,7 @@ impl RaftNetwork<TypeConfig> for Conn {
             done: rpc.done,
         };
         let mut client = self.peers.client(self.target).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let reply = tokio::time::timeout(ttl, client.snapshot(self.peers.request(msg, ttl)))
+        let reply = tokio::time::timeout(ttl, client.snapshot(self.peers.request(self.target, msg, ttl)))
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
             .map_err(status_to_rpc)?
