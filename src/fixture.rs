@@ -274,6 +274,39 @@ impl Cluster {
         Ok(i)
     }
 
+    /// The node id of slot `i` (its index + 1 unless it rejoined under a new id).
+    pub fn id_of(&self, i: usize) -> u64 {
+        self.configs[i].node_id
+    }
+
+    /// Slot `i` (stopped) comes back as a new node `id`, as an operator replaces a removed
+    /// node: the same addresses, a fresh data folder (`id<ID>` inside the old one, so a
+    /// lazy mount stays in place), `initial_cluster_state = "existing"`, its `members` the
+    /// other slots as they are now plus itself. Nobody else's config changes.
+    pub fn rejoin_as(&mut self, i: usize, id: u64) -> anyhow::Result<()> {
+        let slot_dir = self.dir.join(format!("node{}", i + 1));
+        let mut c = self.configs[i].clone();
+        c.node_id = id;
+        c.data_dir = slot_dir.join(format!("id{id}"));
+        c.initial_cluster_state = crate::config::ClusterState::Existing;
+        c.nodes = self
+            .configs
+            .iter()
+            .enumerate()
+            .map(|(k, o)| NodeAddr {
+                id: if k == i { id } else { o.node_id },
+                http: o.http_addr.to_string(),
+                grpc: o.grpc_addr.to_string(),
+                peer: o.peer_addr.to_string(),
+                public_url: None,
+            })
+            .collect();
+        c.validate()?;
+        std::fs::write(self.dir.join(format!("node{}.toml", i + 1)), config_toml(&c)?)?;
+        self.configs[i] = c;
+        Ok(())
+    }
+
     /// The binary node `i` runs.
     pub fn bin(&self, i: usize) -> &Path {
         &self.bins[i]
@@ -467,7 +500,7 @@ impl Cluster {
             if let Ok(s) = self.status(i).await {
                 let shards = s["shards"].as_array().cloned().unwrap_or_default();
                 for sh in shards {
-                    if sh["shard"] == shard && sh["leader"] == (i as u64 + 1) {
+                    if sh["shard"] == shard && sh["leader"] == self.configs[i].node_id {
                         return Some(i);
                     }
                 }

@@ -67,28 +67,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());
     let wal = crate::storage::wal::Wal::open(&cfg.data_dir.join("wal"), metrics.clone())?;
+    // The placement function always takes the nodes the cluster was created with (recorded
+    // at the first start), so adding a node later moves nothing by itself. A node that
+    // joined a running cluster learns them from a peer (`node::directory`) and uses them
+    // from its next start on; until then its guesses may miss, and the router then asks its
+    // peers (`node::membership`).
+    let existing = cfg.initial_cluster_state == crate::config::ClusterState::Existing;
+    let joining = existing && wal.is_empty();
+    let seed_ids: Vec<u64> = cfg.members().iter().map(|m| m.id).collect();
+    let founders = match storage.founders()? {
+        Some(f) => Some(f),
+        None if existing => None,
+        None => {
+            storage.set_founders(&seed_ids)?;
+            Some(seed_ids.clone())
+        }
+    };
     // The address book: the config's members overlaid by the node table as last read.
     let saved = if cfg.cluster_version >= crate::node::directory::VERSION { storage.directory()? } else { Vec::new() };
-    let directory = crate::node::directory::Directory::new(&cfg, saved);
+    let directory = crate::node::directory::Directory::new(&cfg, saved, founders.clone());
     if directory.is_removed(cfg.node_id) {
         return Err(crate::node::directory::SetNodeError::Removed(cfg.node_id).into());
     }
     let members = directory.members();
-    // The placement function always takes the nodes the cluster was created with (recorded
-    // at the first start), so adding a node to `members` later moves nothing by itself. A
-    // node that joined a running cluster never knew them: its guesses may miss, and the
-    // router then asks its peers (`node::membership`).
-    let joining = cfg.initial_cluster_state == crate::config::ClusterState::Existing && wal.is_empty();
-    let founders = match storage.founders()? {
-        Some(f) => f,
-        None => {
-            let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
-            if !joining {
-                storage.set_founders(&ids)?;
-            }
-            ids
-        }
-    };
+    let founders = founders.unwrap_or(seed_ids);
     let placement = Placement::new(cfg.shards, founders);
     let peers = Peers::new(
         &members.iter().map(|m| (m.id, m.peer.clone())).collect::<Vec<_>>(),

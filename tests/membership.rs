@@ -360,6 +360,11 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
         c.wait_ready(i, common::READY).await.unwrap();
     }
     all_there(&c, &sent, &[2, 3, 4]).await;
+    // The nodes that joined learnt the founders from their peers: their placement (where
+    // they guess shards are) is the other nodes'.
+    for i in 2..5 {
+        assert_eq!(c.status(i).await.unwrap()["founders"], serde_json::json!([1, 2, 3]), "node {}", i + 1);
+    }
 
     // A removed node cannot come back by accident: not with its data folder...
     c.spawn(0).unwrap();

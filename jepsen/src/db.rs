@@ -27,6 +27,10 @@ pub struct Db {
     /// The build under test and, in mixed-build runs, the older one.
     new_bin: PathBuf,
     old_bin: Option<PathBuf>,
+    /// The highest node id given so far (slots that rejoined under new ids).
+    next_id: u64,
+    /// Node replacements tried so far (the membership nemesis).
+    pub replacements: u32,
 }
 
 fn clock_file(dir: &Path, i: usize) -> PathBuf {
@@ -104,6 +108,7 @@ impl Db {
                 mounts.push(crate::lazyfs::LazyFs::mount(&backing, &dir.join(format!("node{}", i + 1)))?);
             }
         }
+        let next_id = net.nodes as u64;
         let cluster = Cluster::start(bin, &spec)?;
         Ok(Self {
             net,
@@ -114,6 +119,8 @@ impl Db {
             lazy: mounts,
             new_bin: bin.to_path_buf(),
             old_bin: old_bin.map(Path::to_path_buf),
+            next_id,
+            replacements: 0,
         })
     }
 
@@ -212,7 +219,7 @@ impl Db {
             for sh in s["shards"].as_array().into_iter().flatten() {
                 let Some(shard) = sh["shard"].as_u64() else { continue };
                 let v: Vec<u64> = sh["replicas"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).collect();
-                let leads = sh["leader"] == (i as u64 + 1);
+                let leads = sh["leader"] == self.cluster.id_of(i);
                 let e = out.entry(shard as u32).or_default();
                 if !v.is_empty() && (e.0.is_empty() || leads) {
                     *e = (v, sh["leader"].as_u64());
@@ -266,7 +273,7 @@ impl Db {
             Some(l) => l,
             None => *voters.choose(&mut rand::rng()).expect("not empty"),
         };
-        let others: Vec<u64> = (1..=self.len() as u64).filter(|n| !voters.contains(n)).collect();
+        let others: Vec<u64> = self.ids().into_iter().filter(|n| !voters.contains(n)).collect();
         let Some(&to) = others.choose(&mut rand::rng()) else {
             return format!("move a replica of shard {shard}: every node holds one");
         };
@@ -276,15 +283,14 @@ impl Db {
     /// The membership nemesis's other kind: every replica of node `i` moves away, each to
     /// the node holding the fewest (as `raftchat admin remove-node`).
     pub async fn drain(&self, i: usize) -> String {
-        let node = i as u64 + 1;
+        let node = self.cluster.id_of(i);
         let mut placement = self.placement().await;
         let mut done = Vec::new();
         let shards: Vec<u32> = placement.iter().filter(|(_, (v, _))| v.contains(&node)).map(|(s, _)| *s).collect();
         for shard in shards {
             let (voters, leader) = placement[&shard].clone();
             let load = |n: u64| placement.values().filter(|(v, _)| v.contains(&n)).count();
-            let Some(to) = (1..=self.len() as u64).filter(|n| !voters.contains(n)).min_by_key(|n| (load(*n), *n))
-            else {
+            let Some(to) = self.ids().into_iter().filter(|n| !voters.contains(n)).min_by_key(|n| (load(*n), *n)) else {
                 continue;
             };
             let r = self.post_move(shard, node, to, leader).await;
@@ -296,6 +302,69 @@ impl Db {
             done.push(r);
         }
         format!("drain n{node}: [{}]", done.join("; "))
+    }
+
+    /// The node ids of the slots now.
+    fn ids(&self) -> Vec<u64> {
+        (0..self.len()).map(|i| self.cluster.id_of(i)).collect()
+    }
+
+    /// The membership nemesis's third kind, an operator's node replacement: node `i` is
+    /// drained, removed from the node table for good (it stops by itself; the harness kills
+    /// it if it has not within 10 s), and its slot comes back as a new node id with an
+    /// empty data folder that joins the running cluster (later moves give it replicas).
+    /// If the removal is refused (a drain cut short by other faults), the node stays.
+    pub async fn replace(&mut self, i: usize) -> String {
+        use rand::seq::IndexedRandom;
+        self.replacements += 1;
+        let old = self.cluster.id_of(i);
+        if !self.running(i) {
+            return format!("replace n{old}: it is down, not replaced");
+        }
+        let drained = self.drain(i).await;
+        let others: Vec<usize> = (0..self.len()).filter(|k| *k != i && self.running(*k)).collect();
+        let Some(&via) = others.choose(&mut rand::rng()) else {
+            return format!("{drained}; replace n{old}: no other node runs");
+        };
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/admin/nodes/{old}/remove", self.url(via)))
+            .bearer_auth(self.cluster.admin_token())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => {
+                let status = r.status();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                let why = body["message"].as_str().unwrap_or("").to_string();
+                return format!("{drained}; remove n{old}: {status} ({why}): not replaced");
+            }
+            Err(e) => return format!("{drained}; remove n{old}: no answer ({e}): not replaced"),
+        }
+        self.resume(i);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut stopped_itself = false;
+        while std::time::Instant::now() < deadline {
+            if self.cluster.exited(i) {
+                stopped_itself = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !stopped_itself {
+            self.kill(i);
+        }
+        let new = self.ids().into_iter().max().unwrap_or(0).max(self.next_id) + 1;
+        self.next_id = new;
+        if let Err(e) = self.cluster.rejoin_as(i, new).and_then(|()| self.cluster.spawn(i)) {
+            return format!("{drained}; n{old} removed; slot {} NOT restarted as n{new}: {e}", i + 1);
+        }
+        format!(
+            "{drained}; n{old} removed ({}), slot {} rejoined as n{new}",
+            if stopped_itself { "it stopped by itself" } else { "killed after 10 s" },
+            i + 1
+        )
     }
 
     pub async fn leader_of(&self, shard: u32) -> Option<usize> {

@@ -19,10 +19,14 @@
 //!   during a rolling upgrade (and a rollback).
 //! - `membership`: one to three times, a replica of a random shard moves to a node that did
 //!   not hold it, from the shard's leader or a follower; or (one time in five) every replica
-//!   of a node moves away, as `admin remove-node` does (`POST /v1/admin/shards/{shard}/move`: learner, catch
-//!   up, joint consensus, the old node drops its copy); moves are not undone, so over a run
-//!   the placement wanders and nodes lose and regain shards. Not with `upgrade` (builds
-//!   before cluster version 3 cannot move replicas).
+//!   of a node moves away, as `admin remove-node --drain-only` does (`POST
+//!   /v1/admin/shards/{shard}/move`: learner, catch up, joint consensus, the old node drops
+//!   its copy); or (one time in five) a node is replaced, as an operator replaces a
+//!   machine: drained, removed from the node table for good (it stops by itself), and its
+//!   slot (same addresses) comes back as a new node id with an empty data folder that
+//!   joins the running cluster (always the run's first membership fault). Moves are not undone, so over a run the placement wanders,
+//!   nodes lose and regain shards and node ids change. Not with `upgrade` (builds before
+//!   cluster version 4 have no node table).
 //!
 //! A third of the windows combine two families at once. Every window ends by undoing its
 //! faults; the run ends with a full heal.
@@ -163,13 +167,19 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
         }
         "upgrade" => Ok((db.switch_build(nodes[0])?, Undo::Nothing)),
         "membership" => {
+            if pick == 1 || db.replacements == 0 {
+                // Replace a node: drained, removed for good, its slot back as a new id (the
+                // run's first membership fault always, so every run with the family has one).
+                return Ok((db.replace(nodes[0]).await, Undo::Nothing));
+            }
             if pick == 0 {
-                // Empty a node, as `admin remove-node` does (later moves bring shards back).
+                // Empty a node, as `admin remove-node --drain-only` does (later moves bring
+                // shards back).
                 return Ok((db.drain(nodes[0]).await, Undo::Nothing));
             }
             // One to three moves, one after the other (each waits for the last).
             let mut done = Vec::new();
-            for _ in 0..pick.min(3) {
+            for _ in 0..(pick - 1).min(3) {
                 done.push(db.move_replica().await);
             }
             Ok((done.join("; "), Undo::Nothing))

@@ -293,6 +293,9 @@ async fn status(State(node): St) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "commit": option_env!("RAFTCHAT_GIT_COMMIT").unwrap_or("unknown"),
         "shard_count": node.placement.shard_count(),
+        // The nodes the cluster was created with (null: a node that joined and has not
+        // learnt them yet).
+        "founders": node.directory.founders(),
         "disk_bytes": disk,
         "shards": shards,
     }))

@@ -12,6 +12,9 @@
 //!   updates its [`Peers`](crate::raft::network::Peers) and `GET /v1/nodes`.
 //! - Joining: a node started with `initial_cluster_state = "existing"` registers its own
 //!   addresses (retrying until the cluster answers); `admin add-node` then gives it shards.
+//!   It first asks its seeds which nodes they know ([`Book`]), which also tells it the nodes
+//!   the cluster was created with (the placement function's input, used from its next
+//!   start on).
 //! - Leaving: `admin remove-node` and `replace-node`, once the node holds no replica, mark it
 //!   removed (`POST /v1/admin/nodes/{id}/remove`). The other nodes drop it on their next
 //!   refresh; the removed node, when it learns it (a refresh, or its saved book at start),
@@ -49,6 +52,9 @@ pub struct Directory {
     heard: Mutex<BTreeMap<NodeId, NodeRecord>>,
     /// One address book update at a time (they run from several tasks).
     updating: Mutex<()>,
+    /// The nodes the cluster was created with (the placement function's input), once known:
+    /// from the data folder, or, for a node that joined a running cluster, from a peer.
+    founders: Mutex<Option<Vec<NodeId>>>,
     /// Set when this node finds itself removed: the server stops.
     removed: watch::Sender<bool>,
 }
@@ -75,8 +81,9 @@ fn addr(r: &NodeRecord) -> NodeAddr {
 }
 
 impl Directory {
-    pub fn new(cfg: &Config, saved: Vec<NodeRecord>) -> Self {
+    pub fn new(cfg: &Config, saved: Vec<NodeRecord>, founders: Option<Vec<NodeId>>) -> Self {
         Self {
+            founders: Mutex::new(founders),
             seeds: cfg.members(),
             table: Mutex::new(saved.into_iter().map(|r| (r.id, r)).collect()),
             heard: Mutex::new(BTreeMap::new()),
@@ -104,10 +111,15 @@ impl Directory {
         self.view().values().filter(|r| !r.removed).map(addr).collect()
     }
 
-    /// Everything this node knows, removed nodes included (marked): what it answers a
-    /// peer's [`Kind::Book`](crate::raft::pipe::Kind::Book).
-    pub fn known(&self) -> Vec<NodeRecord> {
-        self.view().into_values().collect()
+    /// Everything this node knows, removed nodes included (marked), and the founders if
+    /// known: what it answers a peer's [`Kind::Book`](crate::raft::pipe::Kind::Book).
+    pub fn known(&self) -> Book {
+        Book { nodes: self.view().into_values().collect(), founders: self.founders() }
+    }
+
+    /// The nodes the cluster was created with, if this node knows them.
+    pub fn founders(&self) -> Option<Vec<NodeId>> {
+        self.founders.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether `id` is known to be removed.
@@ -148,6 +160,15 @@ impl Directory {
         *table = next;
         true
     }
+}
+
+/// A peer's answer to [`Kind::Book`](crate::raft::pipe::Kind::Book).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Book {
+    pub nodes: Vec<NodeRecord>,
+    /// The nodes the cluster was created with, when the peer knows them.
+    #[serde(default)]
+    pub founders: Option<Vec<NodeId>>,
 }
 
 /// Why [`Node::set_node`] failed.
@@ -198,17 +219,37 @@ impl Node {
             .map(|p| async move {
                 let call = self.peers.call_raw(*p, crate::raft::pipe::Kind::Book, DIRECTORY_SHARD, ttl, Vec::new());
                 match tokio::time::timeout(ttl, call).await {
-                    Ok(Ok(b)) => serde_json::from_slice::<Vec<NodeRecord>>(&b).unwrap_or_default(),
-                    _ => Vec::new(),
+                    Ok(Ok(b)) => serde_json::from_slice::<Book>(&b).unwrap_or_default(),
+                    _ => Book::default(),
                 }
             })
             .collect();
         let mut answers = Vec::new();
-        while let Some(records) = asks.next().await {
-            answers.push(records);
+        while let Some(book) = asks.next().await {
+            if let Some(f) = book.founders.filter(|f| !f.is_empty()) {
+                self.learn_founders(f);
+            }
+            answers.push(book.nodes);
         }
         self.directory.hear(answers);
         self.sync_book(false);
+    }
+
+    /// A node that joined a running cluster records the founders a peer reported (the
+    /// placement function's input from its next start on: its guesses of where shards are
+    /// then match the other nodes').
+    fn learn_founders(&self, founders: Vec<NodeId>) {
+        let mut known = self.directory.founders.lock().unwrap_or_else(|p| p.into_inner());
+        if known.is_some() {
+            return;
+        }
+        match self.kit.storage.set_founders(&founders) {
+            Ok(()) => {
+                tracing::info!(?founders, "learnt the nodes the cluster was created with");
+                *known = Some(founders);
+            }
+            Err(e) => tracing::warn!(cause = %e, "could not save the cluster's founders"),
+        }
     }
 
     /// Makes the peers' address book match what this node knows; saves the table when it
@@ -354,7 +395,7 @@ mod tests {
             ],
             ..Config::default()
         };
-        let d = Directory::new(&cfg, vec![rec(3, "p3", false)]);
+        let d = Directory::new(&cfg, vec![rec(3, "p3", false)], None);
         let peers = |d: &Directory| d.members().into_iter().map(|m| (m.id, m.peer)).collect::<Vec<_>>();
         assert_eq!(peers(&d), vec![(1, "p1".into()), (2, "p2-old".into()), (3, "p3".into())]);
         // Peers say node 2 moved, node 4 joined, node 3 was removed (one of them disagrees).
