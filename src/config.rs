@@ -96,6 +96,11 @@ pub struct Config {
     /// shard's preferred leader (its first replica) when that node answers and is caught up,
     /// one shard per round. 0 turns it off.
     pub balance_every_secs: u64,
+    /// Re-replication: once a node has not answered for this long, the leader of shard 0
+    /// moves each of its replicas to a live node that holds none of that shard (one at a
+    /// time), so every shard is back to full strength; a node that comes back later drops
+    /// the copies it lost. 0 turns it off.
+    pub replace_dead_after_secs: u64,
     /// `new`: on a fresh data folder this node creates its shards' groups with the others
     /// listed in `members` (a new cluster). `existing`: it joins a running cluster and
     /// hosts nothing until `raftchat admin add-node` (or a replica move) gives it shards.
@@ -251,6 +256,7 @@ impl Default for Config {
             peer_pipe: true,
             prevote: true,
             balance_every_secs: 30,
+            replace_dead_after_secs: 300,
             initial_cluster_state: ClusterState::New,
             shard_max_queued: 1024,
             shard_max_queued_bytes: 4 << 20,

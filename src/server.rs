@@ -204,6 +204,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
     let mut tasks = crate::node::send::spawn(node.clone(), outbox_rx, stop_rx.clone());
     tasks.push(crate::node::directory::spawn(node.clone(), stop_rx.clone()));
+    tasks.extend(crate::node::repair::spawn(node.clone(), stop_rx.clone()));
     tasks.push(crate::node::retention::spawn(node.clone(), stop_rx.clone()));
     tasks.extend(crate::node::balance::spawn(
         node.clone(),

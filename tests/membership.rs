@@ -397,3 +397,68 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     assert!(!ok);
     assert!(out.contains("not a member"), "{out}");
 }
+
+/// Re-replication: a node of a 4-node cluster dies; once it has been silent for
+/// `replace_dead_after_secs`, each shard it held gets a replica on a live node that had none
+/// (three voters again, without it), with nothing lost. When it comes back, it drops the
+/// copies that moved away and serves as a router.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_nodes_replicas_move_to_live_nodes_and_it_drops_them_when_back() {
+    let mut c = common::start(4, |cfg| {
+        cfg.balance_every_secs = 0;
+        cfg.replace_dead_after_secs = 3;
+    })
+    .await;
+    let users = ["ra", "rb", "rc", "rd", "re"];
+    for u in users {
+        c.register(0, u).await;
+    }
+    let mut sent = Vec::new();
+    for round in 0..3 {
+        for (k, a) in users.iter().enumerate() {
+            let b = users[(k + 1) % users.len()];
+            let id = format!("r{round}-{k}");
+            let r = c.send_ok(round % 4, a, b, &id, &id).await;
+            sent.push((a.to_string(), r.conversation_id, r.seq, id));
+        }
+    }
+    // A node that does not lead the directory shard (shard 0) dies.
+    let lead0 = c.leader_of(0).await.expect("shard 0 has a leader");
+    let victim = (0..4).find(|i| *i != lead0).unwrap();
+    let dead = victim as u64 + 1;
+    let held = hosted(&c, victim).await.len();
+    assert!(held > 0, "the victim holds replicas");
+    c.kill(victim).unwrap();
+    let live: Vec<usize> = (0..4).filter(|i| *i != victim).collect();
+    common::eventually(Duration::from_secs(90), "every shard has 3 voters, none of them the dead node", || async {
+        let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for &i in &live {
+            for (shard, (voters, leader)) in hosted(&c, i).await {
+                if leader == Some(i as u64 + 1) {
+                    seen.insert(shard, voters);
+                }
+            }
+        }
+        (seen.len() == 8 && seen.values().all(|v| v.len() == 3 && !v.contains(&dead))).then_some(())
+    })
+    .await;
+    let log = std::fs::read_to_string(c.dir.join(format!("node{}.log", lead0 + 1))).unwrap();
+    assert!(log.contains("re-replicated a shard of a dead node"), "{}", logs(&c));
+    for (k, a) in users.iter().enumerate() {
+        let b = users[(k + 1) % users.len()];
+        let id = format!("after-{k}");
+        let r = c.send_ok(live[k % 3], a, b, &id, &id).await;
+        sent.push((a.to_string(), r.conversation_id, r.seq, id));
+    }
+    all_there(&c, &sent, &live).await;
+
+    // It comes back: its copies moved away, so it drops them and routes.
+    c.spawn(victim).unwrap();
+    common::eventually(Duration::from_secs(60), "the returning node drops its stale copies", || async {
+        let s = c.status(victim).await.ok()?;
+        s["shards"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    c.wait_ready(victim, common::READY).await.unwrap();
+    all_there(&c, &sent, &[0, 1, 2, 3]).await;
+}

@@ -11,7 +11,8 @@
 //! - [`peer_service`]: the gRPC service peers call (Raft RPCs, forwarded ops).
 //! - [`local`]: the shards this node hosts now; [`membership`]: replica moves (hosting and
 //!   dropping shards at runtime, routing to where a shard went); [`directory`]: the
-//!   replicated node table (joining and leaving without restarts).
+//!   replicated node table (joining and leaving without restarts); [`repair`]:
+//!   re-replication after a node dies.
 
 pub mod admission;
 pub mod balance;
@@ -22,6 +23,7 @@ pub mod membership;
 pub mod ops;
 pub mod peer_service;
 pub mod rate_limit;
+pub mod repair;
 pub mod retention;
 pub mod router;
 pub mod send;

@@ -270,6 +270,17 @@ impl Peers {
         err > ok && self.now_ms().saturating_sub(err) < SUSPECT_FOR.as_millis() as u64
     }
 
+    /// How long `id` has been failing without answering, while it still fails now (its last
+    /// failure within the suspect window); None when it answers or has not been called lately.
+    /// A node that never answered since this process started counts from the start.
+    pub fn down_for(&self, id: NodeId) -> Option<Duration> {
+        let h = self.book().health.get(&id).cloned()?;
+        let (ok, err) = (h.ok.load(Ordering::Relaxed), h.err.load(Ordering::Relaxed));
+        let now = self.now_ms();
+        (err > ok && now.saturating_sub(err) < SUSPECT_FOR.as_millis() as u64)
+            .then(|| Duration::from_millis(now.saturating_sub(ok)))
+    }
+
     /// Every node this one has an address for (itself included).
     pub fn ids(&self) -> Vec<NodeId> {
         self.book().channels.keys().copied().collect()

@@ -1,0 +1,147 @@
+//! Re-replication after a node dies, and cleanup when it comes back.
+//!
+//! - Every [`ROUND`], the leader of the directory shard (one node in the cluster at a time)
+//!   calls every node of its address book ([`Kind::Book`], which also keeps their health
+//!   fresh). A node that has not answered for `replace_dead_after_secs` is dead: each shard
+//!   that lists it as a voter gets a replica move from it to the live node holding the
+//!   fewest replicas among those without one of that shard (`Node::move_replica`, the same
+//!   move `admin replace-node` makes; a dead node cannot delete its copy, the move completes
+//!   all the same). One move at a time; a shard with no spare node stays as it is (logged
+//!   once per dead node).
+//! - Every node, every round: a shard it hosts whose group has heard from no leader for
+//!   [`SILENT`] may have moved away while this node was down (a leader no longer sends to a
+//!   node that left its membership). `Node::drop_shard` asks the shard's leader and drops
+//!   the local copy only if no committed membership includes this node; otherwise (a
+//!   partition, say) nothing happens.
+
+use super::directory::DIRECTORY_SHARD;
+use super::router::{ShardOp, ShardReply};
+use super::Node;
+use crate::raft::pipe::Kind;
+use crate::shard::{NodeId, ShardId};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How often the repair task looks.
+pub const ROUND: Duration = Duration::from_secs(5);
+/// A group that heard from no leader this long asks whether it still belongs to its shard.
+pub const SILENT: Duration = Duration::from_secs(10);
+
+/// The repair task (module docs); nothing when `replace_dead_after_secs` is 0 or replica
+/// moves are not allowed yet (`cluster_version` below 3).
+pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
+    if node.cfg.replace_dead_after_secs == 0 || node.cfg.cluster_version < 3 {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let dead_after = Duration::from_secs(node.cfg.replace_dead_after_secs);
+        let mut warned: HashSet<NodeId> = HashSet::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(ROUND) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            node.drop_lost_shards().await;
+            if node.leads(DIRECTORY_SHARD) {
+                node.replace_dead(dead_after, &mut warned).await;
+            }
+        }
+    }))
+}
+
+impl Node {
+    fn leads(&self, shard: ShardId) -> bool {
+        self.local.group(shard).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(self.id))
+    }
+
+    /// Shards whose group heard from no leader for [`SILENT`]: dropped if they moved away.
+    /// The shards' leaders are asked first, all at once and without holding anything (a
+    /// node cut off from its peers only waits out the calls); only a shard whose committed
+    /// membership leaves this node out goes on to `drop_shard`, which asks again.
+    async fn drop_lost_shards(self: &Arc<Self>) {
+        let silent: Vec<ShardId> =
+            self.local.groups().iter().filter(|g| g.contact.since() >= SILENT).map(|g| g.shard).collect();
+        if silent.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + self.peers.rpc_timeout() * 2;
+        let asks = silent.iter().map(|shard| self.call(*shard, ShardOp::Members, deadline));
+        let answers = futures::future::join_all(asks).await;
+        for (shard, answer) in silent.into_iter().zip(answers) {
+            let gone = matches!(&answer, Ok(ShardReply::Members(m))
+                if m.committed && !m.voters.contains(&self.id) && !m.learners.contains(&self.id));
+            if !gone {
+                continue;
+            }
+            let deadline = Instant::now() + self.peers.rpc_timeout() * 2;
+            match self.drop_shard(shard, deadline).await {
+                Ok(()) => tracing::info!(shard, "dropped a copy that moved away while this node was down"),
+                Err(e) => tracing::debug!(shard, cause = %e, "silent shard kept"),
+            }
+        }
+    }
+
+    /// The directory shard leader's part (module docs).
+    async fn replace_dead(self: &Arc<Self>, dead_after: Duration, warned: &mut HashSet<NodeId>) {
+        let ids: Vec<NodeId> = self.directory.members().iter().map(|m| m.id).filter(|id| *id != self.id).collect();
+        let ttl = self.peers.rpc_timeout();
+        for id in &ids {
+            match tokio::time::timeout(ttl, self.peers.call_raw(*id, Kind::Book, DIRECTORY_SHARD, ttl, Vec::new()))
+                .await
+            {
+                Ok(Ok(_)) => self.peers.note_ok(*id),
+                Ok(Err(e)) => self.peers.note_failure(*id, &e),
+                Err(_) => self.peers.note_failure(*id, &format_args!("no answer within {ttl:?}")),
+            }
+        }
+        let dead: Vec<NodeId> =
+            ids.iter().copied().filter(|id| self.peers.down_for(*id).is_some_and(|d| d >= dead_after)).collect();
+        warned.retain(|id| dead.contains(id));
+        if dead.is_empty() {
+            return;
+        }
+        let live: Vec<NodeId> = std::iter::once(self.id)
+            .chain(ids.iter().copied().filter(|id| !dead.contains(id) && !self.peers.suspect(*id)))
+            .collect();
+        // Every shard's voters, from its leader.
+        let mut voters: BTreeMap<ShardId, Vec<NodeId>> = BTreeMap::new();
+        for shard in 0..self.placement.shard_count() {
+            let deadline = Instant::now() + ttl * 2;
+            if let Ok(ShardReply::Members(m)) = self.call(shard, ShardOp::Members, deadline).await {
+                voters.insert(shard, m.voters.into_iter().chain(m.learners).collect());
+            }
+        }
+        for d in dead {
+            let shards: Vec<ShardId> = voters.iter().filter(|(_, v)| v.contains(&d)).map(|(s, _)| *s).collect();
+            for shard in shards {
+                let held = voters[&shard].clone();
+                let load = |n: NodeId| voters.values().filter(|v| v.contains(&n)).count();
+                let Some(to) = live.iter().copied().filter(|n| !held.contains(n)).min_by_key(|n| (load(*n), *n)) else {
+                    if warned.insert(d) {
+                        tracing::warn!(
+                            node = d,
+                            shard,
+                            "node is dead but no live node is free to take its replicas: add a node (admin add-node)"
+                        );
+                    }
+                    continue;
+                };
+                let deadline = Instant::now() + Duration::from_secs(600);
+                match self.move_replica(shard, d, to, deadline).await {
+                    Ok(out) => {
+                        tracing::info!(shard, from = d, to, voters = ?out.voters, "re-replicated a shard of a dead node");
+                        voters.insert(shard, out.voters);
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard, from = d, to, cause = %e, "re-replicating a shard of a dead node failed; retrying next round");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
