@@ -31,6 +31,8 @@ pub struct Db {
     next_id: u64,
     /// Node replacements tried so far (the membership nemesis).
     pub replacements: u32,
+    /// Slots stopped with SIGSTOP now (the pause nemesis).
+    paused: std::sync::Mutex<std::collections::HashSet<usize>>,
 }
 
 fn clock_file(dir: &Path, i: usize) -> PathBuf {
@@ -121,6 +123,7 @@ impl Db {
             old_bin: old_bin.map(Path::to_path_buf),
             next_id,
             replacements: 0,
+            paused: Default::default(),
         })
     }
 
@@ -144,10 +147,15 @@ impl Db {
         let _ = self.cluster.kill(i);
     }
     pub fn pause(&self, i: usize) {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
         let _ = self.cluster.pause(i);
     }
     pub fn resume(&self, i: usize) {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
         let _ = self.cluster.resume(i);
+    }
+    fn is_paused(&self, i: usize) -> bool {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).contains(&i)
     }
 
     /// Whether node `i` runs the older build.
@@ -316,13 +324,16 @@ impl Db {
     /// If the removal is refused (a drain cut short by other faults), the node stays.
     pub async fn replace(&mut self, i: usize) -> String {
         use rand::seq::IndexedRandom;
-        self.replacements += 1;
         let old = self.cluster.id_of(i);
         if !self.running(i) {
             return format!("replace n{old}: it is down, not replaced");
         }
+        self.replacements += 1;
         let drained = self.drain(i).await;
-        let others: Vec<usize> = (0..self.len()).filter(|k| *k != i && self.running(*k)).collect();
+        // Through a node that answers (a paused one would hold the request until the
+        // fault's window ends, and commit the removal after the harness gave up on it).
+        let others: Vec<usize> =
+            (0..self.len()).filter(|k| *k != i && self.running(*k) && !self.is_paused(*k)).collect();
         let Some(&via) = others.choose(&mut rand::rng()) else {
             return format!("{drained}; replace n{old}: no other node runs");
         };
@@ -332,15 +343,21 @@ impl Db {
             .timeout(Duration::from_secs(30))
             .send()
             .await;
-        match r {
-            Ok(r) if r.status().is_success() => {}
+        let failed = match r {
+            Ok(r) if r.status().is_success() => None,
             Ok(r) => {
                 let status = r.status();
                 let body: serde_json::Value = r.json().await.unwrap_or_default();
-                let why = body["message"].as_str().unwrap_or("").to_string();
-                return format!("{drained}; remove n{old}: {status} ({why}): not replaced");
+                Some(format!("{status} ({})", body["message"].as_str().unwrap_or("")))
             }
-            Err(e) => return format!("{drained}; remove n{old}: no answer ({e}): not replaced"),
+            Err(e) => Some(format!("no answer ({e})")),
+        };
+        if let Some(why) = failed {
+            // The removal may still have committed (a timeout): then the slot must come back
+            // under a new id all the same, or it would stay dead.
+            if !self.removed_in_table(old, &others).await {
+                return format!("{drained}; remove n{old}: {why}: not replaced");
+            }
         }
         self.resume(i);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -365,6 +382,27 @@ impl Db {
             if stopped_itself { "it stopped by itself" } else { "killed after 10 s" },
             i + 1
         )
+    }
+
+    /// Whether `id` is out of the node list of the nodes `via` (polled for up to 10 s).
+    async fn removed_in_table(&self, id: u64, via: &[usize]) -> bool {
+        let http = reqwest::Client::new();
+        for _ in 0..20 {
+            for &k in via {
+                let Ok(r) = http.get(format!("{}/v1/nodes", self.url(k))).timeout(Duration::from_secs(2)).send().await
+                else {
+                    continue;
+                };
+                let Ok(body) = r.json::<serde_json::Value>().await else { continue };
+                let ids: Vec<u64> =
+                    body["nodes"].as_array().into_iter().flatten().filter_map(|n| n["id"].as_u64()).collect();
+                if !ids.is_empty() && !ids.contains(&id) {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
     }
 
     pub async fn leader_of(&self, shard: u32) -> Option<usize> {

@@ -225,11 +225,21 @@ impl Node {
             })
             .collect();
         let mut answers = Vec::new();
+        let mut founders: BTreeMap<Vec<NodeId>, usize> = BTreeMap::new();
         while let Some(book) = asks.next().await {
             if let Some(f) = book.founders.filter(|f| !f.is_empty()) {
-                self.learn_founders(f);
+                *founders.entry(f).or_default() += 1;
             }
             answers.push(book.nodes);
+        }
+        // The answer most peers give (none on a tie): one peer with a wrong record does not
+        // decide.
+        let mut counts: Vec<(usize, Vec<NodeId>)> = founders.into_iter().map(|(f, n)| (n, f)).collect();
+        counts.sort_by_key(|c| std::cmp::Reverse(c.0));
+        if let Some((n, f)) = counts.first() {
+            if counts.get(1).is_none_or(|(m, _)| m < n) {
+                self.learn_founders(f.clone());
+            }
         }
         self.directory.hear(answers);
         self.sync_book(false);

@@ -6,8 +6,10 @@
 //!   that lists it as a voter gets a replica move from it to the live node holding the
 //!   fewest replicas among those without one of that shard (`Node::move_replica`, the same
 //!   move `admin replace-node` makes; a dead node cannot delete its copy, the move completes
-//!   all the same). One move at a time; a shard with no spare node stays as it is (logged
-//!   once per dead node).
+//!   all the same). One move at a time, each after confirming (linearizably) that this node
+//!   still leads shard 0 and that the dead node is still silent; "dead" counts from the first
+//!   failed call after the node's last answer. A shard with no spare node stays as it is
+//!   (logged once).
 //! - Every node, every round: a shard it hosts whose group has heard from no leader for
 //!   [`SILENT`] may have moved away while this node was down (a leader no longer sends to a
 //!   node that left its membership). `Node::drop_shard` asks the shard's leader and drops
@@ -17,6 +19,7 @@
 use super::directory::DIRECTORY_SHARD;
 use super::router::{ShardOp, ShardReply};
 use super::Node;
+use crate::raft::network::RawError;
 use crate::raft::pipe::Kind;
 use crate::shard::{NodeId, ShardId};
 use std::collections::{BTreeMap, HashSet};
@@ -31,15 +34,15 @@ pub const ROUND: Duration = Duration::from_secs(5);
 /// A group that heard from no leader this long asks whether it still belongs to its shard.
 pub const SILENT: Duration = Duration::from_secs(10);
 
-/// The repair task (module docs); nothing when `replace_dead_after_secs` is 0 or replica
-/// moves are not allowed yet (`cluster_version` below 3).
+/// The repair task (module docs); nothing when `replace_dead_after_secs` is 0 or below
+/// `cluster_version` 4 (older builds do not answer the probe).
 pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
-    if node.cfg.replace_dead_after_secs == 0 || node.cfg.cluster_version < 3 {
+    if node.cfg.replace_dead_after_secs == 0 || node.cfg.cluster_version < super::directory::VERSION {
         return None;
     }
     Some(tokio::spawn(async move {
         let dead_after = Duration::from_secs(node.cfg.replace_dead_after_secs);
-        let mut warned: HashSet<NodeId> = HashSet::new();
+        let mut warned: HashSet<(ShardId, NodeId)> = HashSet::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(ROUND) => {}
@@ -63,8 +66,13 @@ impl Node {
     /// node cut off from its peers only waits out the calls); only a shard whose committed
     /// membership leaves this node out goes on to `drop_shard`, which asks again.
     async fn drop_lost_shards(self: &Arc<Self>) {
-        let silent: Vec<ShardId> =
-            self.local.groups().iter().filter(|g| g.contact.since() >= SILENT).map(|g| g.shard).collect();
+        let silent: Vec<ShardId> = self
+            .local
+            .groups()
+            .iter()
+            .filter(|g| g.contact.since() >= SILENT && g.raft.metrics().borrow().current_leader != Some(self.id))
+            .map(|g| g.shard)
+            .collect();
         if silent.is_empty() {
             return;
         }
@@ -86,46 +94,54 @@ impl Node {
     }
 
     /// The directory shard leader's part (module docs).
-    async fn replace_dead(self: &Arc<Self>, dead_after: Duration, warned: &mut HashSet<NodeId>) {
+    async fn replace_dead(self: &Arc<Self>, dead_after: Duration, warned: &mut HashSet<(ShardId, NodeId)>) {
         let ids: Vec<NodeId> = self.directory.members().iter().map(|m| m.id).filter(|id| *id != self.id).collect();
         let ttl = self.peers.rpc_timeout();
         for id in &ids {
-            match tokio::time::timeout(ttl, self.peers.call_raw(*id, Kind::Book, DIRECTORY_SHARD, ttl, Vec::new()))
-                .await
-            {
-                Ok(Ok(_)) => self.peers.note_ok(*id),
+            let probe = self.peers.call_raw(*id, Kind::Book, DIRECTORY_SHARD, ttl, Vec::new());
+            match tokio::time::timeout(ttl, probe).await {
+                // A build that does not know the call answered all the same.
+                Ok(Ok(_)) | Ok(Err(RawError::UnknownCall)) => self.peers.note_ok(*id),
                 Ok(Err(e)) => self.peers.note_failure(*id, &e),
                 Err(_) => self.peers.note_failure(*id, &format_args!("no answer within {ttl:?}")),
             }
         }
-        let dead: Vec<NodeId> =
-            ids.iter().copied().filter(|id| self.peers.down_for(*id).is_some_and(|d| d >= dead_after)).collect();
-        warned.retain(|id| dead.contains(id));
+        let is_dead = |id: NodeId| self.peers.down_for(id).is_some_and(|d| d >= dead_after);
+        let dead: Vec<NodeId> = ids.iter().copied().filter(|id| is_dead(*id)).collect();
+        warned.retain(|(_, id)| dead.contains(id));
         if dead.is_empty() {
             return;
         }
         let live: Vec<NodeId> = std::iter::once(self.id)
             .chain(ids.iter().copied().filter(|id| !dead.contains(id) && !self.peers.suspect(*id)))
             .collect();
-        // Every shard's voters, from its leader.
+        // Every shard's voters and learners, from its leader.
         let mut voters: BTreeMap<ShardId, Vec<NodeId>> = BTreeMap::new();
+        let mut members: BTreeMap<ShardId, Vec<NodeId>> = BTreeMap::new();
         for shard in 0..self.placement.shard_count() {
             let deadline = Instant::now() + ttl * 2;
             if let Ok(ShardReply::Members(m)) = self.call(shard, ShardOp::Members, deadline).await {
-                voters.insert(shard, m.voters.into_iter().chain(m.learners).collect());
+                members.insert(shard, m.voters.iter().chain(&m.learners).copied().collect());
+                voters.insert(shard, m.voters);
             }
         }
         for d in dead {
             let shards: Vec<ShardId> = voters.iter().filter(|(_, v)| v.contains(&d)).map(|(s, _)| *s).collect();
             for shard in shards {
-                let held = voters[&shard].clone();
+                // Still leading shard 0 (a linearizable check) and the node still silent:
+                // one repairer at a time, and none for a node that came back meanwhile.
+                let check = Instant::now() + ttl * 2;
+                if self.linearize(DIRECTORY_SHARD, check).await.is_err() || !is_dead(d) {
+                    return;
+                }
+                let held = members.get(&shard).cloned().unwrap_or_default();
                 let load = |n: NodeId| voters.values().filter(|v| v.contains(&n)).count();
                 let Some(to) = live.iter().copied().filter(|n| !held.contains(n)).min_by_key(|n| (load(*n), *n)) else {
-                    if warned.insert(d) {
+                    if warned.insert((shard, d)) {
                         tracing::warn!(
                             node = d,
                             shard,
-                            "node is dead but no live node is free to take its replicas: add a node (admin add-node)"
+                            "node is dead but no live node is free to take its replica: add a node (admin add-node)"
                         );
                     }
                     continue;
@@ -134,12 +150,13 @@ impl Node {
                 match self.move_replica(shard, d, to, deadline).await {
                     Ok(out) => {
                         tracing::info!(shard, from = d, to, voters = ?out.voters, "re-replicated a shard of a dead node");
+                        members.insert(shard, out.voters.clone());
                         voters.insert(shard, out.voters);
                     }
-                    Err(e) => {
+                    Err(e) if warned.insert((shard, d)) => {
                         tracing::warn!(shard, from = d, to, cause = %e, "re-replicating a shard of a dead node failed; retrying next round");
-                        return;
                     }
+                    Err(e) => tracing::debug!(shard, from = d, to, cause = %e, "re-replicating a shard failed again"),
                 }
             }
         }

@@ -61,6 +61,8 @@ struct Health {
     /// When "unreachable" was last logged, so a flapping peer logs at most every
     /// [`LOG_DOWN_EVERY`].
     logged_down: AtomicU64,
+    /// The first failure after the last success (0: none).
+    failing_since: AtomicU64,
 }
 
 const LOG_DOWN_EVERY: Duration = Duration::from_secs(30);
@@ -239,6 +241,9 @@ impl Peers {
         if let Some(h) = self.book().health.get(&id).cloned() {
             let now = self.now_ms();
             h.err.store(now, Ordering::Relaxed);
+            if h.failing_since.load(Ordering::Relaxed) <= h.ok.load(Ordering::Relaxed) {
+                h.failing_since.store(now, Ordering::Relaxed);
+            }
             if !h.down.swap(true, Ordering::Relaxed) {
                 let last = h.logged_down.load(Ordering::Relaxed);
                 if last == 0 || now.saturating_sub(last) >= LOG_DOWN_EVERY.as_millis() as u64 {
@@ -270,15 +275,16 @@ impl Peers {
         err > ok && self.now_ms().saturating_sub(err) < SUSPECT_FOR.as_millis() as u64
     }
 
-    /// How long `id` has been failing without answering, while it still fails now (its last
-    /// failure within the suspect window); None when it answers or has not been called lately.
-    /// A node that never answered since this process started counts from the start.
+    /// How long `id` has been failing without answering since its first failure after its
+    /// last answer, while it still fails now (its last failure within the suspect window);
+    /// None when it answers or has not been called lately.
     pub fn down_for(&self, id: NodeId) -> Option<Duration> {
         let h = self.book().health.get(&id).cloned()?;
         let (ok, err) = (h.ok.load(Ordering::Relaxed), h.err.load(Ordering::Relaxed));
+        let since = h.failing_since.load(Ordering::Relaxed);
         let now = self.now_ms();
-        (err > ok && now.saturating_sub(err) < SUSPECT_FOR.as_millis() as u64)
-            .then(|| Duration::from_millis(now.saturating_sub(ok)))
+        (err > ok && since > ok && now.saturating_sub(err) < SUSPECT_FOR.as_millis() as u64)
+            .then(|| Duration::from_millis(now.saturating_sub(since)))
     }
 
     /// Every node this one has an address for (itself included).
