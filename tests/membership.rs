@@ -176,6 +176,25 @@ fn admin(c: &common::TestCluster, args: &[&str]) -> String {
     text
 }
 
+/// The node ids node `i` lists in `GET /v1/nodes`.
+async fn listed(c: &common::TestCluster, i: usize) -> Option<Vec<u64>> {
+    let r = c.req(i, "GET", "/v1/nodes", None, None).await.ok()?;
+    Some(r.body["nodes"].as_array()?.iter().filter_map(|n| n["id"].as_u64()).collect())
+}
+
+/// Starts node `i` and checks that it exits with an error saying it was removed.
+async fn refused_as_removed(c: &mut common::TestCluster, i: usize, within: Duration) {
+    c.spawn(i).unwrap();
+    let status = common::eventually(within, "the removed node refuses to run", || {
+        let s = c.reap(i);
+        async move { s }
+    })
+    .await;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(c.dir.join(format!("node{}.log", i + 1))).unwrap();
+    assert!(log.contains(&format!("node {} was removed from this cluster", i + 1)), "{log}");
+}
+
 /// `raftchat admin ARGS` through node `via`: whether it succeeded, and its output.
 fn admin_via(c: &common::TestCluster, via: usize, args: &[&str]) -> (bool, String) {
     let secret = c.dir.join("secret");
@@ -258,9 +277,7 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     assert!(hosted(&c, n4).await.is_empty(), "a joining node hosts nothing by itself");
     common::eventually(Duration::from_secs(30), "every node lists node 4", || async {
         for i in 0..3 {
-            let r = c.req(i, "GET", "/v1/nodes", None, None).await.ok()?;
-            let ids: Vec<u64> = r.body["nodes"].as_array()?.iter().filter_map(|n| n["id"].as_u64()).collect();
-            if !ids.contains(&4) {
+            if !listed(&c, i).await?.contains(&4) {
                 return None;
             }
         }
@@ -316,9 +333,7 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     // Every other node drops it from its list.
     common::eventually(Duration::from_secs(30), "no node lists node 1", || async {
         for i in 1..4 {
-            let r = c.req(i, "GET", "/v1/nodes", None, None).await.ok()?;
-            let ids: Vec<u64> = r.body["nodes"].as_array()?.iter().filter_map(|n| n["id"].as_u64()).collect();
-            if ids.contains(&1) {
+            if listed(&c, i).await?.contains(&1) {
                 return None;
             }
         }
@@ -331,8 +346,7 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     c.spawn(n5).unwrap();
     c.wait_ready(n5, common::READY).await.unwrap();
     let listed = common::eventually(Duration::from_secs(30), "node 5 registered", || async {
-        let r = c.req(2, "GET", "/v1/nodes", None, None).await.ok()?;
-        let ids: Vec<u64> = r.body["nodes"].as_array()?.iter().filter_map(|n| n["id"].as_u64()).collect();
+        let ids = listed(&c, 2).await?;
         ids.contains(&5).then_some(ids)
     })
     .await;
@@ -367,30 +381,14 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     }
 
     // A removed node cannot come back by accident: not with its data folder...
-    c.spawn(0).unwrap();
-    let status = common::eventually(Duration::from_secs(30), "node 1 refuses to start", || {
-        let s = c.reap(0);
-        async move { s }
-    })
-    .await;
-    assert!(!status.success());
-    let log = std::fs::read_to_string(c.dir.join("node1.log")).unwrap();
-    assert!(log.contains("node 1 was removed from this cluster"), "{log}");
+    refused_as_removed(&mut c, 0, Duration::from_secs(30)).await;
     // ...nor with an empty one, joining as a new node would.
     std::fs::remove_dir_all(c.dir.join("node1")).unwrap();
     let mut cfg = c.configs[0].clone();
     cfg.initial_cluster_state = raftchat::config::ClusterState::Existing;
     std::fs::write(c.dir.join("node1.toml"), raftchat::fixture::config_toml(&cfg).unwrap()).unwrap();
     std::fs::write(c.dir.join("node1.log"), "").unwrap();
-    c.spawn(0).unwrap();
-    let status = common::eventually(Duration::from_secs(60), "node 1 is refused again", || {
-        let s = c.reap(0);
-        async move { s }
-    })
-    .await;
-    assert!(!status.success());
-    let log = std::fs::read_to_string(c.dir.join("node1.log")).unwrap();
-    assert!(log.contains("node 1 was removed from this cluster"), "{log}");
+    refused_as_removed(&mut c, 0, Duration::from_secs(60)).await;
 
     // What cannot be done is refused with a reason.
     let (ok, out) = admin_via(&c, 2, &["add-node", "9"]);

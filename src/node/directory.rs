@@ -211,22 +211,12 @@ impl Node {
     /// that joined finds the nodes beyond its seeds (the directory shard's leader among
     /// them) before it can read the table itself.
     pub async fn ask_peers_for_nodes(self: &Arc<Self>) {
-        use futures::StreamExt;
         let ttl = self.peers.rpc_timeout();
-        let peers: Vec<NodeId> = self.peers.ids().into_iter().filter(|p| *p != self.id).collect();
-        let mut asks: futures::stream::FuturesUnordered<_> = peers
-            .iter()
-            .map(|p| async move {
-                let call = self.peers.call_raw(*p, crate::raft::pipe::Kind::Book, DIRECTORY_SHARD, ttl, Vec::new());
-                match tokio::time::timeout(ttl, call).await {
-                    Ok(Ok(b)) => serde_json::from_slice::<Book>(&b).unwrap_or_default(),
-                    _ => Book::default(),
-                }
-            })
-            .collect();
+        let books = self.peers.ask_all(self.id, crate::raft::pipe::Kind::Book, DIRECTORY_SHARD, ttl).await;
         let mut answers = Vec::new();
         let mut founders: BTreeMap<Vec<NodeId>, usize> = BTreeMap::new();
-        while let Some(book) = asks.next().await {
+        for (_, answer) in books {
+            let book: Book = answer.ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
             if let Some(f) = book.founders.filter(|f| !f.is_empty()) {
                 *founders.entry(f).or_default() += 1;
             }

@@ -181,25 +181,14 @@ impl Node {
     /// guesses all answered "not a replica" (a node that joined, or guesses from before a
     /// move whose nodes were wiped). Returns whether it learnt anything new.
     pub(crate) async fn locate(&self, shard: ShardId, deadline: Instant) -> bool {
-        use futures::StreamExt;
         let ttl = deadline
             .saturating_duration_since(Instant::now())
             .min(self.peers.rpc_timeout())
             .max(Duration::from_millis(100));
-        let peers: Vec<NodeId> = self.peers.ids().into_iter().filter(|p| *p != self.id).collect();
-        let mut asks: futures::stream::FuturesUnordered<_> = peers
-            .iter()
-            .map(|p| async move {
-                let r = tokio::time::timeout(ttl, self.peers.call_raw(*p, Kind::Locate, shard, ttl, Vec::new())).await;
-                match r {
-                    Ok(Ok(b)) => serde_json::from_slice::<Option<(u64, Vec<NodeId>)>>(&b).ok().flatten(),
-                    _ => None,
-                }
-            })
-            .collect();
         let mut learnt = false;
-        while let Some(answer) = asks.next().await {
-            if let Some((index, voters)) = answer {
+        for (_, answer) in self.peers.ask_all(self.id, Kind::Locate, shard, ttl).await {
+            let located = answer.ok().and_then(|b| serde_json::from_slice::<Option<(u64, Vec<NodeId>)>>(&b).ok());
+            if let Some(Some((index, voters))) = located {
                 if !voters.is_empty() {
                     learnt |= self.learn_route(shard, index, voters);
                 }

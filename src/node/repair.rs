@@ -97,13 +97,11 @@ impl Node {
     async fn replace_dead(self: &Arc<Self>, dead_after: Duration, warned: &mut HashSet<(ShardId, NodeId)>) {
         let ids: Vec<NodeId> = self.directory.members().iter().map(|m| m.id).filter(|id| *id != self.id).collect();
         let ttl = self.peers.rpc_timeout();
-        for id in &ids {
-            let probe = self.peers.call_raw(*id, Kind::Book, DIRECTORY_SHARD, ttl, Vec::new());
-            match tokio::time::timeout(ttl, probe).await {
+        for (id, answer) in self.peers.ask_all(self.id, Kind::Book, DIRECTORY_SHARD, ttl).await {
+            match answer {
                 // A build that does not know the call answered all the same.
-                Ok(Ok(_)) | Ok(Err(RawError::UnknownCall)) => self.peers.note_ok(*id),
-                Ok(Err(e)) => self.peers.note_failure(*id, &e),
-                Err(_) => self.peers.note_failure(*id, &format_args!("no answer within {ttl:?}")),
+                Ok(_) | Err(RawError::UnknownCall) => self.peers.note_ok(id),
+                Err(e) => self.peers.note_failure(id, &e),
             }
         }
         let is_dead = |id: NodeId| self.peers.down_for(id).is_some_and(|d| d >= dead_after);

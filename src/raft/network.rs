@@ -326,6 +326,25 @@ pub enum RawError {
 }
 
 impl Peers {
+    /// The same payload-less call of `kind` to every peer but `me`, all at once, each
+    /// bounded by `ttl` (no answer in time is a [`RawError::Failed`]); answers by peer.
+    pub async fn ask_all(
+        &self,
+        me: NodeId,
+        kind: PipeKind,
+        group: ShardId,
+        ttl: Duration,
+    ) -> Vec<(NodeId, Result<Vec<u8>, RawError>)> {
+        let asks = self.ids().into_iter().filter(|p| *p != me).map(|p| async move {
+            let r = match tokio::time::timeout(ttl, self.call_raw(p, kind, group, ttl, Vec::new())).await {
+                Ok(r) => r,
+                Err(_) => Err(RawError::Failed(format!("no answer within {ttl:?}"))),
+            };
+            (p, r)
+        });
+        futures::future::join_all(asks).await
+    }
+
     /// One Raft-level call of `kind` with a JSON payload, on the pipe when usable, else unary
     /// (`Peer/Raft`); the reply's payload. For calls outside openraft (pre-votes).
     pub async fn call_raw(
