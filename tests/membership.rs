@@ -460,3 +460,69 @@ async fn a_dead_nodes_replicas_move_to_live_nodes_and_it_drops_them_when_back() 
     c.wait_ready(victim, common::READY).await.unwrap();
     all_there(&c, &sent, &[0, 1, 2, 3]).await;
 }
+
+/// `admin remove-node N --force` for a dead machine: the node is removed at once and its
+/// replicas move in the next re-replication round, long before `replace_dead_after_secs`
+/// (left at 300 s here) would count it dead. A second forced removal with no node free to
+/// take the replicas is refused with the reason; the removed node cannot come back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_node_removed_with_force_has_its_replicas_moved_at_once() {
+    let mut c = common::start(4, |cfg| {
+        cfg.balance_every_secs = 0;
+        cfg.replace_dead_after_secs = 300;
+    })
+    .await;
+    let users = ["fa", "fb", "fc", "fd", "fe"];
+    for u in users {
+        c.register(0, u).await;
+    }
+    let mut sent = Vec::new();
+    for (k, a) in users.iter().enumerate() {
+        let b = users[(k + 1) % users.len()];
+        let id = format!("f-{k}");
+        let r = c.send_ok(k % 4, a, b, &id, &id).await;
+        sent.push((a.to_string(), r.conversation_id, r.seq, id));
+    }
+    let lead0 = c.leader_of(0).await.expect("shard 0 has a leader");
+    let victim = (0..4).find(|i| *i != lead0).unwrap();
+    let dead = victim as u64 + 1;
+    assert!(!hosted(&c, victim).await.is_empty(), "the victim holds replicas");
+    c.kill(victim).unwrap();
+    let live: Vec<usize> = (0..4).filter(|i| *i != victim).collect();
+    let via = live[0];
+
+    // Forced: removed at once although shards still list it; the CLI waits for the moves.
+    let started = std::time::Instant::now();
+    let (ok, out) = admin_via(&c, via, &["remove-node", &dead.to_string(), "--force"]);
+    assert!(ok, "{out}\n{}", logs(&c));
+    assert!(out.contains(&format!("node {dead} holds no replica")), "{out}");
+    common::eventually(Duration::from_secs(90), "every shard has 3 voters, none of them the removed node", || async {
+        let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for &i in &live {
+            for (shard, (voters, leader)) in hosted(&c, i).await {
+                if leader == Some(i as u64 + 1) {
+                    seen.insert(shard, voters);
+                }
+            }
+        }
+        (seen.len() == 8 && seen.values().all(|v| v.len() == 3 && !v.contains(&dead))).then_some(())
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(120), "moved long before the 300 s threshold");
+    let log = std::fs::read_to_string(c.dir.join(format!("node{}.log", lead0 + 1))).unwrap();
+    assert!(log.contains("re-replicated a shard of a dead node"), "{}", logs(&c));
+    // With three nodes left, every shard is on all of them: no node could take another's
+    // replicas, so a second forced removal is refused with the reason.
+    let other = live.iter().copied().find(|i| *i != lead0).unwrap() as u64 + 1;
+    let (ok, out) = admin_via(&c, via, &["remove-node", &other.to_string(), "--force"]);
+    assert!(!ok && out.contains("no node that answers is free to take"), "{out}");
+    assert!(listed(&c, via).await.unwrap().contains(&other));
+    for (k, a) in users.iter().enumerate() {
+        let b = users[(k + 1) % users.len()];
+        let id = format!("after-{k}");
+        let r = c.send_ok(live[k % 3], a, b, &id, &id).await;
+        sent.push((a.to_string(), r.conversation_id, r.seq, id));
+    }
+    all_there(&c, &sent, &live).await;
+    refused_as_removed(&mut c, victim, Duration::from_secs(30)).await;
+}

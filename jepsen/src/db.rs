@@ -31,6 +31,8 @@ pub struct Db {
     next_id: u64,
     /// Node replacements tried so far (the membership nemesis).
     pub replacements: u32,
+    /// Nodes the membership nemesis left dead past `replace_dead_after_secs` so far.
+    pub deaths: u32,
     /// Slots stopped with SIGSTOP now (the pause nemesis).
     paused: std::sync::Mutex<std::collections::HashSet<usize>>,
 }
@@ -123,6 +125,7 @@ impl Db {
             old_bin: old_bin.map(Path::to_path_buf),
             next_id,
             replacements: 0,
+            deaths: 0,
             paused: Default::default(),
         })
     }

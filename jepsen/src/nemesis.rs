@@ -24,9 +24,13 @@
 //!   its copy); or (one time in five) a node is replaced, as an operator replaces a
 //!   machine: drained, removed from the node table for good (it stops by itself), and its
 //!   slot (same addresses) comes back as a new node id with an empty data folder that
-//!   joins the running cluster (always the run's first membership fault). Moves are not undone, so over a run the placement wanders,
-//!   nodes lose and regain shards and node ids change. Not with `upgrade` (builds before
-//!   cluster version 4 have no node table).
+//!   joins the running cluster (always the run's first membership fault); or (one time in
+//!   five, and always the second membership fault) a node dies (kill -9) and stays dead
+//!   past the nodes' `replace_dead_after_secs` ([`DEAD_AFTER_SECS`] in runs with this
+//!   family) and a round of re-replication, so the directory shard's leader moves its
+//!   replicas to live nodes; restarted, it drops the copies that moved away. Moves are not
+//!   undone, so over a run the placement wanders, nodes lose and regain shards and node ids
+//!   change. Not with `upgrade` (builds before cluster version 4 have no node table).
 //!
 //! A third of the windows combine two families at once. Every window ends by undoing its
 //! faults; the run ends with a full heal.
@@ -41,6 +45,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
+
+/// `replace_dead_after_secs` of the nodes in runs with the membership family.
+pub const DEAD_AFTER_SECS: u64 = 8;
+/// How long the membership family's dead node stays dead: past [`DEAD_AFTER_SECS`], a
+/// repair round (5 s) and some moves.
+const DEAD_HOLD: Duration = Duration::from_secs(DEAD_AFTER_SECS + 20);
 
 pub const FAMILIES: &[&str] =
     &["partition", "isolate", "kill", "pause", "clock", "restart", "power", "power-all", "upgrade", "membership"];
@@ -71,6 +81,8 @@ enum Undo {
     Nothing,
     Heal,
     Restart(Vec<usize>),
+    /// Restart, but only after [`DEAD_HOLD`].
+    RestartLate(Vec<usize>),
     Resume(Vec<usize>),
     Clock(Vec<usize>),
 }
@@ -172,6 +184,13 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
                 // run's first membership fault always, so every run with the family has one).
                 return Ok((db.replace(nodes[0]).await, Undo::Nothing));
             }
+            if pick == 2 || db.deaths == 0 {
+                // A node dies long enough for re-replication to move its replicas.
+                let v = nodes[0];
+                db.kill(v);
+                db.deaths += 1;
+                return Ok((format!("n{} dead past replace_dead_after_secs", v + 1), Undo::RestartLate(vec![v])));
+            }
             if pick == 0 {
                 // Empty a node, as `admin remove-node --drain-only` does (later moves bring
                 // shards back).
@@ -180,6 +199,7 @@ async fn inject(db: &mut Db, family: &str) -> anyhow::Result<(String, Undo)> {
             // One to three moves, one after the other (each waits for the last).
             let mut done = Vec::new();
             for _ in 0..(pick - 1).min(3) {
+                // picks 3 and 4: two or three moves
                 done.push(db.move_replica().await);
             }
             Ok((done.join("; "), Undo::Nothing))
@@ -192,7 +212,7 @@ async fn undo(db: &mut Db, u: Undo) -> anyhow::Result<()> {
     match u {
         Undo::Nothing => Ok(()),
         Undo::Heal => db.net.heal(),
-        Undo::Restart(v) => {
+        Undo::Restart(v) | Undo::RestartLate(v) => {
             for i in v {
                 db.start_node(i)?;
             }
@@ -267,8 +287,11 @@ pub async fn run(
         let (family, desc) = (picked.join("+"), descs.join(" + "));
         let t0 = start.elapsed().as_secs_f64();
         *timeline.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(desc.clone());
-        let hold = Duration::from_millis(rand::rng().random_range(5000..12000))
-            .min(until.saturating_duration_since(Instant::now()));
+        let mut hold = Duration::from_millis(rand::rng().random_range(5000..12000));
+        if undos.iter().any(|u| matches!(u, Undo::RestartLate(_))) {
+            hold = hold.max(DEAD_HOLD);
+        }
+        let hold = hold.min(until.saturating_duration_since(Instant::now()));
         tokio::time::sleep(hold).await;
         {
             let mut g = db.lock().await;

@@ -80,7 +80,13 @@ pub async fn run(o: Opts) -> anyhow::Result<Verdict> {
 
 async fn run_inner(o: &Opts, net: Net, out: PathBuf) -> anyhow::Result<Verdict> {
     let power = o.nemesis.iter().any(|f| f.starts_with("power"));
-    let db = Db::start(net, &o.bin, o.old_bin.as_deref(), &out, o.shards, power, o.set.clone())?;
+    let mut set = o.set.clone();
+    // With the membership family, a node dead for a few seconds has its replicas moved
+    // (re-replication), so runs see it happen, also during plain kills.
+    if o.nemesis.iter().any(|f| f == "membership") && !set.iter().any(|(k, _)| k == "replace_dead_after_secs") {
+        set.push(("replace_dead_after_secs".into(), toml::Value::Integer(nemesis::DEAD_AFTER_SECS as i64)));
+    }
+    let db = Db::start(net, &o.bin, o.old_bin.as_deref(), &out, o.shards, power, set)?;
     if !db.faketime && o.nemesis.iter().any(|f| f == "clock") {
         eprintln!(
             "warning: {} not found (apt-get install libfaketime): clock faults are skipped",

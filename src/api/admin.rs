@@ -20,6 +20,11 @@
 //! - `POST /v1/admin/nodes/{id}/remove`: node `id` leaves the cluster for good (its id is
 //!   never taken back); refused with 409 `node_holds_replicas` while any shard still lists
 //!   it (`raftchat admin remove-node` and `replace-node` move them first). Cluster version 4.
+//!   With `?force=true` (`remove-node --force`, for a dead machine) it is removed at once and
+//!   the directory shard leader's re-replication (`node::repair`) moves its replicas away in
+//!   its next round; refused (409) unless re-replication is on, every shard it is in keeps a
+//!   majority of voters that are not removed, and each such shard has a spare node that
+//!   answers.
 
 use super::error::ApiError;
 use super::http::{auth_header, respond};
@@ -266,8 +271,14 @@ async fn nodes(State(node): St, headers: HeaderMap) -> Response {
     respond(&node, "admin_nodes", r)
 }
 
-/// `POST /v1/admin/nodes/{id}/remove` (module docs).
-async fn remove_node(State(node): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+#[derive(Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/admin/nodes/{id}/remove[?force=true]` (module docs).
+async fn remove_node(State(node): St, headers: HeaderMap, Path(id): Path<String>, Query(q): Query<RemoveQuery>) -> Response {
     let r = async {
         operator(&node, &headers)?;
         node.require_version(crate::node::directory::VERSION, "removing a node")?;
@@ -279,16 +290,23 @@ async fn remove_node(State(node): St, headers: HeaderMap, Path(id): Path<String>
             (Some(a), _) => crate::node::directory::record(&a, true),
             (None, _) => return Err(ApiError::not_found("unknown_node", format!("node {id} is not a member of this cluster"))),
         };
-        // Every shard's membership, from its leader: the node must be in none.
+        // Every shard's membership, from its leader: the node must be in none (or, forced,
+        // every shard it is in must keep a majority and have a node to take its replica).
         let mut holds = Vec::new();
+        let mut members = Vec::new();
         for shard in 0..node.placement.shard_count() {
             let deadline = node.request_deadline();
             match node.call(shard, ShardOp::Members, deadline).await? {
-                ShardReply::Members(m) if m.voters.contains(&id) || m.learners.contains(&id) => holds.push(shard),
+                ShardReply::Members(m) if m.voters.contains(&id) || m.learners.contains(&id) => {
+                    holds.push(shard);
+                    members.push((shard, m));
+                }
                 _ => {}
             }
         }
-        if !holds.is_empty() {
+        if q.force && !holds.is_empty() {
+            force_check(&node, id, &members).await?;
+        } else if !holds.is_empty() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "node_holds_replicas",
@@ -304,4 +322,102 @@ async fn remove_node(State(node): St, headers: HeaderMap, Path(id): Path<String>
     }
     .await;
     respond(&node, "remove_node", r)
+}
+
+/// Whether node `id` may be removed while shards still list it (`?force=true`): the shard
+/// 0 leader's re-replication moves its replicas at once, so it must run, and every shard
+/// `id` is in must keep a majority of voters that are not removed and answer, and have a
+/// member that answers and holds no replica of it to take `id`'s place.
+async fn force_check(node: &Node, id: u64, members: &[(u32, crate::node::membership::Members)]) -> Result<(), ApiError> {
+    if node.cfg.replace_dead_after_secs == 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "repair_off",
+            "re-replication is off (replace_dead_after_secs = 0), so nothing would move the removed node's replicas: \
+             move them first (`raftchat admin remove-node` without --force)",
+        ));
+    }
+    // Who answers now: every member is asked (the same call re-replication probes with).
+    let ttl = node.peers.rpc_timeout();
+    let asked = node.peers.ask_all(node.id, crate::raft::pipe::Kind::Book, crate::node::directory::DIRECTORY_SHARD, ttl).await;
+    let answers: Vec<u64> = asked
+        .into_iter()
+        .filter(|(_, a)| matches!(a, Ok(_) | Err(crate::raft::network::RawError::UnknownCall)))
+        .map(|(n, _)| n)
+        .chain(std::iter::once(node.id))
+        .collect();
+    let live: Vec<u64> = node
+        .directory
+        .members()
+        .iter()
+        .map(|m| m.id)
+        .filter(|n| *n != id && answers.contains(n) && !node.directory.is_removed(*n))
+        .chain(std::iter::once(node.id).filter(|n| *n != id))
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
+    match force_refusal(id, members, |n| !live.contains(&n), &live) {
+        None => Ok(()),
+        Some((code, msg)) => Err(ApiError::new(StatusCode::CONFLICT, code, msg)),
+    }
+}
+
+/// [`force_check`]'s rule on its own: `down` tells nodes that are removed or do not answer,
+/// `live` the members that answer (other than `id`; this node included).
+fn force_refusal(
+    id: u64,
+    members: &[(u32, crate::node::membership::Members)],
+    down: impl Fn(u64) -> bool,
+    live: &[u64],
+) -> Option<(&'static str, String)> {
+    for (shard, m) in members {
+        if !m.voters.contains(&id) && !m.learners.contains(&id) {
+            continue;
+        }
+        let kept = m.voters.iter().filter(|v| **v != id && !down(**v)).count();
+        if kept < m.voters.len() / 2 + 1 {
+            return Some((
+                "quorum_at_risk",
+                format!(
+                    "shard {shard} would keep {kept} of its {} voters {:?} that answer, fewer than a majority",
+                    m.voters.len(),
+                    m.voters
+                ),
+            ));
+        }
+        let held: Vec<u64> = m.voters.iter().chain(&m.learners).copied().collect();
+        if !live.iter().any(|n| !held.contains(n)) {
+            return Some((
+                "no_spare_node",
+                format!(
+                    "no node that answers is free to take node {id}'s replica of shard {shard} (held by {held:?}; nodes that answer: {live:?}): add a node first (admin add-node)"
+                ),
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::force_refusal;
+    use crate::node::membership::Members;
+
+    fn m(voters: &[u64]) -> Members {
+        Members { leader: voters[0], index: 1, committed: true, voters: voters.to_vec(), learners: vec![] }
+    }
+
+    #[test]
+    fn a_forced_removal_needs_a_majority_left_and_a_spare_node() {
+        let shards = vec![(0, m(&[1, 2, 3])), (1, m(&[2, 3, 4]))];
+        // Node 4 dead, node 1 answering: removing 4 leaves {2, 3} of shard 1, and 1 is spare.
+        assert_eq!(force_refusal(4, &shards, |n| n == 4, &[1, 2, 3]), None);
+        // Node 3 already down: removing 2 leaves shard 0 with only node 1.
+        let r = force_refusal(2, &shards, |n| n == 3, &[1, 4]).unwrap();
+        assert_eq!(r.0, "quorum_at_risk", "{}", r.1);
+        // Everyone answers, but shard 0 is on every other node that answers.
+        let r = force_refusal(1, &shards, |_| false, &[2, 3]).unwrap();
+        assert_eq!(r.0, "no_spare_node", "{}", r.1);
+        assert!(r.1.contains("shard 0"), "{}", r.1);
+    }
 }

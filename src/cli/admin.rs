@@ -91,8 +91,13 @@ pub enum AdminCommand {
         node: u64,
         /// Only move its replicas away: it stays a member (e.g. for maintenance; `add-node`
         /// or replica moves give it shards again).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "force")]
         drain_only: bool,
+        /// Remove it now and let re-replication move its replicas (a dead machine): no wait
+        /// for `replace_dead_after_secs`. Refused unless every shard it is in keeps a majority
+        /// and has a spare node that answers.
+        #[arg(long)]
+        force: bool,
     },
     /// Move every replica of one node to another (a replacement machine; the old one may be
     /// dead), then remove the old one from the cluster for good.
@@ -114,7 +119,8 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             return super::placement::move_replica(&a, &http, *shard, *from, *to).await
         }
         AdminCommand::AddNode { node } => return super::placement::add_node(&a, &http, *node).await,
-        AdminCommand::RemoveNode { node, drain_only } => {
+        AdminCommand::RemoveNode { node, force: true, .. } => return super::placement::force_remove(&a, &http, *node).await,
+        AdminCommand::RemoveNode { node, drain_only, .. } => {
             return super::placement::remove_node(&a, &http, *node, !*drain_only).await
         }
         AdminCommand::ReplaceNode { old, new } => return super::placement::replace_node(&a, &http, *old, *new).await,

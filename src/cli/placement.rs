@@ -146,6 +146,35 @@ pub async fn remove_node(a: &AdminArgs, http: &reqwest::Client, node: u64, remov
     leave(a, http, node).await
 }
 
+/// `remove-node --force`: takes `node` out of the node table while shards still list it,
+/// then waits until re-replication (on the directory shard's leader) has moved every
+/// replica off it.
+pub async fn force_remove(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
+    let v = view(a, http).await?;
+    member(&v, node)?;
+    let path = format!("/v1/admin/nodes/{node}/remove?force=true");
+    super::admin::post_admin(a, http, &path, &serde_json::json!({}), Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("removing node {node}: {e}"))?;
+    println!("node {node} removed from the cluster (its id is never taken back); waiting for its replicas to move");
+    let give_up = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let held: Vec<u32> = match view(a, http).await {
+            Ok(v) => v.voters.iter().filter(|(_, vs)| vs.contains(&node)).map(|(s, _)| *s).collect(),
+            Err(_) => vec![u32::MAX],
+        };
+        if held.is_empty() {
+            println!("node {node} holds no replica: delete its data folder if it is still there");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < give_up,
+            "node {node} still listed in shards {held:?} after 10 minutes: see the log of shard 0's leader"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 /// Takes `node` out of the node table for good (`POST /v1/admin/nodes/{id}/remove`).
 async fn leave(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
     let path = format!("/v1/admin/nodes/{node}/remove");

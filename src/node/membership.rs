@@ -396,6 +396,11 @@ impl Node {
             return Err(ShardError::Invalid("a replica moves between two different nodes".into()));
         }
         for n in [from, to] {
+            // A removed node's replicas still move away (re-replication after a forced
+            // removal): only the node that takes them must be a member.
+            if n == from && self.directory.is_removed(n) {
+                continue;
+            }
             if n != self.id && self.peer_addr(n).await.is_none() {
                 return Err(ShardError::Invalid(format!("node {n} is not a member of this cluster")));
             }

@@ -9,7 +9,10 @@
 //!   all the same). One move at a time, each after confirming (linearizably) that this node
 //!   still leads shard 0 and that the dead node is still silent; "dead" counts from the first
 //!   failed call after the node's last answer. A shard with no spare node stays as it is
-//!   (logged once).
+//!   (logged once). A node the node table marks removed counts as dead at once, so its
+//!   replicas move in the next round: `admin remove-node --force` of a dead machine, and a
+//!   replica move onto a node that raced its removal (the removal's check that no shard lists
+//!   the node and the move are not atomic; this closes the gap afterwards).
 //! - Every node, every round: a shard it hosts whose group has heard from no leader for
 //!   [`SILENT`] may have moved away while this node was down (a leader no longer sends to a
 //!   node that left its membership). `Node::drop_shard` asks the shard's leader and drops
@@ -43,6 +46,7 @@ pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHan
     Some(tokio::spawn(async move {
         let dead_after = Duration::from_secs(node.cfg.replace_dead_after_secs);
         let mut warned: HashSet<(ShardId, NodeId)> = HashSet::new();
+        let mut cleared: HashSet<NodeId> = HashSet::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(ROUND) => {}
@@ -50,7 +54,7 @@ pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHan
             }
             node.drop_lost_shards().await;
             if node.leads(DIRECTORY_SHARD) {
-                node.replace_dead(dead_after, &mut warned).await;
+                node.replace_dead(dead_after, &mut warned, &mut cleared).await;
             }
         }
     }))
@@ -93,8 +97,14 @@ impl Node {
         }
     }
 
-    /// The directory shard leader's part (module docs).
-    async fn replace_dead(self: &Arc<Self>, dead_after: Duration, warned: &mut HashSet<(ShardId, NodeId)>) {
+    /// The directory shard leader's part (module docs). `cleared`: removed nodes found in no
+    /// shard's membership, not looked for again.
+    async fn replace_dead(
+        self: &Arc<Self>,
+        dead_after: Duration,
+        warned: &mut HashSet<(ShardId, NodeId)>,
+        cleared: &mut HashSet<NodeId>,
+    ) {
         let ids: Vec<NodeId> = self.directory.members().iter().map(|m| m.id).filter(|id| *id != self.id).collect();
         let ttl = self.peers.rpc_timeout();
         for (id, answer) in self.peers.ask_all(self.id, Kind::Book, DIRECTORY_SHARD, ttl).await {
@@ -104,8 +114,12 @@ impl Node {
                 Err(e) => self.peers.note_failure(id, &e),
             }
         }
-        let is_dead = |id: NodeId| self.peers.down_for(id).is_some_and(|d| d >= dead_after);
-        let dead: Vec<NodeId> = ids.iter().copied().filter(|id| is_dead(*id)).collect();
+        // A removed node (`remove-node --force` of a dead machine, or a move that raced a
+        // removal) never comes back: its replicas move at once.
+        let removed: Vec<NodeId> =
+            self.directory.table().iter().filter(|r| r.removed && r.id != self.id && !cleared.contains(&r.id)).map(|r| r.id).collect();
+        let is_dead = |id: NodeId| removed.contains(&id) || self.peers.down_for(id).is_some_and(|d| d >= dead_after);
+        let dead: Vec<NodeId> = ids.iter().chain(&removed).copied().filter(|id| is_dead(*id)).collect();
         warned.retain(|(_, id)| dead.contains(id));
         if dead.is_empty() {
             return;
@@ -121,6 +135,11 @@ impl Node {
             if let Ok(ShardReply::Members(m)) = self.call(shard, ShardOp::Members, deadline).await {
                 members.insert(shard, m.voters.iter().chain(&m.learners).copied().collect());
                 voters.insert(shard, m.voters);
+            }
+        }
+        for r in &removed {
+            if voters.len() as u32 == self.placement.shard_count() && !members.values().any(|m| m.contains(r)) {
+                cleared.insert(*r);
             }
         }
         for d in dead {
