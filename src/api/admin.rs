@@ -278,7 +278,12 @@ struct RemoveQuery {
 }
 
 /// `POST /v1/admin/nodes/{id}/remove[?force=true]` (module docs).
-async fn remove_node(State(node): St, headers: HeaderMap, Path(id): Path<String>, Query(q): Query<RemoveQuery>) -> Response {
+async fn remove_node(
+    State(node): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Response {
     let r = async {
         operator(&node, &headers)?;
         node.require_version(crate::node::directory::VERSION, "removing a node")?;
@@ -328,7 +333,11 @@ async fn remove_node(State(node): St, headers: HeaderMap, Path(id): Path<String>
 /// 0 leader's re-replication moves its replicas at once, so it must run, and every shard
 /// `id` is in must keep a majority of voters that are not removed and answer, and have a
 /// member that answers and holds no replica of it to take `id`'s place.
-async fn force_check(node: &Node, id: u64, members: &[(u32, crate::node::membership::Members)]) -> Result<(), ApiError> {
+async fn force_check(
+    node: &Node,
+    id: u64,
+    members: &[(u32, crate::node::membership::Members)],
+) -> Result<(), ApiError> {
     if node.cfg.replace_dead_after_secs == 0 {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -339,7 +348,8 @@ async fn force_check(node: &Node, id: u64, members: &[(u32, crate::node::members
     }
     // Who answers now: every member is asked (the same call re-replication probes with).
     let ttl = node.peers.rpc_timeout();
-    let asked = node.peers.ask_all(node.id, crate::raft::pipe::Kind::Book, crate::node::directory::DIRECTORY_SHARD, ttl).await;
+    let asked =
+        node.peers.ask_all(node.id, crate::raft::pipe::Kind::Book, crate::node::directory::DIRECTORY_SHARD, ttl).await;
     let answers: Vec<u64> = asked
         .into_iter()
         .filter(|(_, a)| matches!(a, Ok(_) | Err(crate::raft::network::RawError::UnknownCall)))

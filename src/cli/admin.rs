@@ -119,7 +119,9 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             return super::placement::move_replica(&a, &http, *shard, *from, *to).await
         }
         AdminCommand::AddNode { node } => return super::placement::add_node(&a, &http, *node).await,
-        AdminCommand::RemoveNode { node, force: true, .. } => return super::placement::force_remove(&a, &http, *node).await,
+        AdminCommand::RemoveNode { node, force: true, .. } => {
+            return super::placement::force_remove(&a, &http, *node).await
+        }
         AdminCommand::RemoveNode { node, drain_only, .. } => {
             return super::placement::remove_node(&a, &http, *node, !*drain_only).await
         }

@@ -116,8 +116,13 @@ impl Node {
         }
         // A removed node (`remove-node --force` of a dead machine, or a move that raced a
         // removal) never comes back: its replicas move at once.
-        let removed: Vec<NodeId> =
-            self.directory.table().iter().filter(|r| r.removed && r.id != self.id && !cleared.contains(&r.id)).map(|r| r.id).collect();
+        let removed: Vec<NodeId> = self
+            .directory
+            .table()
+            .iter()
+            .filter(|r| r.removed && r.id != self.id && !cleared.contains(&r.id))
+            .map(|r| r.id)
+            .collect();
         let is_dead = |id: NodeId| removed.contains(&id) || self.peers.down_for(id).is_some_and(|d| d >= dead_after);
         let dead: Vec<NodeId> = ids.iter().chain(&removed).copied().filter(|id| is_dead(*id)).collect();
         warned.retain(|(_, id)| dead.contains(id));

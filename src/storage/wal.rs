@@ -14,10 +14,10 @@
 //! The writer thread drains every queued record, writes them in one `write`, calls
 //! `fdatasync` once and only then completes the appends and votes it covered: under load,
 //! one sync covers many shards' appends (group commit). Segments whose entries are all
-//! purged are deleted, oldest first.
+//! purged are deleted, oldest first ([`writer`]).
 //!
 //! Recovery replays the segments in order. A torn or corrupt frame at the end of the last
-//! segment (a crash mid-write) is cut off; one anywhere else refuses the start.
+//! segment (a crash mid-write) is cut off; one anywhere else refuses the start ([`replay`]).
 
 use crate::metrics::Metrics;
 use crate::shard::ShardId;
@@ -31,7 +31,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::Instant;
 use tokio::sync::oneshot;
 
 /// A segment is closed and a new one started past this size.
@@ -225,29 +224,6 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}.wal"))
 }
 
-/// Reads the frame at `offset`; `Ok(None)` at a clean end of file.
-fn read_frame(file: &File, offset: u64, file_len: u64) -> Result<Option<(Vec<u8>, u32)>, String> {
-    if offset == file_len {
-        return Ok(None);
-    }
-    if offset + FRAME_HEADER as u64 > file_len {
-        return Err("truncated frame header".into());
-    }
-    let mut head = [0u8; FRAME_HEADER];
-    file.read_exact_at(&mut head, offset).map_err(|e| e.to_string())?;
-    let len = u32::from_le_bytes(head[..4].try_into().unwrap_or_default());
-    let crc = u32::from_le_bytes(head[4..].try_into().unwrap_or_default());
-    if len > MAX_FRAME || offset + FRAME_HEADER as u64 + len as u64 > file_len {
-        return Err(format!("frame of {len} bytes runs past the end"));
-    }
-    let mut payload = vec![0u8; len as usize];
-    file.read_exact_at(&mut payload, offset + FRAME_HEADER as u64).map_err(|e| e.to_string())?;
-    if crc32fast::hash(&payload) != crc {
-        return Err("checksum mismatch".into());
-    }
-    Ok(Some((payload, len + FRAME_HEADER as u32)))
-}
-
 impl Wal {
     /// Opens (or creates) the log under `dir`, replays it and starts the writer thread.
     pub fn open(dir: &Path, metrics: Metrics) -> Result<Self, WalError> {
@@ -267,56 +243,7 @@ impl Wal {
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".wal")?.parse().ok())
             .collect();
         seqs.sort_unstable();
-        let mut shards: BTreeMap<ShardId, ShardLog> = BTreeMap::new();
-        let mut segments = BTreeMap::new();
-        let mut tail: Option<(u64, u64)> = None;
-        for (k, seq) in seqs.iter().enumerate() {
-            let path = segment_path(dir, *seq);
-            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io(&path))?;
-            let len = file.metadata().map_err(io(&path))?.len();
-            let last = k + 1 == seqs.len();
-            let mut offset = 0u64;
-            let mut max_index = HashMap::new();
-            loop {
-                match read_frame(&file, offset, len) {
-                    Ok(None) => break,
-                    Ok(Some((payload, flen))) => {
-                        let rec: Record = match serde_json::from_slice(&payload) {
-                            Ok(r) => r,
-                            Err(e) if last => {
-                                tracing::warn!(path = %path.display(), offset, cause = %e, "cutting an undecodable record off the log's tail");
-                                break;
-                            }
-                            Err(e) => {
-                                return Err(WalError::Corrupt { path, offset, reason: e.to_string() });
-                            }
-                        };
-                        let loc = Loc { segment: *seq, offset, len: flen };
-                        if let Record::Forget { shard } = &rec {
-                            for seg in segments.values_mut() {
-                                let seg: &mut Segment = seg;
-                                seg.max_index.remove(shard);
-                            }
-                        }
-                        replay(&mut shards, &mut max_index, rec, loc);
-                        offset += flen as u64;
-                    }
-                    Err(reason) if last => {
-                        tracing::warn!(path = %path.display(), offset, %reason, "cutting a torn write off the log's tail");
-                        break;
-                    }
-                    Err(reason) => return Err(WalError::Corrupt { path, offset, reason }),
-                }
-            }
-            if last {
-                if offset < len {
-                    file.set_len(offset).map_err(io(&path))?;
-                    file.sync_all().map_err(io(&path))?;
-                }
-                tail = Some((*seq, offset));
-            }
-            segments.insert(*seq, Segment { file: Arc::new(file), path, max_index });
-        }
+        let (shards, segments, tail) = replay::segments(dir, &seqs)?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             shards: Mutex::new(shards.into_iter().map(|(s, l)| (s, Arc::new(Mutex::new(l)))).collect()),
@@ -533,183 +460,8 @@ impl Wal {
     }
 }
 
-fn replay(shards: &mut BTreeMap<ShardId, ShardLog>, max_index: &mut HashMap<ShardId, u64>, rec: Record, loc: Loc) {
-    match rec {
-        Record::Entry { shard, entry } => {
-            let index = entry.get_log_id().index;
-            let m = max_index.entry(shard).or_default();
-            *m = (*m).max(index);
-            let l = shards.entry(shard).or_default();
-            if l.meta.purged.is_some_and(|p| index <= p.index) {
-                return;
-            }
-            l.insert(entry, Some(loc), false);
-        }
-        Record::Truncate { shard, since } => shards.entry(shard).or_default().remove_from(since),
-        Record::Purge { shard, upto } => {
-            let l = shards.entry(shard).or_default();
-            l.remove_upto(upto.index);
-            l.meta.purged = Some(upto);
-        }
-        Record::Vote { shard, vote } => shards.entry(shard).or_default().meta.vote = Some(vote),
-        Record::Committed { shard, committed } => shards.entry(shard).or_default().meta.committed = committed,
-        Record::Forget { shard } => {
-            max_index.remove(&shard);
-            shards.remove(&shard);
-        }
-        Record::Checkpoint { shards: metas } => {
-            for (shard, meta) in metas {
-                let l = shards.entry(shard).or_default();
-                if let Some(p) = meta.purged {
-                    if l.meta.purged.is_none_or(|q| q.index < p.index) {
-                        l.remove_upto(p.index);
-                    }
-                }
-                l.meta = meta;
-            }
-        }
-    }
-}
-
-struct Writer {
-    shared: Arc<Shared>,
-    rx: mpsc::Receiver<Job>,
-    active: u64,
-    size: u64,
-    metrics: Metrics,
-    buf: Vec<u8>,
-    segment_bytes: u64,
-}
-
-impl Writer {
-    fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
-            let mut jobs = vec![first];
-            while let Ok(j) = self.rx.try_recv() {
-                jobs.push(j);
-            }
-            let start = Instant::now();
-            let res = self.write(&jobs);
-            self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
-            self.metrics.fsync_batch.observe(jobs.len() as f64);
-            match &res {
-                // Segments this write made garbage (a purge) go before anyone hears of it.
-                Ok(_) => self.collect_garbage(),
-                Err(e) => tracing::error!(cause = %e, "write-ahead log write failed"),
-            }
-            for j in jobs {
-                let r = res.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
-                match j.done {
-                    Done::Call(f) => f(r),
-                    Done::Wait(tx) => {
-                        let _ = tx.send(r);
-                    }
-                    Done::Nothing => {}
-                }
-            }
-        }
-    }
-
-    fn write(&mut self, jobs: &[Job]) -> io::Result<()> {
-        let total: usize = jobs.iter().map(|j| j.frames.len()).sum();
-        if self.size > 0 && self.size + total as u64 > self.segment_bytes {
-            self.rotate()?;
-        }
-        let (file, seg) = {
-            let segs = lock(&self.shared.segments);
-            let s = segs.get(&self.active).ok_or_else(|| io::Error::other("active segment missing"))?;
-            (s.file.clone(), self.active)
-        };
-        self.buf.clear();
-        let base = self.size;
-        let mut located = Vec::new();
-        for j in jobs {
-            let at = base + self.buf.len() as u64;
-            for (shard, log_id, off, len) in &j.entries {
-                located.push((*shard, *log_id, Loc { segment: seg, offset: at + *off as u64, len: *len }));
-            }
-            self.buf.extend_from_slice(&j.frames);
-        }
-        // Positioned writes: the descriptor's own offset is not the segment's end after a
-        // reopen (and never needs to be).
-        file.write_all_at(&self.buf, base)?;
-        if !cfg!(feature = "fault-unsynced-wal") && jobs.iter().any(|j| j.sync) {
-            file.sync_data()?;
-            self.metrics.fsync_rounds.inc();
-        }
-        self.size += self.buf.len() as u64;
-        // Entries now have a place on disk; their decoded copies may be evicted later.
-        let shards = lock(&self.shared.shards).clone();
-        let mut max_index: HashMap<ShardId, u64> = HashMap::new();
-        for (shard, log_id, loc) in located {
-            let m = max_index.entry(shard).or_default();
-            *m = (*m).max(log_id.index);
-            if let Some(l) = shards.get(&shard) {
-                if let Some(s) = lock(l).slots.get_mut(&log_id.index) {
-                    if s.log_id == log_id {
-                        s.loc = Some(loc);
-                    }
-                }
-            }
-        }
-        if let Some(s) = lock(&self.shared.segments).get_mut(&seg) {
-            for (shard, i) in max_index {
-                let m = s.max_index.entry(shard).or_default();
-                *m = (*m).max(i);
-            }
-        }
-        Ok(())
-    }
-
-    /// Starts a new segment, opening with a checkpoint of every shard's metadata.
-    fn rotate(&mut self) -> io::Result<()> {
-        // Lazy records at the old segment's end must not be lost behind synced ones in the
-        // new segment (a truncation would come undone under newer entries).
-        if let Some(old) = lock(&self.shared.segments).get(&self.active) {
-            old.file.sync_data()?;
-        }
-        let seq = self.active + 1;
-        let path = segment_path(&self.shared.dir, seq);
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
-        let metas: Vec<(ShardId, ShardMeta)> =
-            lock(&self.shared.shards).iter().map(|(s, l)| (*s, lock(l).meta.clone())).collect();
-        let cp = encode(&Record::Checkpoint { shards: metas })?;
-        file.write_all_at(&cp, 0)?;
-        file.sync_data()?;
-        File::open(&self.shared.dir)?.sync_all()?;
-        lock(&self.shared.segments).insert(seq, Segment { file: Arc::new(file), path, max_index: HashMap::new() });
-        self.active = seq;
-        self.size = cp.len() as u64;
-        tracing::info!(segment = seq, "started a new write-ahead log segment");
-        Ok(())
-    }
-
-    /// Deletes the oldest segments whose entries are all purged.
-    fn collect_garbage(&mut self) {
-        loop {
-            let purged: HashMap<ShardId, u64> = lock(&self.shared.shards)
-                .iter()
-                .map(|(s, l)| (*s, lock(l).meta.purged.map(|p| p.index).unwrap_or(0)))
-                .collect();
-            let mut segs = lock(&self.shared.segments);
-            let Some((&oldest, seg)) = segs.iter().next() else { return };
-            if oldest == self.active {
-                return;
-            }
-            let done = seg.max_index.iter().all(|(s, i)| purged.get(s).is_some_and(|p| i <= p));
-            if !done {
-                return;
-            }
-            let path = seg.path.clone();
-            segs.remove(&oldest);
-            drop(segs);
-            match std::fs::remove_file(&path) {
-                Ok(()) => tracing::info!(path = %path.display(), "deleted a fully purged write-ahead log segment"),
-                Err(e) => tracing::warn!(path = %path.display(), cause = %e, "cannot delete a purged log segment"),
-            }
-        }
-    }
-}
-
+mod replay;
 #[cfg(test)]
 mod tests;
+mod writer;
+use writer::Writer;
