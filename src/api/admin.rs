@@ -22,9 +22,9 @@
 //!   it (`raftchat admin remove-node` and `replace-node` move them first). Cluster version 4.
 //!   With `?force=true` (`remove-node --force`, for a dead machine) it is removed at once and
 //!   the directory shard leader's re-replication (`node::repair`) moves its replicas away in
-//!   its next round; refused (409) unless re-replication is on, every shard it is in keeps a
-//!   majority of voters that are not removed, and each such shard has a spare node that
-//!   answers.
+//!   its next round; refused (409) while the node answers, unless that leader re-replicates,
+//!   and unless every shard it is in keeps a majority of voters that answer and are not
+//!   removed and has a spare node that answers.
 
 use super::error::ApiError;
 use super::http::{auth_header, respond};
@@ -329,46 +329,85 @@ async fn remove_node(
     respond(&node, "remove_node", r)
 }
 
-/// Whether node `id` may be removed while shards still list it (`?force=true`): the shard
-/// 0 leader's re-replication moves its replicas at once, so it must run, and every shard
-/// `id` is in must keep a majority of voters that are not removed and answer, and have a
+/// Whether node `id` may be removed while shards still list it (`?force=true`, for a dead
+/// machine): it must not answer (a forced removal never takes a live voter away, so two at
+/// once cannot cost a shard its majority); the leader of the directory shard must
+/// re-replicate removed nodes (it moves `id`'s replicas in its next round); and every shard
+/// `id` is in must keep a majority of voters that answer and are not removed, and have a
 /// member that answers and holds no replica of it to take `id`'s place.
 async fn force_check(
-    node: &Node,
+    node: &Arc<Node>,
     id: u64,
     members: &[(u32, crate::node::membership::Members)],
 ) -> Result<(), ApiError> {
-    if node.cfg.replace_dead_after_secs == 0 {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "repair_off",
-            "re-replication is off (replace_dead_after_secs = 0), so nothing would move the removed node's replicas: \
-             move them first (`raftchat admin remove-node` without --force)",
-        ));
-    }
-    // Who answers now: every member is asked (the same call re-replication probes with).
+    let conflict = |code: &'static str, msg: String| Err(ApiError::new(StatusCode::CONFLICT, code, msg));
+    // Who answers now: every member is asked (the call re-replication probes with; its
+    // answer says whether the peer re-replicates removed nodes).
     let ttl = node.peers.rpc_timeout();
-    let asked =
-        node.peers.ask_all(node.id, crate::raft::pipe::Kind::Book, crate::node::directory::DIRECTORY_SHARD, ttl).await;
-    let answers: Vec<u64> = asked
-        .into_iter()
-        .filter(|(_, a)| matches!(a, Ok(_) | Err(crate::raft::network::RawError::UnknownCall)))
-        .map(|(n, _)| n)
-        .chain(std::iter::once(node.id))
-        .collect();
+    let shard0 = crate::node::directory::DIRECTORY_SHARD;
+    let asked = node.peers.ask_all(node.id, crate::raft::pipe::Kind::Book, shard0, ttl).await;
+    let mut answers = vec![node.id];
+    let mut repairs = std::collections::BTreeMap::new();
+    repairs.insert(node.id, node.directory.known().repairs);
+    for (n, a) in asked {
+        match a {
+            Ok(bytes) => {
+                answers.push(n);
+                let book: Option<crate::node::directory::Book> = serde_json::from_slice(&bytes).ok();
+                repairs.insert(n, book.and_then(|b| b.repairs));
+            }
+            Err(crate::raft::network::RawError::UnknownCall) => answers.push(n),
+            Err(_) => {}
+        }
+    }
+    if answers.contains(&id) {
+        return conflict(
+            "node_answers",
+            format!(
+                "node {id} answers: --force is for a node that is down; `raftchat admin remove-node {id}` (without \
+                 --force) moves its replicas first"
+            ),
+        );
+    }
+    let leader = match node.call(shard0, ShardOp::Members, node.request_deadline()).await? {
+        ShardReply::Members(m) => m.leader,
+        _ => return conflict("no_leader", format!("shard {shard0} answered without its membership")),
+    };
+    match repairs.get(&leader).copied().flatten() {
+        Some(true) => {}
+        Some(false) => {
+            return conflict(
+                "repair_off",
+                format!(
+                    "re-replication is off on node {leader}, the leader of shard {shard0} (replace_dead_after_secs = 0 \
+                     or cluster_version below 4), so nothing would move node {id}'s replicas: `raftchat admin \
+                     replace-node {id} NEW` moves them"
+                ),
+            )
+        }
+        None => {
+            return conflict(
+                "repair_unknown",
+                format!(
+                    "node {leader}, the leader of shard {shard0}, does not say that it re-replicates removed nodes \
+                     (an older build): upgrade it first, or `raftchat admin replace-node {id} NEW`"
+                ),
+            )
+        }
+    }
     let live: Vec<u64> = node
         .directory
         .members()
         .iter()
         .map(|m| m.id)
+        .chain(std::iter::once(node.id))
         .filter(|n| *n != id && answers.contains(n) && !node.directory.is_removed(*n))
-        .chain(std::iter::once(node.id).filter(|n| *n != id))
         .collect::<std::collections::BTreeSet<u64>>()
         .into_iter()
         .collect();
     match force_refusal(id, members, |n| !live.contains(&n), &live) {
         None => Ok(()),
-        Some((code, msg)) => Err(ApiError::new(StatusCode::CONFLICT, code, msg)),
+        Some((code, msg)) => conflict(code, msg),
     }
 }
 

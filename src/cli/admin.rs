@@ -93,9 +93,9 @@ pub enum AdminCommand {
         /// or replica moves give it shards again).
         #[arg(long, conflicts_with = "force")]
         drain_only: bool,
-        /// Remove it now and let re-replication move its replicas (a dead machine): no wait
-        /// for `replace_dead_after_secs`. Refused unless every shard it is in keeps a majority
-        /// and has a spare node that answers.
+        /// For a node that is down (a dead machine): remove it now and let re-replication move
+        /// its replicas, without waiting `replace_dead_after_secs`. Refused while it answers,
+        /// and unless every shard it is in keeps a majority and has a spare node.
         #[arg(long)]
         force: bool,
     },

@@ -151,12 +151,17 @@ pub async fn remove_node(a: &AdminArgs, http: &reqwest::Client, node: u64, remov
 /// replica off it.
 pub async fn force_remove(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
     let v = view(a, http).await?;
-    member(&v, node)?;
-    let path = format!("/v1/admin/nodes/{node}/remove?force=true");
-    super::admin::post_admin(a, http, &path, &serde_json::json!({}), Duration::from_secs(60))
-        .await
-        .map_err(|e| anyhow::anyhow!("removing node {node}: {e}"))?;
-    println!("node {node} removed from the cluster (its id is never taken back); waiting for its replicas to move");
+    if member(&v, node).is_err() && removed_in_table(a, http, node).await {
+        // Run again after a timeout: the removal stands, only the wait is left.
+        println!("node {node} is already removed from the cluster; waiting for its replicas to move");
+    } else {
+        member(&v, node)?;
+        let path = format!("/v1/admin/nodes/{node}/remove?force=true");
+        super::admin::post_admin(a, http, &path, &serde_json::json!({}), Duration::from_secs(60))
+            .await
+            .map_err(|e| anyhow::anyhow!("removing node {node}: {e}"))?;
+        println!("node {node} removed from the cluster (its id is never taken back); waiting for its replicas to move");
+    }
     let give_up = std::time::Instant::now() + Duration::from_secs(600);
     loop {
         let held: Vec<u32> = match view(a, http).await {
@@ -173,6 +178,19 @@ pub async fn force_remove(a: &AdminArgs, http: &reqwest::Client, node: u64) -> a
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// Whether the node table marks `node` removed (`GET /v1/admin/nodes`).
+async fn removed_in_table(a: &AdminArgs, http: &reqwest::Client, node: u64) -> bool {
+    let Ok(token) = super::admin::operator_token(a) else { return false };
+    let url = format!("{}/v1/admin/nodes", a.server.trim_end_matches('/'));
+    let Ok(r) = http.get(url).bearer_auth(token).timeout(Duration::from_secs(10)).send().await else { return false };
+    let Ok(body) = r.json::<Value>().await else { return false };
+    body["table"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|rec| rec["id"].as_u64() == Some(node) && rec["removed"].as_bool() == Some(true))
 }
 
 /// Takes `node` out of the node table for good (`POST /v1/admin/nodes/{id}/remove`).

@@ -57,6 +57,9 @@ pub struct Directory {
     founders: Mutex<Option<Vec<NodeId>>>,
     /// Set when this node finds itself removed: the server stops.
     removed: watch::Sender<bool>,
+    /// Whether this node re-replicates when it leads the directory shard, removed nodes
+    /// counting as dead (`node::repair`): told to peers in [`Book::repairs`].
+    repairs: bool,
 }
 
 pub fn record(a: &NodeAddr, removed: bool) -> NodeRecord {
@@ -89,6 +92,7 @@ impl Directory {
             heard: Mutex::new(BTreeMap::new()),
             updating: Mutex::new(()),
             removed: watch::channel(false).0,
+            repairs: cfg.replace_dead_after_secs > 0 && cfg.cluster_version >= VERSION,
         }
     }
 
@@ -114,7 +118,7 @@ impl Directory {
     /// Everything this node knows, removed nodes included (marked), and the founders if
     /// known: what it answers a peer's [`Kind::Book`](crate::raft::pipe::Kind::Book).
     pub fn known(&self) -> Book {
-        Book { nodes: self.view().into_values().collect(), founders: self.founders() }
+        Book { nodes: self.view().into_values().collect(), founders: self.founders(), repairs: Some(self.repairs) }
     }
 
     /// The nodes the cluster was created with, if this node knows them.
@@ -169,6 +173,11 @@ pub struct Book {
     /// The nodes the cluster was created with, when the peer knows them.
     #[serde(default)]
     pub founders: Option<Vec<NodeId>>,
+    /// Whether the peer re-replicates a removed node's replicas at once when it leads the
+    /// directory shard (`remove-node --force` needs that of the leader); None from builds
+    /// before that rule.
+    #[serde(default)]
+    pub repairs: Option<bool>,
 }
 
 /// Why [`Node::set_node`] failed.

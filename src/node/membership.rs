@@ -360,6 +360,14 @@ impl Node {
         if from == self.id {
             return Err(ShardError::Invalid(format!("node {from} leads shard {shard}: move the leadership first")));
         }
+        // The node table read afresh: a node removed a moment ago (its removal checked that no
+        // shard lists it, so this move must not list it after) is refused here, before the
+        // learner and again before the voters change.
+        let removed = |n: NodeId| ShardError::Invalid(format!("node {n} was removed from the cluster"));
+        let _ = self.refresh_directory().await;
+        if self.directory.is_removed(to) {
+            return Err(removed(to));
+        }
         let addr =
             self.peer_addr(to).await.ok_or_else(|| ShardError::Invalid(format!("node {to} is not a known peer")))?;
         if !m.learners.contains(&to) && !m.voters.contains(&to) {
@@ -370,6 +378,10 @@ impl Node {
                 Ok(Err(e)) => return Err(unavailable(format!("adding node {to} as a learner: {e}"))),
                 Err(_) => return Err(ShardError::Timeout { shard }),
             }
+        }
+        let _ = self.refresh_directory().await;
+        if self.directory.is_removed(to) {
+            return Err(removed(to));
         }
         let mut voters: BTreeSet<NodeId> = m.voters.iter().copied().collect();
         voters.remove(&from);

@@ -12,7 +12,10 @@
 //!   (logged once). A node the node table marks removed counts as dead at once, so its
 //!   replicas move in the next round: `admin remove-node --force` of a dead machine, and a
 //!   replica move onto a node that raced its removal (the removal's check that no shard lists
-//!   the node and the move are not atomic; this closes the gap afterwards).
+//!   the node and the move are not atomic; this closes the gap afterwards). Removed nodes
+//!   found in no shard are not looked for again for a minute.
+//! - Every node, every round: a group it leads that lists a removed node as a learner (a
+//!   move onto it cut short by its removal) takes the learner out.
 //! - Every node, every round: a shard it hosts whose group has heard from no leader for
 //!   [`SILENT`] may have moved away while this node was down (a leader no longer sends to a
 //!   node that left its membership). `Node::drop_shard` asks the shard's leader and drops
@@ -25,7 +28,8 @@ use super::Node;
 use crate::raft::network::RawError;
 use crate::raft::pipe::Kind;
 use crate::shard::{NodeId, ShardId};
-use std::collections::{BTreeMap, HashSet};
+use openraft::ChangeMembers;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -36,6 +40,8 @@ use tokio::time::Instant;
 pub const ROUND: Duration = Duration::from_secs(5);
 /// A group that heard from no leader this long asks whether it still belongs to its shard.
 pub const SILENT: Duration = Duration::from_secs(10);
+/// Rounds after which removed nodes found in no shard are looked for again (one minute).
+const CLEARED_FOR: u64 = 12;
 
 /// The repair task (module docs); nothing when `replace_dead_after_secs` is 0 or below
 /// `cluster_version` 4 (older builds do not answer the probe).
@@ -47,12 +53,20 @@ pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHan
         let dead_after = Duration::from_secs(node.cfg.replace_dead_after_secs);
         let mut warned: HashSet<(ShardId, NodeId)> = HashSet::new();
         let mut cleared: HashSet<NodeId> = HashSet::new();
+        let mut rounds: u64 = 0;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(ROUND) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             node.drop_lost_shards().await;
+            node.drop_removed_learners().await;
+            // Removed nodes found in no shard are looked for again now and then: a move that
+            // raced a removal on a stale node table may list one later.
+            rounds += 1;
+            if rounds % CLEARED_FOR == 0 {
+                cleared.clear();
+            }
             if node.leads(DIRECTORY_SHARD) {
                 node.replace_dead(dead_after, &mut warned, &mut cleared).await;
             }
@@ -93,6 +107,28 @@ impl Node {
             match self.drop_shard(shard, deadline).await {
                 Ok(()) => tracing::info!(shard, "dropped a copy that moved away while this node was down"),
                 Err(e) => tracing::debug!(shard, cause = %e, "silent shard kept"),
+            }
+        }
+    }
+
+    /// Groups this node leads that list a removed node as a learner (a move onto it that
+    /// raced its removal, cut short when it stopped): the learner is taken out.
+    async fn drop_removed_learners(self: &Arc<Self>) {
+        for g in self.local.groups() {
+            let (leads, learners) = {
+                let m = g.raft.metrics().borrow().clone();
+                let learners: BTreeSet<NodeId> =
+                    m.membership_config.membership().learner_ids().filter(|n| self.directory.is_removed(*n)).collect();
+                (m.current_leader == Some(self.id), learners)
+            };
+            if !leads || learners.is_empty() {
+                continue;
+            }
+            let change = g.raft.change_membership(ChangeMembers::RemoveNodes(learners.clone()), false);
+            match tokio::time::timeout(self.peers.rpc_timeout() * 2, change).await {
+                Ok(Ok(_)) => tracing::info!(shard = g.shard, ?learners, "took removed nodes out of the learners"),
+                Ok(Err(e)) => tracing::debug!(shard = g.shard, cause = %e, "removed learners kept for now"),
+                Err(_) => tracing::debug!(shard = g.shard, "taking removed learners out timed out"),
             }
         }
     }
