@@ -64,7 +64,7 @@ pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHan
             // Removed nodes found in no shard are looked for again now and then: a move that
             // raced a removal on a stale node table may list one later.
             rounds += 1;
-            if rounds % CLEARED_FOR == 0 {
+            if rounds.is_multiple_of(CLEARED_FOR) {
                 cleared.clear();
             }
             if node.leads(DIRECTORY_SHARD) {
