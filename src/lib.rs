@@ -32,6 +32,7 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod fixture;
+pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod raft;

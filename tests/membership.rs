@@ -440,8 +440,12 @@ async fn a_dead_nodes_replicas_move_to_live_nodes_and_it_drops_them_when_back() 
         (seen.len() == 8 && seen.values().all(|v| v.len() == 3 && !v.contains(&dead))).then_some(())
     })
     .await;
-    let log = std::fs::read_to_string(c.dir.join(format!("node{}.log", lead0 + 1))).unwrap();
-    assert!(log.contains("re-replicated a shard of a dead node"), "{}", logs(&c));
+    // Whichever node leads shard 0 now made the moves.
+    let moved = (0..4).any(|i| {
+        std::fs::read_to_string(c.dir.join(format!("node{}.log", i + 1)))
+            .is_ok_and(|l| l.contains("re-replicated a shard of a dead node"))
+    });
+    assert!(moved, "{}", logs(&c));
     for (k, a) in users.iter().enumerate() {
         let b = users[(k + 1) % users.len()];
         let id = format!("after-{k}");
@@ -518,8 +522,12 @@ async fn a_dead_node_removed_with_force_has_its_replicas_moved_at_once() {
     // A node that answers is never forced out.
     let other_i = live.iter().copied().find(|i| *i != lead0 && *i != via).unwrap();
     let other = other_i as u64 + 1;
-    let (ok, out) = admin_via(&c, via, &["remove-node", &other.to_string(), "--force"]);
-    assert!(!ok && out.contains("is for a node that is down"), "{out}");
+    common::eventually(Duration::from_secs(30), "a forced removal of a node that answers is refused", || async {
+        let (ok, out) = admin_via(&c, via, &["remove-node", &other.to_string(), "--force"]);
+        assert!(!ok, "{out}");
+        out.contains("is for a node that is down").then_some(())
+    })
+    .await;
     // Down, but with three nodes left every shard is on all of them: no node could take its
     // replicas, so it is refused with the reason.
     c.kill(other_i).unwrap();

@@ -369,10 +369,33 @@ async fn force_check(
             ),
         );
     }
-    let leader = match node.call(shard0, ShardOp::Members, node.request_deadline()).await? {
-        ShardReply::Members(m) => m.leader,
+    let m0 = match node.call(shard0, ShardOp::Members, node.request_deadline()).await? {
+        ShardReply::Members(m) => m,
         _ => return conflict("no_leader", format!("shard {shard0} answered without its membership")),
     };
+    let leader = m0.leader;
+    if !answers.contains(&leader) {
+        return conflict(
+            "leader_silent",
+            format!("node {leader}, the leader of shard {shard0}, did not answer just now: try again in a moment"),
+        );
+    }
+    // Any voter of shard 0 may lead it next: one that answers and does not re-replicate
+    // removed nodes is refused too (one that does not answer cannot be asked).
+    if let Some(v) = m0
+        .voters
+        .iter()
+        .find(|v| **v != leader && answers.contains(v) && repairs.get(v).copied().flatten() != Some(true))
+    {
+        return conflict(
+            "repair_off",
+            format!(
+                "node {v}, a voter of shard {shard0} (which re-replicates from its leader), does not re-replicate removed \
+                 nodes (replace_dead_after_secs = 0, or an older build): `raftchat admin replace-node {id} NEW` moves \
+                 node {id}'s replicas"
+            ),
+        );
+    }
     match repairs.get(&leader).copied().flatten() {
         Some(true) => {}
         Some(false) => {

@@ -344,6 +344,22 @@ impl Node {
     ) -> Result<Members, ShardError> {
         let group = self.local.group(shard).ok_or(ShardError::NotReplica { shard })?;
         let unavailable = |e: String| ShardError::Unavailable { shard, reason: e };
+        // A change cut short between its two steps left a joint config (both voter sets):
+        // finish it first, to the newer set, so the checks below see plain voters.
+        let joint = group.raft.metrics().borrow().membership_config.membership().get_joint_config().clone();
+        if joint.len() > 1 {
+            let last = joint.last().cloned().unwrap_or_default();
+            tracing::warn!(shard, ?joint, "finishing a membership change cut short");
+            finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(last), deadline)
+                .await
+                .map_err(|e| e.unwrap_or(ShardError::Timeout { shard }))
+                .map_err(|e| match e {
+                    ShardError::Unavailable { reason, .. } => {
+                        unavailable(format!("finishing a joint config: {reason}"))
+                    }
+                    e => e,
+                })?;
+        }
         let m = self.members_local(shard, deadline).await?;
         if m.voters.contains(&to) && !m.voters.contains(&from) {
             return Ok(m);
@@ -364,7 +380,7 @@ impl Node {
         // shard lists it, so this move must not list it after) is refused here, before the
         // learner and again before the voters change.
         let removed = |n: NodeId| ShardError::Invalid(format!("node {n} was removed from the cluster"));
-        let _ = self.refresh_directory().await;
+        self.refresh_directory_within(deadline).await;
         if self.directory.is_removed(to) {
             return Err(removed(to));
         }
@@ -379,21 +395,27 @@ impl Node {
                 Err(_) => return Err(ShardError::Timeout { shard }),
             }
         }
-        let _ = self.refresh_directory().await;
+        self.refresh_directory_within(deadline).await;
         if self.directory.is_removed(to) {
             return Err(removed(to));
         }
         let mut voters: BTreeSet<NodeId> = m.voters.iter().copied().collect();
         voters.remove(&from);
         voters.insert(to);
-        let change = group.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false);
-        match tokio::time::timeout_at(deadline, change).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(unavailable(format!("changing the voters: {e}"))),
-            Err(_) => return Err(ShardError::Timeout { shard }),
-        }
+        finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(voters), deadline).await.map_err(|e| match e {
+            None => ShardError::Timeout { shard },
+            Some(ShardError::Unavailable { reason, .. }) => unavailable(format!("changing the voters: {reason}")),
+            Some(e) => e,
+        })?;
         tracing::info!(shard, from, to, "replica moved");
         self.members_local(shard, deadline).await
+    }
+
+    /// Reads the node table afresh, giving it at most a quarter of what is left before
+    /// `deadline` (and one RPC timeout); on failure the table as last read stands.
+    async fn refresh_directory_within(self: &Arc<Self>, deadline: Instant) {
+        let budget = (deadline.saturating_duration_since(Instant::now()) / 4).min(self.peers.rpc_timeout());
+        let _ = tokio::time::timeout(budget, self.refresh_directory()).await;
     }
 
     /// Moves `shard`'s replica from `from` to `to` (module docs); safe to run again.
@@ -493,5 +515,24 @@ impl Node {
             shard,
             reason: format!("node {node} sent an undecodable reply: {e}"),
         })?
+    }
+}
+
+/// Runs a membership change on its own task, so that both of its steps (joint config, then
+/// the new one) are made even when the caller stops waiting at `deadline`: a change dropped
+/// between them would leave the shard in a joint config. `Err(None)`: the deadline passed
+/// (the change goes on).
+async fn finish_change(
+    raft: &crate::types::Raft,
+    change: ChangeMembers<NodeId, BasicNode>,
+    deadline: Instant,
+) -> Result<(), Option<ShardError>> {
+    let raft = raft.clone();
+    let task = tokio::spawn(async move { raft.change_membership(change, false).await });
+    match tokio::time::timeout_at(deadline, task).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(Some(ShardError::Unavailable { shard: 0, reason: e.to_string() })),
+        Ok(Err(e)) => Err(Some(ShardError::Unavailable { shard: 0, reason: format!("the change's task failed: {e}") })),
+        Err(_) => Err(None),
     }
 }

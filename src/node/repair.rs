@@ -115,13 +115,16 @@ impl Node {
     /// raced its removal, cut short when it stopped): the learner is taken out.
     async fn drop_removed_learners(self: &Arc<Self>) {
         for g in self.local.groups() {
-            let (leads, learners) = {
+            let (leads, joint, learners) = {
                 let m = g.raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
                 let learners: BTreeSet<NodeId> =
-                    m.membership_config.membership().learner_ids().filter(|n| self.directory.is_removed(*n)).collect();
-                (m.current_leader == Some(self.id), learners)
+                    membership.learner_ids().filter(|n| self.directory.is_removed(*n)).collect();
+                (m.current_leader == Some(self.id), membership.get_joint_config().len() > 1, learners)
             };
-            if !leads || learners.is_empty() {
+            // Never in the middle of a voter change (a joint config): its second step would
+            // find this one in progress.
+            if !leads || joint || learners.is_empty() {
                 continue;
             }
             let change = g.raft.change_membership(ChangeMembers::RemoveNodes(learners.clone()), false);
