@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::callsite::Identifier;
+use tracing::subscriber::Interest;
 use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// The filter when `RUST_LOG` is unset: openraft's replication modules log several lines
 /// per shard each time replication to an unreachable peer is retried, so they are off.
@@ -53,29 +55,49 @@ impl RepeatLimit {
     }
 }
 
+/// `layer` behind the two filters: `env` outside (a callsite it disables stays disabled
+/// for good, and its level is the process's maximum, so disabled `debug!`/`trace!` calls
+/// in hot code cost nothing), the repeat limit inside, consulted on every call only for
+/// openraft's WARN and ERROR callsites.
+pub fn filtered<L>(layer: L, env: EnvFilter, every: Duration) -> impl Layer<Registry> + Send + Sync
+where
+    L: Layer<Registry> + Send + Sync + 'static,
+{
+    let limit = RepeatLimit::new(every);
+    let limit =
+        tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| limit.allow(meta)).with_callsite_filter(|meta| {
+            if meta.is_event() && *meta.level() <= tracing::Level::WARN && meta.target().starts_with("openraft") {
+                Interest::sometimes()
+            } else {
+                Interest::always()
+            }
+        });
+    layer.with_filter(limit).with_filter(env)
+}
+
 /// Installs the process's log subscriber (`RUST_LOG` overrides [`DEFAULT_FILTER`]).
 pub fn init(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_FILTER.into());
-    let limit = RepeatLimit::new(REPEAT_EVERY);
-    let limit = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| limit.allow(meta));
+    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_FILTER.into());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        tracing_subscriber::registry().with(fmt.json().with_filter(filter).with_filter(limit)).init();
+        tracing_subscriber::registry().with(filtered(fmt.json(), env, REPEAT_EVERY)).init();
     } else {
         // Colour only on a terminal: log files (`raftchat local`, systemd, the harness) stay plain text.
         let fmt = fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-        tracing_subscriber::registry().with(fmt.with_filter(filter).with_filter(limit)).init();
+        tracing_subscriber::registry().with(filtered(fmt, env, REPEAT_EVERY)).init();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::RepeatLimit;
+    use super::filtered;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
+    use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::{Context, Layer};
     use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
 
     struct Count(Arc<AtomicUsize>);
     impl<S: tracing::Subscriber> Layer<S> for Count {
@@ -86,12 +108,19 @@ mod tests {
 
     fn count(every: Duration, emit: impl FnOnce()) -> usize {
         let n = Arc::new(AtomicUsize::new(0));
-        let limit = RepeatLimit::new(every);
-        let sub = tracing_subscriber::registry().with(
-            Count(n.clone()).with_filter(tracing_subscriber::filter::dynamic_filter_fn(move |m, _| limit.allow(m))),
-        );
+        let sub = tracing_subscriber::registry().with(filtered(Count(n.clone()), EnvFilter::new("info"), every));
         tracing::subscriber::with_default(sub, emit);
         n.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn the_process_filter_keeps_its_level_so_disabled_calls_stay_free() {
+        let sub = tracing_subscriber::registry().with(filtered(
+            tracing_subscriber::fmt::layer().with_writer(std::io::sink),
+            EnvFilter::new(super::DEFAULT_FILTER),
+            super::REPEAT_EVERY,
+        ));
+        assert_eq!(tracing::Subscriber::max_level_hint(&sub), Some(LevelFilter::INFO));
     }
 
     #[test]

@@ -476,7 +476,14 @@ mod tests {
     use crate::node::membership::Members;
 
     fn m(voters: &[u64]) -> Members {
-        Members { leader: voters[0], index: 1, committed: true, voters: voters.to_vec(), learners: vec![] }
+        Members {
+            leader: voters[0],
+            index: 1,
+            committed: true,
+            voters: voters.to_vec(),
+            learners: vec![],
+            joint: false,
+        }
     }
 
     #[test]

@@ -127,6 +127,10 @@ pub struct Members {
     pub committed: bool,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// In the middle of a voter change (a joint config: `voters` holds both sets); the
+    /// next move of the shard finishes it. False from builds before this field.
+    #[serde(default)]
+    pub joint: bool,
 }
 
 /// What a move did.
@@ -330,7 +334,8 @@ impl Node {
         let learners: Vec<NodeId> = mc.membership().learner_ids().collect();
         let index = mc.log_id().map(|l| l.index).unwrap_or(0);
         let committed = handle.group.committed() >= index;
-        Ok(Members { leader: self.id, index, committed, voters, learners })
+        let joint = mc.membership().get_joint_config().len() > 1;
+        Ok(Members { leader: self.id, index, committed, voters, learners, joint })
     }
 
     /// The leader's side of a move ([`ShardOp::ChangeReplica`]): `to` becomes a learner,
@@ -344,23 +349,22 @@ impl Node {
     ) -> Result<Members, ShardError> {
         let group = self.local.group(shard).ok_or(ShardError::NotReplica { shard })?;
         let unavailable = |e: String| ShardError::Unavailable { shard, reason: e };
-        // A change cut short between its two steps left a joint config (both voter sets):
-        // finish it first, to the newer set, so the checks below see plain voters.
-        let joint = group.raft.metrics().borrow().membership_config.membership().get_joint_config().clone();
-        if joint.len() > 1 {
+        let mut m = self.members_local(shard, deadline).await?;
+        if m.joint {
+            // A change cut short between its two steps left a joint config (both voter
+            // sets): finish it first, to the newer set, so the checks below see plain voters.
+            let joint = group.raft.metrics().borrow().membership_config.membership().get_joint_config().clone();
             let last = joint.last().cloned().unwrap_or_default();
             tracing::warn!(shard, ?joint, "finishing a membership change cut short");
-            finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(last), deadline)
-                .await
-                .map_err(|e| e.unwrap_or(ShardError::Timeout { shard }))
-                .map_err(|e| match e {
-                    ShardError::Unavailable { reason, .. } => {
-                        unavailable(format!("finishing a joint config: {reason}"))
-                    }
-                    e => e,
-                })?;
+            finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(last), deadline).await.map_err(|e| match e {
+                None => ShardError::Timeout { shard },
+                Some(ShardError::Unavailable { reason, .. }) => {
+                    unavailable(format!("finishing a joint config: {reason}"))
+                }
+                Some(e) => e,
+            })?;
+            m = self.members_local(shard, deadline).await?;
         }
-        let m = self.members_local(shard, deadline).await?;
         if m.voters.contains(&to) && !m.voters.contains(&from) {
             return Ok(m);
         }
@@ -444,7 +448,8 @@ impl Node {
             other => return Err(ShardError::Storage(format!("unexpected reply {other:?}"))),
         };
         let done = m.voters.contains(&to) && !m.voters.contains(&from);
-        if m.voters.contains(&to) && m.voters.contains(&from) {
+        // In a joint config both voter sets are listed: the leader finishes it first.
+        if m.voters.contains(&to) && m.voters.contains(&from) && !m.joint {
             return Err(ShardError::Invalid(format!(
                 "node {to} already holds a replica of shard {shard} (voters {:?}): pick a node that does not",
                 m.voters
