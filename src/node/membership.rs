@@ -347,8 +347,15 @@ impl Node {
         to: NodeId,
         deadline: Instant,
     ) -> Result<Members, ShardError> {
-        let group = self.local.group(shard).ok_or(ShardError::NotReplica { shard })?;
+        let handle = self.local.handle(shard).ok_or(ShardError::NotReplica { shard })?;
+        let group = handle.group.clone();
         let unavailable = |e: String| ShardError::Unavailable { shard, reason: e };
+        // Held until this call returns and every change it started has finished (each
+        // spawned change keeps a clone).
+        let one = tokio::time::timeout_at(deadline, handle.membership.clone().lock_owned())
+            .await
+            .map_err(|_| unavailable("another membership change of the shard is running".into()))?;
+        let one = Arc::new(one);
         let mut m = self.members_local(shard, deadline).await?;
         if m.joint {
             // A change cut short between its two steps left a joint config (both voter
@@ -356,13 +363,15 @@ impl Node {
             let joint = group.raft.metrics().borrow().membership_config.membership().get_joint_config().clone();
             let last = joint.last().cloned().unwrap_or_default();
             tracing::warn!(shard, ?joint, "finishing a membership change cut short");
-            finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(last), deadline).await.map_err(|e| match e {
-                None => ShardError::Timeout { shard },
-                Some(ShardError::Unavailable { reason, .. }) => {
-                    unavailable(format!("finishing a joint config: {reason}"))
-                }
-                Some(e) => e,
-            })?;
+            finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(last), deadline, one.clone()).await.map_err(
+                |e| match e {
+                    None => ShardError::Timeout { shard },
+                    Some(ShardError::Unavailable { reason, .. }) => {
+                        unavailable(format!("finishing a joint config: {reason}"))
+                    }
+                    Some(e) => e,
+                },
+            )?;
             m = self.members_local(shard, deadline).await?;
         }
         if m.voters.contains(&to) && !m.voters.contains(&from) {
@@ -406,11 +415,13 @@ impl Node {
         let mut voters: BTreeSet<NodeId> = m.voters.iter().copied().collect();
         voters.remove(&from);
         voters.insert(to);
-        finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(voters), deadline).await.map_err(|e| match e {
-            None => ShardError::Timeout { shard },
-            Some(ShardError::Unavailable { reason, .. }) => unavailable(format!("changing the voters: {reason}")),
-            Some(e) => e,
-        })?;
+        finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(voters), deadline, one.clone()).await.map_err(
+            |e| match e {
+                None => ShardError::Timeout { shard },
+                Some(ShardError::Unavailable { reason, .. }) => unavailable(format!("changing the voters: {reason}")),
+                Some(e) => e,
+            },
+        )?;
         tracing::info!(shard, from, to, "replica moved");
         self.members_local(shard, deadline).await
     }
@@ -525,15 +536,19 @@ impl Node {
 
 /// Runs a membership change on its own task, so that both of its steps (joint config, then
 /// the new one) are made even when the caller stops waiting at `deadline`: a change dropped
-/// between them would leave the shard in a joint config. `Err(None)`: the deadline passed
-/// (the change goes on).
+/// between them would leave the shard in a joint config. The task holds `one` (the shard's
+/// membership lock) until it ends. `Err(None)`: the deadline passed (the change goes on).
 async fn finish_change(
     raft: &crate::types::Raft,
     change: ChangeMembers<NodeId, BasicNode>,
     deadline: Instant,
+    one: Arc<tokio::sync::OwnedMutexGuard<()>>,
 ) -> Result<(), Option<ShardError>> {
     let raft = raft.clone();
-    let task = tokio::spawn(async move { raft.change_membership(change, false).await });
+    let task = tokio::spawn(async move {
+        let _one = one;
+        raft.change_membership(change, false).await
+    });
     match tokio::time::timeout_at(deadline, task).await {
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err(e))) => Err(Some(ShardError::Unavailable { shard: 0, reason: e.to_string() })),

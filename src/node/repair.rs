@@ -127,6 +127,9 @@ impl Node {
             if !leads || joint || learners.is_empty() {
                 continue;
             }
+            // Not while a move of the shard runs here (it holds the lock through its change).
+            let Some(handle) = self.local.handle(g.shard) else { continue };
+            let Ok(_one) = handle.membership.try_lock() else { continue };
             let change = g.raft.change_membership(ChangeMembers::RemoveNodes(learners.clone()), false);
             match tokio::time::timeout(self.peers.rpc_timeout() * 2, change).await {
                 Ok(Ok(_)) => tracing::info!(shard = g.shard, ?learners, "took removed nodes out of the learners"),

@@ -71,6 +71,10 @@ pub struct ShardHandle {
     reads_last_ok: tokio::sync::Mutex<u64>,
     /// The batcher's in-flight slots: holding them all holds new proposals back.
     slots: Arc<Semaphore>,
+    /// One membership change of the shard at a time on this node (a replica move's learner
+    /// and voter change, or taking removed learners out): two interleaved would make a new
+    /// joint config out of one still being finished.
+    pub membership: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Gives back an admitted command's share of the queue bounds when it is answered.
@@ -102,6 +106,7 @@ impl ShardHandle {
             reads_started: AtomicU64::new(0),
             reads_last_ok: tokio::sync::Mutex::new(0),
             slots,
+            membership: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
