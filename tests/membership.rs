@@ -396,6 +396,32 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     assert!(out.contains("not a member"), "{out}");
 }
 
+/// Waits until each of the 8 shards, as its leader among `live` sees it, has 3 voters and
+/// none of them is `dead`.
+async fn back_to_three_voters_without(c: &common::TestCluster, live: &[usize], dead: u64, what: &str) {
+    common::eventually(Duration::from_secs(90), what, || async {
+        let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for &i in live {
+            for (shard, (voters, leader)) in hosted(c, i).await {
+                if leader == Some(i as u64 + 1) {
+                    seen.insert(shard, voters);
+                }
+            }
+        }
+        (seen.len() == 8 && seen.values().all(|v| v.len() == 3 && !v.contains(&dead))).then_some(())
+    })
+    .await;
+}
+
+/// Whichever node leads shard 0 by now logged that re-replication moved a shard.
+fn assert_repair_moved(c: &common::TestCluster) {
+    let moved = (0..c.len()).any(|i| {
+        std::fs::read_to_string(c.dir.join(format!("node{}.log", i + 1)))
+            .is_ok_and(|l| l.contains("re-replicated a shard of a dead node"))
+    });
+    assert!(moved, "{}", logs(c));
+}
+
 /// Re-replication: a node of a 4-node cluster dies; once it has been silent for
 /// `replace_dead_after_secs`, each shard it held gets a replica on a live node that had none
 /// (three voters again, without it), with nothing lost. When it comes back, it drops the
@@ -428,24 +454,8 @@ async fn a_dead_nodes_replicas_move_to_live_nodes_and_it_drops_them_when_back() 
     assert!(held > 0, "the victim holds replicas");
     c.kill(victim).unwrap();
     let live: Vec<usize> = (0..4).filter(|i| *i != victim).collect();
-    common::eventually(Duration::from_secs(90), "every shard has 3 voters, none of them the dead node", || async {
-        let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for &i in &live {
-            for (shard, (voters, leader)) in hosted(&c, i).await {
-                if leader == Some(i as u64 + 1) {
-                    seen.insert(shard, voters);
-                }
-            }
-        }
-        (seen.len() == 8 && seen.values().all(|v| v.len() == 3 && !v.contains(&dead))).then_some(())
-    })
-    .await;
-    // Whichever node leads shard 0 now made the moves.
-    let moved = (0..4).any(|i| {
-        std::fs::read_to_string(c.dir.join(format!("node{}.log", i + 1)))
-            .is_ok_and(|l| l.contains("re-replicated a shard of a dead node"))
-    });
-    assert!(moved, "{}", logs(&c));
+    back_to_three_voters_without(&c, &live, dead, "every shard has 3 voters, none of them the dead node").await;
+    assert_repair_moved(&c);
     for (k, a) in users.iter().enumerate() {
         let b = users[(k + 1) % users.len()];
         let id = format!("after-{k}");
@@ -500,25 +510,9 @@ async fn a_dead_node_removed_with_force_has_its_replicas_moved_at_once() {
     let (ok, out) = admin_via(&c, via, &["remove-node", &dead.to_string(), "--force"]);
     assert!(ok, "{out}\n{}", logs(&c));
     assert!(out.contains(&format!("node {dead} holds no replica")), "{out}");
-    common::eventually(Duration::from_secs(90), "every shard has 3 voters, none of them the removed node", || async {
-        let mut seen: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for &i in &live {
-            for (shard, (voters, leader)) in hosted(&c, i).await {
-                if leader == Some(i as u64 + 1) {
-                    seen.insert(shard, voters);
-                }
-            }
-        }
-        (seen.len() == 8 && seen.values().all(|v| v.len() == 3 && !v.contains(&dead))).then_some(())
-    })
-    .await;
+    back_to_three_voters_without(&c, &live, dead, "every shard has 3 voters, none of them the removed node").await;
     assert!(started.elapsed() < Duration::from_secs(120), "moved long before the 300 s threshold");
-    // Whichever node leads shard 0 now made the moves.
-    let moved = (0..4).any(|i| {
-        std::fs::read_to_string(c.dir.join(format!("node{}.log", i + 1)))
-            .is_ok_and(|l| l.contains("re-replicated a shard of a dead node"))
-    });
-    assert!(moved, "{}", logs(&c));
+    assert_repair_moved(&c);
     // A node that answers is never forced out.
     let other_i = live.iter().copied().find(|i| *i != lead0 && *i != via).unwrap();
     let other = other_i as u64 + 1;
