@@ -24,6 +24,8 @@ struct View {
     /// Shard -> the node leader balancing gives it back to (its creation-time first replica
     /// while still a voter); absent when it has none.
     preferred: BTreeMap<u32, u64>,
+    /// Nodes the node table marks removed (empty from builds without the table).
+    removed: BTreeSet<u64>,
 }
 
 impl View {
@@ -36,9 +38,22 @@ async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
     let base = a.server.trim_end_matches('/');
     // The node asked reads the node table afresh first, so a node that registered a moment
     // ago is listed (an older build has no such endpoint: its list is its config's).
+    let mut removed = BTreeSet::new();
     if let Ok(token) = super::admin::operator_token(a) {
-        let _ =
+        let table =
             http.get(format!("{base}/v1/admin/nodes")).bearer_auth(token).timeout(Duration::from_secs(10)).send().await;
+        if let Ok(body) = match table {
+            Ok(r) => r.json::<Value>().await.map_err(|_| ()),
+            Err(_) => Err(()),
+        } {
+            removed = body["table"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|rec| rec["removed"].as_bool() == Some(true))
+                .filter_map(|rec| rec["id"].as_u64())
+                .collect();
+        }
     }
     let nodes = get(http, &format!("{base}/v1/nodes")).await?;
     let urls: BTreeMap<u64, String> = nodes["nodes"]
@@ -71,7 +86,7 @@ async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
         }
     }
     let voters = voters.into_iter().map(|(s, (_, v))| (s, v)).collect();
-    Ok(View { urls, up, voters, leaders, preferred })
+    Ok(View { urls, up, voters, leaders, preferred, removed })
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
@@ -151,7 +166,7 @@ pub async fn remove_node(a: &AdminArgs, http: &reqwest::Client, node: u64, remov
 /// replica off it.
 pub async fn force_remove(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
     let v = view(a, http).await?;
-    if member(&v, node).is_err() && removed_in_table(a, http, node).await {
+    if v.removed.contains(&node) {
         // Run again after a timeout: the removal stands, only the wait is left.
         println!("node {node} is already removed from the cluster; waiting for its replicas to move");
     } else {
@@ -178,19 +193,6 @@ pub async fn force_remove(a: &AdminArgs, http: &reqwest::Client, node: u64) -> a
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-}
-
-/// Whether the node table marks `node` removed (`GET /v1/admin/nodes`).
-async fn removed_in_table(a: &AdminArgs, http: &reqwest::Client, node: u64) -> bool {
-    let Ok(token) = super::admin::operator_token(a) else { return false };
-    let url = format!("{}/v1/admin/nodes", a.server.trim_end_matches('/'));
-    let Ok(r) = http.get(url).bearer_auth(token).timeout(Duration::from_secs(10)).send().await else { return false };
-    let Ok(body) = r.json::<Value>().await else { return false };
-    body["table"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|rec| rec["id"].as_u64() == Some(node) && rec["removed"].as_bool() == Some(true))
 }
 
 /// Takes `node` out of the node table for good (`POST /v1/admin/nodes/{id}/remove`).
