@@ -3,10 +3,13 @@
 //! applied log id in one atomic sled batch. Also builds and installs snapshots.
 //!
 //! Snapshots are files ([`super::snapshot`]): the shard's whole state-machine tree as
-//! records, written a record at a time under a read lock that holds off `apply` (so it is a
-//! consistent cut), sent and received in 1 MiB chunks, installed a batch of at most 4 MiB at
-//! a time. An install is not one atomic batch: the snapshot's meta is first recorded under
+//! records, written a record at a time while applies go on and made a consistent cut at the
+//! end ([`build`]: the keys written meanwhile are read again, briefly under the read lock
+//! that holds off `apply`), sent and received in 1 MiB chunks, installed a batch of at most
+//! 4 MiB at a time. An install is not one atomic batch: the snapshot's meta is first recorded under
 //! [`INSTALLING`] (durably), and a node restarted midway loads the file again at open.
+
+mod build;
 
 use super::flusher::Flusher;
 use super::keys::{self, ShardView};
@@ -51,6 +54,8 @@ pub struct StateMachine {
     lock: Arc<RwLock<()>>,
     /// One snapshot build or install at a time (each replaces the current snapshot file).
     snap_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The keys applies write while a snapshot is being built ([`build`]).
+    touched: Arc<build::Touched>,
     /// Set once the shard left this node ([`StateMachine::close`]): nothing writes any more.
     closed: Arc<std::sync::atomic::AtomicBool>,
     snaps: SnapshotDir,
@@ -140,6 +145,7 @@ impl StateMachine {
             cache,
             lock: Arc::new(RwLock::new(())),
             snap_lock: Arc::new(tokio::sync::Mutex::new(())),
+            touched: Arc::default(),
             closed: Arc::default(),
             snaps,
             inbox_tx,
@@ -197,6 +203,7 @@ impl StateMachine {
         };
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
         batch.commit(&self.view.tree)?;
+        self.touched.record(batch.0.iter().map(|(k, _)| k.as_slice()));
         let now = now_ms();
         for (c, seq) in staged.deleted_messages {
             self.cache.forget_through(&c, seq);
@@ -210,25 +217,6 @@ impl StateMachine {
         }
         Ok(reply)
     }
-}
-
-/// Writes the tree's records into a new file at `part`, fsyncs it and returns its size.
-fn write_tree(tree: &sled::Tree, part: &Path) -> Result<u64, StoreError> {
-    let io = |source| StoreError::Io { path: part.to_path_buf(), source };
-    let file = std::fs::File::create(part).map_err(io)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let mut bytes = 0u64;
-    for kv in tree.iter() {
-        let (k, v) = kv?;
-        if k == keys::REDO {
-            continue;
-        }
-        snapshot::write_record(&mut w, &k, &v).map_err(io)?;
-        bytes += (k.len() + v.len() + 8) as u64;
-    }
-    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(bytes)
 }
 
 /// Replaces the tree's contents by the snapshot file's records and `meta`'s applied log id
@@ -280,31 +268,53 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let _one = self.snap_lock.lock().await;
         self.check_open().map_err(snap_err)?;
-        let part = self.snaps.part("build");
-        let (meta, bytes, path) = {
+        let started = std::time::Instant::now();
+        {
             let _g = self.lock.read().await;
-            let (applied, membership) = self.read_applied().map_err(sm_err)?;
-            let id = match applied {
-                Some(l) => format!("{}-{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index, now_ms()),
-                None => format!("empty-{}", now_ms()),
-            };
-            let (tree, snaps, id2) = (self.view.tree.clone(), self.snaps.clone(), id.clone());
-            let (bytes, path) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                let built = write_tree(&tree, &part).and_then(|bytes| {
-                    let path =
-                        snaps.publish(&part, &id2).map_err(|source| StoreError::Io { path: part.clone(), source })?;
-                    Ok((bytes, path))
-                });
-                if built.is_err() {
-                    let _ = std::fs::remove_file(&part);
-                }
-                built
-            })
-            .await
-            .map_err(join_err)?
-            .map_err(snap_err)?;
-            (SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id: id }, bytes, path)
+            self.touched.start();
+        }
+        let (tree, touched, snaps) = (self.view.tree.clone(), self.touched.clone(), self.snaps.clone());
+        let parts =
+            tokio::task::spawn_blocking(move || build::unlocked(&tree, &touched, |what| snaps.part(what))).await;
+        let parts = match parts {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) => {
+                self.touched.stop();
+                return Err(snap_err(e));
+            }
+            Err(e) => {
+                self.touched.stop();
+                return Err(join_err(e));
+            }
         };
+        let (applied, membership, last, held) = {
+            let _g = self.lock.read().await;
+            let locked = std::time::Instant::now();
+            let last = build::last_patch(&self.view.tree, &self.touched).map_err(snap_err)?;
+            let (applied, membership) = self.read_applied().map_err(sm_err)?;
+            (applied, membership, last, locked.elapsed())
+        };
+        let patched = last.len();
+        let id = match applied {
+            Some(l) => format!("{}-{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index, now_ms()),
+            None => format!("empty-{}", now_ms()),
+        };
+        let (snaps, id2, part) = (self.snaps.clone(), id.clone(), self.snaps.part("build"));
+        let (bytes, records, path) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let built = build::merge(&parts, last, &part).and_then(|(bytes, records)| {
+                let path =
+                    snaps.publish(&part, &id2).map_err(|source| StoreError::Io { path: part.clone(), source })?;
+                Ok((bytes, records, path))
+            });
+            if built.is_err() {
+                let _ = std::fs::remove_file(&part);
+            }
+            built
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(snap_err)?;
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id: id };
         self.meta.insert(SNAP_META, encode(&meta)).map_err(|e| sm_err(e.into()))?;
         self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         // Only now that the meta names the new file durably may the old one go.
@@ -312,7 +322,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         if let Err(e) = self.snaps.remove_others(&meta.snapshot_id) {
             tracing::warn!(cause = %e, "could not delete an older snapshot file");
         }
-        tracing::info!(snapshot = %meta.snapshot_id, bytes, "built snapshot");
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes,
+            records,
+            patched,
+            applies_held_ms = held.as_millis() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
         let file = tokio::fs::File::open(&path).await.map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         Ok(Snapshot { meta, snapshot: Box::new(SnapFile { file, path }) })
     }
@@ -457,7 +475,14 @@ mod tests {
         t.insert(b"bb", b"").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("x.part");
-        let bytes = write_tree(&t, &part).unwrap();
+        let n = std::sync::atomic::AtomicU32::new(0);
+        let name =
+            |what: &str| dir.path().join(format!("{what}-{}", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+        let touched = build::Touched::default();
+        touched.start();
+        let parts = build::unlocked(&t, &touched, name).unwrap();
+        let (bytes, records) = build::merge(&parts, build::last_patch(&t, &touched).unwrap(), &part).unwrap();
+        assert_eq!(records, 2);
         let data = std::fs::read(&part).unwrap();
         assert_eq!(bytes, data.len() as u64);
         let recs = snapshot::decode_all(&data).unwrap();
@@ -569,6 +594,86 @@ mod tests {
         assert!(tree.get(b"k").unwrap().is_none());
         assert_eq!(tree.get(b"b").unwrap().unwrap().as_ref(), b"2");
         assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta.snapshot_id, "3-1-9-2");
+    }
+
+    /// Index updates of 20 users with 5 peers each, log index `i + 1` (their writes add,
+    /// replace and remove keys: inbox events, counters, entries, recency keys).
+    fn index_update(i: u64) -> Entry<TypeConfig> {
+        use crate::chat::{Command, ConversationId, UserId};
+        let user = UserId::parse(&format!("u{}", i % 20)).unwrap();
+        let from = UserId::parse(&format!("p{}", (i / 20) % 5)).unwrap();
+        let conversation = ConversationId::between(&user, &from).unwrap();
+        let cmd =
+            Command::IndexUpdate { user, conversation, from, seq: i + 1, ts: 1_000_000 + i, preview: "hi".into() };
+        Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn records_of(tree: &sled::Tree) -> Vec<snapshot::Record> {
+        tree.iter()
+            .map(|kv| kv.unwrap())
+            .filter(|(k, _)| k != keys::REDO)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    /// A snapshot is built while entries go on being applied (applies no longer wait for a
+    /// build), and it is a consistent cut all the same: its records are exactly the state of
+    /// a replica that applied the log up to the index the snapshot claims. The old build,
+    /// which held applies off while it wrote, fails the first assertion (its snapshot
+    /// covered only what was applied before it started).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_built_while_entries_apply_is_the_state_at_its_index() {
+        let filler = |tree: &sled::Tree| {
+            let mut b = sled::Batch::default();
+            for i in 0..60_000u32 {
+                b.insert([b"f/".as_slice(), &i.to_be_bytes()].concat(), vec![7u8; 100]);
+            }
+            tree.apply_batch(b).unwrap();
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+        filler(&tree);
+        let mut sm = StateMachine::open(tree, meta_t, flusher, cache, dir.path().join("snapshots/s0")).unwrap();
+        sm.apply((0..100).map(index_update)).await.unwrap();
+
+        let applied = Arc::new(std::sync::atomic::AtomicU64::new(100));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut applier = sm.clone();
+        let (count, halt) = (applied.clone(), stop.clone());
+        let applies = tokio::spawn(async move {
+            let mut i = 100;
+            while !halt.load(std::sync::atomic::Ordering::SeqCst) {
+                applier.apply([index_update(i)]).await.unwrap();
+                i += 1;
+                count.store(i, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let before = applied.load(std::sync::atomic::Ordering::SeqCst);
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let after = applied.load(std::sync::atomic::Ordering::SeqCst);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        applies.await.unwrap();
+        let claimed = built.meta.last_log_id.unwrap().index;
+        assert!(
+            claimed >= before + 10 && claimed <= after + 1,
+            "the snapshot covers entries applied while it was built: index {claimed}, {before} applied when the build began, {after} when it ended"
+        );
+
+        let other = tempfile::tempdir().unwrap();
+        let (_s2, meta2, tree2, flusher2, cache2) = opened(other.path());
+        filler(&tree2);
+        let mut replica =
+            StateMachine::open(tree2.clone(), meta2, flusher2, cache2, other.path().join("snapshots/s0")).unwrap();
+        for chunk in (0..claimed).collect::<Vec<_>>().chunks(500) {
+            replica.apply(chunk.iter().map(|i| index_update(*i))).await.unwrap();
+        }
+        let got = snapshot::decode_all(&std::fs::read(&built.snapshot.path).unwrap()).unwrap();
+        let want = records_of(&tree2);
+        assert_eq!(got.len(), want.len(), "records in the snapshot and in the replica at index {claimed}");
+        assert!(got == want, "the snapshot differs from the replica's state at index {claimed}");
     }
 
     /// A recent-conversations read under [`StateMachine::read_lock`] never sees an entry

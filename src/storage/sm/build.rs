@@ -1,0 +1,267 @@
+//! Snapshot builds that do not hold the shard's applies off.
+//!
+//! A build used to write the whole tree under the state machine's read lock, so a shard's
+//! writes waited for it (3–4 s per GB here, every `snapshot_every` entries). sled has no
+//! point-in-time view, so a build now makes its consistent cut in steps, applies running
+//! between them:
+//!
+//! 1. Under the read lock (no entry half applied), start recording the keys applies write
+//!    ([`Touched`]).
+//! 2. Without the lock, write every record of the tree to a file (`base`). A key nobody wrote
+//!    since step 1 is read with its final value; one written since may be read with any of
+//!    its values, or missed (inserted), or read although deleted since, but it is recorded.
+//! 3. Without the lock, a few rounds: take the keys recorded so far and read their values
+//!    now into a patch file (a removed key as a tombstone). Keys written again during a round
+//!    are recorded again. Rounds stop when few keys were written during the last one.
+//! 4. Under the read lock again, briefly: take the last recorded keys, stop recording, read
+//!    their values and the applied log id and membership. That log id is what the snapshot
+//!    covers: every key has its value at that point, either unwritten since step 1 (step 2
+//!    read it) or written since, in which case its last patch was read after its last write.
+//! 5. Without the lock, merge `base` and the patches in key order, the latest patch of a key
+//!    winning and tombstones dropped, into the snapshot file: the same format as before
+//!    ([`super::snapshot`]), so a snapshot built here installs on any build.
+//!
+//! Memory: the recorded keys (not values) and the last round's values; the patches of the
+//! rounds are files. Disk: the snapshot's size twice more while it is built (`base` and
+//! the merged file), beside the current snapshot.
+
+use super::super::keys;
+use super::super::snapshot::{self, RecordReader};
+use super::super::StoreError;
+use std::collections::BTreeSet;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// A key and its value at some point, `None` if it was removed.
+type Patch = (Vec<u8>, Option<Vec<u8>>);
+type PatchResult = Result<Patch, StoreError>;
+
+/// Stop the unlocked patch rounds once a round saw at most this many keys written.
+const SETTLED: usize = 1_000;
+/// At most this many unlocked patch rounds (a shard written faster than a round reads).
+const MAX_ROUNDS: usize = 4;
+
+/// The keys applies wrote while a build was recording (step 1 to 4 above).
+#[derive(Default)]
+pub struct Touched {
+    on: AtomicBool,
+    keys: Mutex<BTreeSet<Vec<u8>>>,
+}
+
+impl Touched {
+    /// Starts recording. Call with the state machine's read lock held.
+    pub fn start(&self) {
+        self.lock().clear();
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Records the keys of an entry's writes, after they reached the tree (a round that takes
+    /// the set between a write and its record reads the key again in the next round).
+    pub fn record<'a>(&self, written: impl Iterator<Item = &'a [u8]>) {
+        if !self.on.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut keys = self.lock();
+        for k in written.filter(|k| *k != keys::REDO) {
+            if !keys.contains(k) {
+                keys.insert(k.to_vec());
+            }
+        }
+    }
+
+    /// The keys recorded since the last take; recording goes on.
+    pub fn take(&self) -> BTreeSet<Vec<u8>> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Stops recording and returns the keys recorded since the last take.
+    pub fn stop(&self) -> BTreeSet<Vec<u8>> {
+        self.on.store(false, Ordering::SeqCst);
+        self.take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<Vec<u8>>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a build left to merge: the base file and the patch files of the unlocked rounds,
+/// deleted when this is dropped.
+pub struct Parts {
+    files: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes every record of the tree but [`keys::REDO`] to `path` (step 2).
+fn write_base(tree: &sled::Tree, path: &Path) -> Result<(), StoreError> {
+    let io = io_at(path);
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(&io)?);
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        if k != keys::REDO {
+            snapshot::write_record(&mut w, &k, &v).map_err(&io)?;
+        }
+    }
+    w.flush().map_err(&io)
+}
+
+/// A patch record: the value behind a tag byte, 1 for a value, 0 for a removed key.
+fn write_patch(w: &mut impl Write, k: &[u8], v: Option<&[u8]>) -> std::io::Result<()> {
+    match v {
+        Some(v) => snapshot::write_record(w, k, &[&[1u8][..], v].concat()),
+        None => snapshot::write_record(w, k, &[0u8]),
+    }
+}
+
+fn read_patch((k, v): snapshot::Record) -> PatchResult {
+    match v.split_first() {
+        Some((1, rest)) => Ok((k, Some(rest.to_vec()))),
+        Some((0, [])) => Ok((k, None)),
+        _ => Err(StoreError::Corrupt { key: "snapshot patch".into(), reason: "bad tag".into() }),
+    }
+}
+
+/// Reads the current values of `keys` (sorted) into a patch file at `path` (step 3).
+fn write_patches(tree: &sled::Tree, keys: &BTreeSet<Vec<u8>>, path: &Path) -> Result<(), StoreError> {
+    let io = io_at(path);
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(&io)?);
+    for k in keys {
+        write_patch(&mut w, k, tree.get(k)?.as_deref()).map_err(&io)?;
+    }
+    w.flush().map_err(&io)
+}
+
+/// Steps 2 and 3: the base file, then patch rounds until few keys are written per round.
+/// `part(what)` names a new temporary file.
+pub fn unlocked(
+    tree: &sled::Tree,
+    touched: &Touched,
+    part: impl Fn(&str) -> std::path::PathBuf,
+) -> Result<Parts, StoreError> {
+    let mut parts = Parts { files: vec![part("build-base")] };
+    write_base(tree, &parts.files[0])?;
+    for _ in 0..MAX_ROUNDS {
+        let keys = touched.take();
+        let settled = keys.len() <= SETTLED;
+        let path = part("build-patch");
+        parts.files.push(path.clone());
+        write_patches(tree, &keys, &path)?;
+        if settled {
+            break;
+        }
+    }
+    Ok(parts)
+}
+
+/// Step 4 (with the read lock held by the caller): the values of the last recorded keys.
+pub fn last_patch(tree: &sled::Tree, touched: &Touched) -> Result<Vec<Patch>, StoreError> {
+    touched.stop().into_iter().map(|k| Ok((k.clone(), tree.get(&k)?.map(|v| v.to_vec())))).collect()
+}
+
+/// Step 5: merges the parts and `last` into a new snapshot file at `out`, fsynced. Returns
+/// its size and its number of records.
+pub fn merge(parts: &Parts, last: Vec<Patch>, out: &Path) -> Result<(u64, u64), StoreError> {
+    let mut streams: Vec<Box<dyn Iterator<Item = PatchResult>>> = Vec::new();
+    for (i, f) in parts.files.iter().enumerate() {
+        let r = RecordReader::new(BufReader::with_capacity(1 << 20, std::fs::File::open(f).map_err(io_at(f))?));
+        if i == 0 {
+            streams.push(Box::new(r.map(|rec| rec.map(|(k, v)| (k, Some(v))))));
+        } else {
+            streams.push(Box::new(r.map(|rec| rec.and_then(read_patch))));
+        }
+    }
+    streams.push(Box::new(last.into_iter().map(Ok)));
+    let io = io_at(out);
+    let file = std::fs::File::create(out).map_err(&io)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let (mut bytes, mut records) = (0u64, 0u64);
+    merge_streams(streams, |k, v| {
+        records += 1;
+        bytes += (k.len() + v.len() + 8) as u64;
+        snapshot::write_record(&mut w, k, v).map_err(&io)
+    })?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(&io)?;
+    Ok((bytes, records))
+}
+
+/// Merges key-ordered streams into `emit`, in key order: of the streams holding a key, the
+/// last one's value wins; a `None` there drops the key.
+fn merge_streams(
+    mut streams: Vec<Box<dyn Iterator<Item = PatchResult> + '_>>,
+    mut emit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut heads: Vec<Option<Patch>> = Vec::with_capacity(streams.len());
+    for s in streams.iter_mut() {
+        heads.push(s.next().transpose()?);
+    }
+    loop {
+        let Some(min) = heads.iter().flatten().map(|(k, _)| k).min().cloned() else {
+            return Ok(());
+        };
+        let mut value = None;
+        for (i, head) in heads.iter_mut().enumerate() {
+            if head.as_ref().is_some_and(|(k, _)| *k == min) {
+                value = head.take().map(|(_, v)| v);
+                *head = streams[i].next().transpose()?;
+            }
+        }
+        if let Some(Some(v)) = value {
+            emit(&min, &v)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(v: Vec<(&str, Option<&str>)>) -> Box<dyn Iterator<Item = PatchResult>> {
+        Box::new(
+            v.into_iter()
+                .map(|(k, v)| Ok((k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        )
+    }
+
+    #[test]
+    fn the_last_stream_holding_a_key_wins_and_tombstones_drop_it() {
+        let base = stream(vec![("a", Some("1")), ("b", Some("1")), ("c", Some("1")), ("e", Some("1"))]);
+        let round = stream(vec![("b", Some("2")), ("c", None), ("d", Some("2")), ("f", None)]);
+        let last = stream(vec![("c", Some("3")), ("d", None), ("g", Some("3"))]);
+        let mut out = Vec::new();
+        merge_streams(vec![base, round, last], |k, v| {
+            out.push((String::from_utf8(k.to_vec()).unwrap(), String::from_utf8(v.to_vec()).unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        let want = [("a", "1"), ("b", "2"), ("c", "3"), ("e", "1"), ("g", "3")];
+        assert_eq!(out, want.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn patch_records_round_trip_and_a_bad_tag_is_refused() {
+        let mut buf = Vec::new();
+        write_patch(&mut buf, b"k", Some(b"")).unwrap();
+        write_patch(&mut buf, b"gone", None).unwrap();
+        let got: Vec<Patch> =
+            RecordReader::new(&buf[..]).map(|r| r.and_then(read_patch)).collect::<Result<_, _>>().unwrap();
+        assert_eq!(got, vec![(b"k".to_vec(), Some(Vec::new())), (b"gone".to_vec(), None)]);
+        assert!(read_patch((b"k".to_vec(), vec![2])).is_err());
+        assert!(read_patch((b"k".to_vec(), vec![0, 1])).is_err());
+    }
+}
