@@ -542,3 +542,31 @@ async fn a_dead_node_removed_with_force_has_its_replicas_moved_at_once() {
     all_there(&c, &sent, &live).await;
     refused_as_removed(&mut c, victim, Duration::from_secs(30)).await;
 }
+
+/// With re-replication off (`replace_dead_after_secs = 0`) the cleanups still run: a shard's
+/// replica moved away from a node while it was down (the operator's `move-replica` from a
+/// dead node) is dropped by that node when it comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_re_replication_off_a_returning_node_still_drops_a_copy_that_moved_away() {
+    let mut c = common::start(4, |cfg| {
+        cfg.balance_every_secs = 0;
+        cfg.replace_dead_after_secs = 0;
+    })
+    .await;
+    let (on1, on4) = (hosted(&c, 0).await, hosted(&c, 3).await);
+    let (&shard, (voters, _)) =
+        on1.iter().find(|(s, _)| !on4.contains_key(s)).expect("node 4 lacks some shard node 1 holds");
+    let victim = voters.iter().copied().find(|v| *v != 1 && *v != 4).expect("a voter other than nodes 1 and 4");
+    c.kill(victim as usize - 1).unwrap();
+    let out = move_replica(&c, 0, shard, victim, 4).await;
+    assert!(out["voters"].as_array().unwrap().contains(&json!(4)), "{out}");
+    assert!(!out["voters"].as_array().unwrap().contains(&json!(victim)), "{out}");
+
+    c.spawn(victim as usize - 1).unwrap();
+    common::eventually(Duration::from_secs(60), "the returning node drops the copy that moved away", || async {
+        let s = c.status(victim as usize - 1).await.ok()?;
+        let held: Vec<u64> = s["shards"].as_array()?.iter().filter_map(|g| g["shard"].as_u64()).collect();
+        (!held.contains(&shard) && !held.is_empty()).then_some(())
+    })
+    .await;
+}

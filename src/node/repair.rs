@@ -43,10 +43,11 @@ pub const SILENT: Duration = Duration::from_secs(10);
 /// Rounds after which removed nodes found in no shard are looked for again (one minute).
 const CLEARED_FOR: u64 = 12;
 
-/// The repair task (module docs); nothing when `replace_dead_after_secs` is 0 or below
-/// `cluster_version` 4 (older builds do not answer the probe).
+/// The repair task (module docs); nothing below `cluster_version` 4 (older builds do not
+/// answer the probe). With `replace_dead_after_secs` 0 only re-replication is off: the
+/// cleanups (copies that moved away, removed learners) run all the same.
 pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
-    if node.cfg.replace_dead_after_secs == 0 || node.cfg.cluster_version < super::directory::VERSION {
+    if node.cfg.cluster_version < super::directory::VERSION {
         return None;
     }
     Some(tokio::spawn(async move {
@@ -67,7 +68,7 @@ pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHan
             if rounds.is_multiple_of(CLEARED_FOR) {
                 cleared.clear();
             }
-            if node.leads(DIRECTORY_SHARD) {
+            if !dead_after.is_zero() && node.leads(DIRECTORY_SHARD) {
                 node.replace_dead(dead_after, &mut warned, &mut cleared).await;
             }
         }

@@ -202,8 +202,9 @@ impl StateMachine {
             }
         };
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
-        batch.commit(&self.view.tree)?;
-        self.touched.record(batch.0.iter().map(|(k, _)| k.as_slice()));
+        let committed = batch.commit(&self.view.tree);
+        self.touched.record(batch.0.iter().map(|(k, _)| k.as_slice()), committed.is_err());
+        committed?;
         let now = now_ms();
         for (c, seq) in staged.deleted_messages {
             self.cache.forget_through(&c, seq);
@@ -276,7 +277,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let (tree, touched, snaps) = (self.view.tree.clone(), self.touched.clone(), self.snaps.clone());
         let parts =
             tokio::task::spawn_blocking(move || build::unlocked(&tree, &touched, |what| snaps.part(what))).await;
-        let parts = match parts {
+        let mut parts = match parts {
             Ok(Ok(parts)) => parts,
             Ok(Err(e)) => {
                 self.touched.stop();
@@ -287,14 +288,29 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 return Err(join_err(e));
             }
         };
-        let (applied, membership, last, held) = {
+        let (parts, applied, membership, last, held) = {
             let _g = self.lock.read().await;
             let locked = std::time::Instant::now();
-            let last = build::last_patch(&self.view.tree, &self.touched).map_err(snap_err)?;
+            let (tree, touched, snaps) = (self.view.tree.clone(), self.touched.clone(), self.snaps.clone());
+            let (parts, last) = tokio::task::spawn_blocking(move || {
+                let last = build::last_patch(&tree, &touched, &mut parts, |what| snaps.part(what));
+                (parts, last)
+            })
+            .await
+            .map_err(join_err)?;
+            let last = last.map_err(snap_err)?;
             let (applied, membership) = self.read_applied().map_err(sm_err)?;
-            (applied, membership, last, locked.elapsed())
+            (parts, applied, membership, last, locked.elapsed())
         };
-        let patched = last.len();
+        if self.touched.overflowed() {
+            tracing::warn!(
+                max_keys = build::MAX_TOUCHED,
+                held_ms = held.as_millis() as u64,
+                "a snapshot build saw too many keys written meanwhile; it wrote the tree again holding the shard's applies"
+            );
+        }
+        let (patched, base_ms, rounds) = (last.len(), parts.base.as_millis() as u64, parts.rounds());
+        let merging = std::time::Instant::now();
         let id = match applied {
             Some(l) => format!("{}-{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index, now_ms()),
             None => format!("empty-{}", now_ms()),
@@ -314,6 +330,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         .await
         .map_err(join_err)?
         .map_err(snap_err)?;
+        let merge_ms = merging.elapsed().as_millis() as u64;
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id: id };
         self.meta.insert(SNAP_META, encode(&meta)).map_err(|e| sm_err(e.into()))?;
         self.flusher.sync().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -326,7 +343,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             snapshot = %meta.snapshot_id,
             bytes,
             records,
+            base_ms,
+            rounds,
             patched,
+            merge_ms,
             applies_held_ms = held.as_millis() as u64,
             took_ms = started.elapsed().as_millis() as u64,
             "built snapshot"
@@ -480,8 +500,9 @@ mod tests {
             |what: &str| dir.path().join(format!("{what}-{}", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
         let touched = build::Touched::default();
         touched.start();
-        let parts = build::unlocked(&t, &touched, name).unwrap();
-        let (bytes, records) = build::merge(&parts, build::last_patch(&t, &touched).unwrap(), &part).unwrap();
+        let mut parts = build::unlocked(&t, &touched, name).unwrap();
+        let last = build::last_patch(&t, &touched, &mut parts, name).unwrap();
+        let (bytes, records) = build::merge(&parts, last, &part).unwrap();
         assert_eq!(records, 2);
         let data = std::fs::read(&part).unwrap();
         assert_eq!(bytes, data.len() as u64);
@@ -626,6 +647,17 @@ mod tests {
     /// covered only what was applied before it started).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_built_while_entries_apply_is_the_state_at_its_index() {
+        built_during_applies(None).await;
+    }
+
+    /// The same when more keys are written during the build than it records: it writes the
+    /// tree again under the lock, and the snapshot is still the state at its index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_that_records_too_many_keys_is_still_the_state_at_its_index() {
+        built_during_applies(Some(20)).await;
+    }
+
+    async fn built_during_applies(touched_limit: Option<usize>) {
         let filler = |tree: &sled::Tree| {
             let mut b = sled::Batch::default();
             for i in 0..60_000u32 {
@@ -637,6 +669,9 @@ mod tests {
         let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
         filler(&tree);
         let mut sm = StateMachine::open(tree, meta_t, flusher, cache, dir.path().join("snapshots/s0")).unwrap();
+        if let Some(limit) = touched_limit {
+            sm.touched = Arc::new(build::Touched::with_limit(limit));
+        }
         sm.apply((0..100).map(index_update)).await.unwrap();
 
         let applied = Arc::new(std::sync::atomic::AtomicU64::new(100));
@@ -657,6 +692,7 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         applies.await.unwrap();
         let claimed = built.meta.last_log_id.unwrap().index;
+        assert_eq!(sm.touched.overflowed(), touched_limit.is_some(), "the build recorded past its limit or not");
         assert!(
             claimed >= before + 10 && claimed <= after + 1,
             "the snapshot covers entries applied while it was built: index {claimed}, {before} applied when the build began, {after} when it ended"

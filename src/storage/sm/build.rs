@@ -21,9 +21,12 @@
 //!    winning and tombstones dropped, into the snapshot file: the same format as before
 //!    ([`super::snapshot`]), so a snapshot built here installs on any build.
 //!
-//! Memory: the recorded keys (not values) and the last round's values; the patches of the
-//! rounds are files. Disk: the snapshot's size twice more while it is built (`base` and
-//! the merged file), beside the current snapshot.
+//! Memory: the recorded keys (not values; at most [`MAX_TOUCHED`], past which the build
+//! writes the tree again under the lock, the old way, and logs a warning) and the last
+//! round's values; the patches of the rounds are files. Disk: the snapshot's size twice more
+//! while it is built (`base` and the merged file), beside the current snapshot. Every file
+//! is written to disk as it goes ([`PACE_BYTES`]). An entry whose writes failed halfway
+//! (sled's error) refuses every later build until a restart completes it.
 
 use super::super::keys;
 use super::super::snapshot::{self, RecordReader};
@@ -43,23 +46,57 @@ const SETTLED: usize = 1_000;
 /// At most this many unlocked patch rounds (a shard written faster than a round reads).
 const MAX_ROUNDS: usize = 4;
 
+/// At most this many keys recorded between two takes (about 100–200 MB): a build that
+/// records more (a shard of many GB written fast while its tree is written) gives up the
+/// unlocked way and writes the tree again under the lock ([`Touched::overflowed`]).
+pub const MAX_TOUCHED: usize = 1_000_000;
+
 /// The keys applies wrote while a build was recording (step 1 to 4 above).
-#[derive(Default)]
 pub struct Touched {
+    /// [`MAX_TOUCHED`] but in tests.
+    limit: usize,
     on: AtomicBool,
+    /// Recording stopped at [`MAX_TOUCHED`] keys: the keys do not cover every change.
+    overflowed: AtomicBool,
+    /// An entry's writes failed halfway: the tree may say the entry is applied without all
+    /// of its writes (until a restart completes it from its redo record), so no snapshot
+    /// may be taken of it. Never cleared.
+    failed: AtomicBool,
     keys: Mutex<BTreeSet<Vec<u8>>>,
 }
 
+impl Default for Touched {
+    fn default() -> Self {
+        Self::with_limit(MAX_TOUCHED)
+    }
+}
+
 impl Touched {
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            limit,
+            on: AtomicBool::default(),
+            overflowed: AtomicBool::default(),
+            failed: AtomicBool::default(),
+            keys: Mutex::default(),
+        }
+    }
+
     /// Starts recording. Call with the state machine's read lock held.
     pub fn start(&self) {
         self.lock().clear();
+        self.overflowed.store(false, Ordering::SeqCst);
         self.on.store(true, Ordering::SeqCst);
     }
 
     /// Records the keys of an entry's writes, after they reached the tree (a round that takes
-    /// the set between a write and its record reads the key again in the next round).
-    pub fn record<'a>(&self, written: impl Iterator<Item = &'a [u8]>) {
+    /// the set between a write and its record reads the key again in the next round). Called
+    /// with `failed` when the writes stopped halfway: the tree may claim the entry applied
+    /// without all of its writes, which no snapshot may capture.
+    pub fn record<'a>(&self, written: impl Iterator<Item = &'a [u8]>, failed: bool) {
+        if failed {
+            self.failed.store(true, Ordering::SeqCst);
+        }
         if !self.on.load(Ordering::SeqCst) {
             return;
         }
@@ -69,6 +106,27 @@ impl Touched {
                 keys.insert(k.to_vec());
             }
         }
+        if keys.len() > self.limit {
+            self.overflowed.store(true, Ordering::SeqCst);
+            self.on.store(false, Ordering::SeqCst);
+            keys.clear();
+        }
+    }
+
+    /// Whether recording stopped at [`MAX_TOUCHED`] keys since [`Touched::start`].
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::SeqCst)
+    }
+
+    /// Refuses a build after an entry's writes failed halfway (see the field).
+    pub fn check_whole(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt {
+                key: "-".into(),
+                reason: "an entry's writes failed halfway; no snapshot until a restart completes it".into(),
+            });
+        }
+        Ok(())
     }
 
     /// The keys recorded since the last take; recording goes on.
@@ -91,6 +149,8 @@ impl Touched {
 /// deleted when this is dropped.
 pub struct Parts {
     files: Vec<std::path::PathBuf>,
+    /// How long writing the base file took (for the build's log line).
+    pub base: std::time::Duration,
 }
 
 impl Drop for Parts {
@@ -108,7 +168,7 @@ fn io_at(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 /// Writes every record of the tree but [`keys::REDO`] to `path` (step 2).
 fn write_base(tree: &sled::Tree, path: &Path) -> Result<(), StoreError> {
     let io = io_at(path);
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(&io)?);
+    let mut w = BufWriter::with_capacity(1 << 20, Paced::new(std::fs::File::create(path).map_err(&io)?));
     for kv in tree.iter() {
         let (k, v) = kv?;
         if k != keys::REDO {
@@ -116,6 +176,40 @@ fn write_base(tree: &sled::Tree, path: &Path) -> Result<(), StoreError> {
         }
     }
     w.flush().map_err(&io)
+}
+
+/// A build's files are written to disk every [`PACE_BYTES`], waiting for it: its writes
+/// then never pile up in the page cache, where the kernel's writeback of a gigabyte at once
+/// (at its dirty thresholds, or at the final fsync) holds the disk from the WAL's fsyncs for
+/// seconds. It also paces the build to the disk's speed. (Measured in performance.md,
+/// "Snapshot builds and the shard's writes": with it, no send refused during the builds.)
+const PACE_BYTES: u64 = 8 << 20;
+
+struct Paced {
+    file: std::fs::File,
+    unsynced: u64,
+}
+
+impl Paced {
+    fn new(file: std::fs::File) -> Self {
+        Self { file, unsynced: 0 }
+    }
+}
+
+impl Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= PACE_BYTES {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// A patch record: the value behind a tag byte, 1 for a value, 0 for a removed key.
@@ -137,7 +231,7 @@ fn read_patch((k, v): snapshot::Record) -> PatchResult {
 /// Reads the current values of `keys` (sorted) into a patch file at `path` (step 3).
 fn write_patches(tree: &sled::Tree, keys: &BTreeSet<Vec<u8>>, path: &Path) -> Result<(), StoreError> {
     let io = io_at(path);
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(&io)?);
+    let mut w = BufWriter::with_capacity(1 << 20, Paced::new(std::fs::File::create(path).map_err(&io)?));
     for k in keys {
         write_patch(&mut w, k, tree.get(k)?.as_deref()).map_err(&io)?;
     }
@@ -151,8 +245,10 @@ pub fn unlocked(
     touched: &Touched,
     part: impl Fn(&str) -> std::path::PathBuf,
 ) -> Result<Parts, StoreError> {
-    let mut parts = Parts { files: vec![part("build-base")] };
+    let started = std::time::Instant::now();
+    let mut parts = Parts { files: vec![part("build-base")], base: Default::default() };
     write_base(tree, &parts.files[0])?;
+    parts.base = started.elapsed();
     for _ in 0..MAX_ROUNDS {
         let keys = touched.take();
         let settled = keys.len() <= SETTLED;
@@ -166,9 +262,33 @@ pub fn unlocked(
     Ok(parts)
 }
 
+impl Parts {
+    /// Unlocked patch rounds made.
+    pub fn rounds(&self) -> usize {
+        self.files.len() - 1
+    }
+}
+
 /// Step 4 (with the read lock held by the caller): the values of the last recorded keys.
-pub fn last_patch(tree: &sled::Tree, touched: &Touched) -> Result<Vec<Patch>, StoreError> {
-    touched.stop().into_iter().map(|k| Ok((k.clone(), tree.get(&k)?.map(|v| v.to_vec())))).collect()
+/// When recording overflowed, the tree is written again instead (the old, locked way) and
+/// replaces the parts: nothing to patch then.
+pub fn last_patch(
+    tree: &sled::Tree,
+    touched: &Touched,
+    parts: &mut Parts,
+    part: impl Fn(&str) -> std::path::PathBuf,
+) -> Result<Vec<Patch>, StoreError> {
+    let last = touched.stop();
+    touched.check_whole()?;
+    if touched.overflowed() {
+        let started = std::time::Instant::now();
+        let mut fresh = Parts { files: vec![part("build-base")], base: Default::default() };
+        write_base(tree, &fresh.files[0])?;
+        fresh.base = started.elapsed();
+        *parts = fresh;
+        return Ok(Vec::new());
+    }
+    last.into_iter().map(|k| Ok((k.clone(), tree.get(&k)?.map(|v| v.to_vec())))).collect()
 }
 
 /// Step 5: merges the parts and `last` into a new snapshot file at `out`, fsynced. Returns
@@ -186,14 +306,14 @@ pub fn merge(parts: &Parts, last: Vec<Patch>, out: &Path) -> Result<(u64, u64), 
     streams.push(Box::new(last.into_iter().map(Ok)));
     let io = io_at(out);
     let file = std::fs::File::create(out).map_err(&io)?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut w = BufWriter::with_capacity(1 << 20, Paced::new(file));
     let (mut bytes, mut records) = (0u64, 0u64);
     merge_streams(streams, |k, v| {
         records += 1;
         bytes += (k.len() + v.len() + 8) as u64;
         snapshot::write_record(&mut w, k, v).map_err(&io)
     })?;
-    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?.file;
     file.sync_all().map_err(&io)?;
     Ok((bytes, records))
 }
@@ -251,6 +371,46 @@ mod tests {
         .unwrap();
         let want = [("a", "1"), ("b", "2"), ("c", "3"), ("e", "1"), ("g", "3")];
         assert_eq!(out, want.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn recording_stops_past_its_limit_and_a_failed_entry_refuses_every_later_build() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("t").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let n = std::sync::atomic::AtomicU32::new(0);
+        let name = |what: &str| dir.path().join(format!("{what}-{}", n.fetch_add(1, Ordering::SeqCst)));
+        t.insert(b"a", b"1").unwrap();
+
+        // Past the limit: recording stops, and the last step writes the tree again.
+        let touched = Touched::with_limit(2);
+        touched.start();
+        let mut parts = unlocked(&t, &touched, name).unwrap();
+        t.insert(b"b", b"2").unwrap();
+        touched.record([&b"a"[..], b"b", b"c"].into_iter(), false);
+        assert!(touched.overflowed() && touched.take().is_empty());
+        touched.record([&b"d"[..]].into_iter(), false);
+        assert!(touched.take().is_empty(), "no longer recording");
+        let last = last_patch(&t, &touched, &mut parts, name).unwrap();
+        assert!(last.is_empty() && parts.rounds() == 0);
+        let out = dir.path().join("out");
+        assert_eq!(merge(&parts, last, &out).unwrap().1, 2, "both keys, read under the lock");
+        let old = parts.files.clone();
+        drop(parts);
+        assert!(old.iter().all(|f| !f.exists()), "the parts are deleted");
+
+        // A new build starts afresh.
+        touched.start();
+        assert!(!touched.overflowed());
+        touched.record([&b"a"[..]].into_iter(), false);
+        assert_eq!(touched.take().len(), 1);
+
+        // An entry whose writes failed halfway: no build from then on, recording or not.
+        touched.stop();
+        touched.record([&b"a"[..]].into_iter(), true);
+        touched.start();
+        let mut parts = unlocked(&t, &touched, name).unwrap();
+        assert!(last_patch(&t, &touched, &mut parts, name).is_err());
     }
 
     #[test]
