@@ -21,9 +21,9 @@
 //!    winning and tombstones dropped, into the snapshot file: the same format as before
 //!    ([`super::snapshot`]), so a snapshot built here installs on any build.
 //!
-//! Memory: the recorded keys (not values; at most [`MAX_TOUCHED`], past which the build
-//! writes the tree again under the lock, the old way, and logs a warning) and the last
-//! round's values; the patches of the rounds are files. Disk: the snapshot's size twice more
+//! Memory: the recorded keys (not values; at most [`MAX_TOUCHED`] between two takes, past
+//! which the build writes the tree again under the lock, and logs a warning) and the last
+//! round's values when they are few ([`SETTLED`]); other patches are files. Disk: the snapshot's size twice more
 //! while it is built (`base` and the merged file), beside the current snapshot. Every file
 //! is written to disk as it goes ([`PACE_BYTES`]). An entry whose writes failed halfway
 //! (sled's error) refuses every later build until a restart completes it.
@@ -288,6 +288,14 @@ pub fn last_patch(
         *parts = fresh;
         return Ok(Vec::new());
     }
+    if last.len() > SETTLED {
+        // The rounds did not settle (writes faster than a round reads): the values go to a
+        // patch file, not to memory.
+        let path = part("build-patch");
+        parts.files.push(path.clone());
+        write_patches(tree, &last, &path)?;
+        return Ok(Vec::new());
+    }
     last.into_iter().map(|k| Ok((k.clone(), tree.get(&k)?.map(|v| v.to_vec())))).collect()
 }
 
@@ -391,13 +399,17 @@ mod tests {
         assert!(touched.overflowed() && touched.take().is_empty());
         touched.record([&b"d"[..]].into_iter(), false);
         assert!(touched.take().is_empty(), "no longer recording");
+        let replaced = parts.files.clone();
         let last = last_patch(&t, &touched, &mut parts, name).unwrap();
         assert!(last.is_empty() && parts.rounds() == 0);
+        assert!(replaced.iter().all(|f| !f.exists()), "the replaced parts are deleted");
         let out = dir.path().join("out");
         assert_eq!(merge(&parts, last, &out).unwrap().1, 2, "both keys, read under the lock");
-        let old = parts.files.clone();
+        let fresh = parts.files.clone();
         drop(parts);
-        assert!(old.iter().all(|f| !f.exists()), "the parts are deleted");
+        assert!(fresh.iter().all(|f| !f.exists()), "the parts are deleted");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("out")], "only the snapshot is left");
 
         // A new build starts afresh.
         touched.start();
@@ -411,6 +423,45 @@ mod tests {
         touched.start();
         let mut parts = unlocked(&t, &touched, name).unwrap();
         assert!(last_patch(&t, &touched, &mut parts, name).is_err());
+    }
+
+    /// A last round too large for memory goes to a patch file, and wins the merge.
+    #[test]
+    fn a_last_round_that_did_not_settle_is_a_file() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let t = db.open_tree("t").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let n = std::sync::atomic::AtomicU32::new(0);
+        let name = |what: &str| dir.path().join(format!("{what}-{}", n.fetch_add(1, Ordering::SeqCst)));
+        let touched = Touched::default();
+        touched.start();
+        let mut parts = unlocked(&t, &touched, name).unwrap();
+        let keys: Vec<Vec<u8>> = (0..SETTLED as u32 + 5).map(|i| i.to_be_bytes().to_vec()).collect();
+        for k in &keys {
+            t.insert(k, b"v").unwrap();
+        }
+        touched.record(keys.iter().map(Vec::as_slice), false);
+        let rounds = parts.rounds();
+        let last = last_patch(&t, &touched, &mut parts, name).unwrap();
+        assert!(last.is_empty() && parts.rounds() == rounds + 1);
+        assert_eq!(merge(&parts, last, &dir.path().join("out")).unwrap().1, keys.len() as u64);
+    }
+
+    /// The paced writer writes everything through its syncs.
+    #[test]
+    fn paced_writes_reach_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut w = BufWriter::with_capacity(1 << 20, Paced::new(std::fs::File::create(&path).unwrap()));
+        let block: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+        for _ in 0..(PACE_BYTES / (1 << 20) * 2 + 3) {
+            w.write_all(&block).unwrap();
+        }
+        let paced = w.into_inner().map_err(|e| e.into_error()).unwrap();
+        assert_eq!(paced.unsynced, 3 << 20, "synced every {PACE_BYTES} bytes along the way");
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len() as u64, (PACE_BYTES / (1 << 20) * 2 + 3) << 20);
+        assert!(data.chunks(1 << 20).all(|c| c == block.as_slice()));
     }
 
     #[test]
