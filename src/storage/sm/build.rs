@@ -355,6 +355,7 @@ fn merge_streams(
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::snapshot::SnapshotDir;
     use super::*;
 
     fn stream(v: Vec<(&str, Option<&str>)>) -> Box<dyn Iterator<Item = PatchResult>> {
@@ -381,13 +382,19 @@ mod tests {
         assert_eq!(out, want.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>());
     }
 
-    #[test]
-    fn recording_stops_past_its_limit_and_a_failed_entry_refuses_every_later_build() {
+    /// A scratch tree, and a snapshot folder whose `part` names a build's files.
+    fn scratch() -> (sled::Db, sled::Tree, SnapshotDir, tempfile::TempDir) {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let t = db.open_tree("t").unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let n = std::sync::atomic::AtomicU32::new(0);
-        let name = |what: &str| dir.path().join(format!("{what}-{}", n.fetch_add(1, Ordering::SeqCst)));
+        let snaps = SnapshotDir::open(dir.path().join("s0"), None).unwrap();
+        (db, t, snaps, dir)
+    }
+
+    #[test]
+    fn recording_stops_past_its_limit_and_a_failed_entry_refuses_every_later_build() {
+        let (_db, t, snaps, _dir) = scratch();
+        let name = |what: &str| snaps.part(what);
         t.insert(b"a", b"1").unwrap();
 
         // Past the limit: recording stops, and the last step writes the tree again.
@@ -403,12 +410,12 @@ mod tests {
         let last = last_patch(&t, &touched, &mut parts, name).unwrap();
         assert!(last.is_empty() && parts.rounds() == 0);
         assert!(replaced.iter().all(|f| !f.exists()), "the replaced parts are deleted");
-        let out = dir.path().join("out");
+        let out = snaps.path().join("out");
         assert_eq!(merge(&parts, last, &out).unwrap().1, 2, "both keys, read under the lock");
         let fresh = parts.files.clone();
         drop(parts);
         assert!(fresh.iter().all(|f| !f.exists()), "the parts are deleted");
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(snaps.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("out")], "only the snapshot is left");
 
         // A new build starts afresh.
@@ -428,11 +435,8 @@ mod tests {
     /// A last round too large for memory goes to a patch file, and wins the merge.
     #[test]
     fn a_last_round_that_did_not_settle_is_a_file() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let t = db.open_tree("t").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let n = std::sync::atomic::AtomicU32::new(0);
-        let name = |what: &str| dir.path().join(format!("{what}-{}", n.fetch_add(1, Ordering::SeqCst)));
+        let (_db, t, snaps, _dir) = scratch();
+        let name = |what: &str| snaps.part(what);
         let touched = Touched::default();
         touched.start();
         let mut parts = unlocked(&t, &touched, name).unwrap();
@@ -444,7 +448,7 @@ mod tests {
         let rounds = parts.rounds();
         let last = last_patch(&t, &touched, &mut parts, name).unwrap();
         assert!(last.is_empty() && parts.rounds() == rounds + 1);
-        assert_eq!(merge(&parts, last, &dir.path().join("out")).unwrap().1, keys.len() as u64);
+        assert_eq!(merge(&parts, last, &snaps.path().join("out")).unwrap().1, keys.len() as u64);
     }
 
     /// The paced writer writes everything through its syncs.

@@ -11,8 +11,8 @@ fn snapshot_records_round_trip_and_truncation_is_caught() {
     t.insert(b"bb", b"").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let part = dir.path().join("x.part");
-    let n = std::sync::atomic::AtomicU32::new(0);
-    let name = |what: &str| dir.path().join(format!("{what}-{}", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+    let snaps = SnapshotDir::open(dir.path().join("s0"), None).unwrap();
+    let name = |what: &str| snaps.part(what);
     let touched = build::Touched::default();
     touched.start();
     let mut parts = build::unlocked(&t, &touched, name).unwrap();
