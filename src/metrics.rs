@@ -31,6 +31,7 @@ pub struct Metrics {
     pub peer_calls: IntCounterVec,
     pub prevotes: IntCounterVec,
     pub leader_transfers: IntCounterVec,
+    pub joint_configs_finished: prometheus::IntCounter,
     pub cache_hits: IntCounterVec,
     pub cache_misses: IntCounterVec,
     pub shard_leader: IntGaugeVec,
@@ -204,6 +205,11 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid"),
+            joint_configs_finished: prometheus::IntCounter::new(
+                "joint_configs_finished_total",
+                "Voter changes this node finished as a shard's leader after they were cut short between their two steps (a committed joint config)",
+            )
+            .expect("valid"),
             prevotes: IntCounterVec::new(
                 Opts::new(
                     "prevotes_total",
@@ -306,6 +312,7 @@ impl Metrics {
             peer_calls,
             prevotes,
             leader_transfers,
+            joint_configs_finished,
             cache_hits,
             cache_misses,
             shard_leader,

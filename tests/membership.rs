@@ -570,3 +570,93 @@ async fn with_re_replication_off_a_returning_node_still_drops_a_copy_that_moved_
     })
     .await;
 }
+
+/// A leader that crashes between the two steps of a voter change (`RAFTCHAT_FAULT=
+/// crash-on-joint`: it aborts while applying the committed joint config, so the second step
+/// is never proposed) leaves its shard in a joint config; the next leader finishes it to the
+/// newer voters by itself (the repair task), with no other move asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_voter_change_cut_short_by_its_leaders_crash_is_finished_by_the_next_leader() {
+    let mut c = common::start(4, |cfg| cfg.balance_every_secs = 0).await;
+    c.register(0, "jo").await;
+    c.register(0, "kay").await;
+    let (on1, on4) = (hosted(&c, 0).await, hosted(&c, 3).await);
+    let (&shard, (voters, _)) =
+        on1.iter().find(|(s, _)| !on4.contains_key(s)).expect("node 4 lacks some shard node 1 holds");
+    let voters = voters.clone();
+    let leader = common::eventually(Duration::from_secs(30), "the shard has a leader", || async {
+        hosted(&c, 0).await.get(&shard)?.1
+    })
+    .await;
+    let from = voters.iter().copied().find(|v| *v != leader).expect("a follower");
+    let mut after: Vec<u64> = voters.iter().copied().filter(|v| *v != from).chain([4]).collect();
+    after.sort_unstable();
+
+    // The leader runs with the fault, and gets the shard's leadership back after its restart.
+    let li = leader as usize - 1;
+    c.env[li].push(("RAFTCHAT_FAULT".into(), "crash-on-joint".into()));
+    c.kill(li).unwrap();
+    c.spawn(li).unwrap();
+    c.wait_ready(li, common::READY).await.expect("restarted leader ready");
+    common::eventually(Duration::from_secs(60), "the faulty node leads the shard again", || async {
+        let body = json!({ "to": leader });
+        let path = format!("/v1/admin/shards/{shard}/transfer-leader");
+        let a = c.req(li, "POST", &path, Some(&c.admin_token()), Some(body)).await.ok()?;
+        (a.status == 200 && a.body["leader"].as_u64() == Some(leader)).then_some(())
+    })
+    .await;
+
+    // The move, asked of the leader itself so that nothing retries it elsewhere: the leader
+    // dies with the joint config committed and the request unanswered.
+    let path = format!("/v1/admin/shards/{shard}/move");
+    let body = json!({ "from": from, "to": 4 });
+    let a = c.req(li, "POST", &path, Some(&c.admin_token()), Some(body)).await;
+    assert!(a.is_err(), "the faulty leader answered the move: {:?}\n{}", a.map(|a| a.body), logs(&c));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !c.exited(li) {
+        assert!(std::time::Instant::now() < end, "the faulty leader did not abort\n{}", logs(&c));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The next leader finds the joint config and finishes it.
+    let live: Vec<usize> = (0..4).filter(|i| *i != li).collect();
+    let finished = common::eventually(Duration::from_secs(90), "the joint config is finished", || async {
+        for &i in &live {
+            let s = c.status(i).await.ok()?;
+            let g = s["shards"].as_array()?.iter().find(|g| g["shard"].as_u64() == Some(shard))?.clone();
+            if g["leader"].as_u64() == Some(c.id_of(i)) && g["joint"].as_bool() == Some(false) {
+                let mut v: Vec<u64> = g["replicas"].as_array()?.iter().filter_map(Value::as_u64).collect();
+                v.sort_unstable();
+                return Some((i, v));
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(finished.1, after, "voters after the finished change\n{}", logs(&c));
+    let counted: f64 = {
+        let mut n = 0.0;
+        for &i in &live {
+            n += c.metric(i, "raftchat_joint_configs_finished_total").await;
+        }
+        n
+    };
+    assert!(counted >= 1.0, "no node counted a finished joint config\n{}", logs(&c));
+    assert!(
+        std::fs::read_to_string(c.dir.join(format!("node{}.log", finished.0 + 1)))
+            .unwrap_or_default()
+            .contains("finished a membership change cut short"),
+        "the finishing leader did not log it"
+    );
+
+    // The node comes back without the fault; running the move again completes it (the old
+    // voter drops its copy) and the shard serves writes.
+    c.env[li].clear();
+    c.spawn(li).unwrap();
+    c.wait_ready(li, common::READY).await.expect("node back");
+    let out = move_replica(&c, live[0], shard, from, 4).await;
+    let mut v: Vec<u64> = out["voters"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+    v.sort_unstable();
+    assert_eq!(v, after, "{out}");
+    c.send_ok(li, "jo", "kay", "after-joint", "still here").await;
+}

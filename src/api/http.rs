@@ -270,6 +270,8 @@ async fn status(State(node): St) -> Response {
                 "shard": g.shard,
                 "replicas": node.replicas(g.shard),
                 "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
+                // Between the two steps of a voter change (both voter sets in `replicas`).
+                "joint": m.membership_config.membership().get_joint_config().len() > 1,
                 "preferred_leader": node.preferred_leader(g.shard),
                 "state": format!("{:?}", m.state),
                 "leader": m.current_leader,

@@ -252,8 +252,10 @@ fn status(members: &[(u64, String)], statuses: &BTreeMap<u64, Result<Value, Stri
                 }
             })
             .collect();
+        // In the middle of a voter change, as the leader (else any replica) sees it.
+        let joint = lv.or(views.values().next()).is_some_and(|v| v["joint"].as_bool() == Some(true));
         rows.push(vec![
-            shard.to_string(),
+            if joint { format!("{shard} (joint)") } else { shard.to_string() },
             leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
             term.to_string(),
             commit.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),

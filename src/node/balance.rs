@@ -1,6 +1,8 @@
 //! Leadership transfer and leader balancing.
 //!
-//! openraft 0.9 has no leadership transfer. With three replicas per shard it can be made
+//! openraft 0.9 has no leadership transfer. With at most three voters per shard (raftchat
+//! keeps three replicas; a transfer whose target and leader would not be a majority of
+//! every voter set is refused) it can be made
 //! from what it has: the leader waits until the target's log matches its own, then asks the
 //! target ([`Kind::Elect`] on the pipe, or unary) to start an election at once
 //! (`trigger().elect()`, which skips the pre-vote). The target's vote request carries a
@@ -22,6 +24,7 @@ use super::Node;
 use crate::raft::network::RawError;
 use crate::raft::pipe::Kind;
 use crate::shard::{NodeId, ShardId};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -47,6 +50,15 @@ impl Node {
         }
         if !m.membership_config.membership().voter_ids().any(|v| v == to) {
             return Err(ShardError::Invalid(format!("node {to} is not a voter of shard {shard}")));
+        }
+        // The target's votes are its own and this node's (module docs): they must be a
+        // majority of every voter set (one, or two in a joint config). Always so with the
+        // three replicas raftchat keeps; a larger group is refused rather than tried.
+        if let Some(c) = short_of_majority(m.membership_config.membership().get_joint_config(), self.id, to) {
+            return Err(ShardError::Invalid(format!(
+                "shard {shard} has voters {c:?}: a transfer to node {to} would not have a majority of them \
+                 (leadership transfer needs a shard of at most three voters)"
+            )));
         }
         // openraft's voters, the leader included, refuse a vote for `election_timeout_max`
         // after their vote last changed: a transfer right after this node's own election
@@ -140,6 +152,12 @@ impl Node {
     }
 }
 
+/// The first voter set in which a transfer from `leader` to `to` would not have a majority
+/// (their two votes), if any.
+fn short_of_majority(configs: &[BTreeSet<NodeId>], leader: NodeId, to: NodeId) -> Option<&BTreeSet<NodeId>> {
+    configs.iter().find(|c| [leader, to].iter().filter(|n| c.contains(n)).count() * 2 <= c.len())
+}
+
 /// The balancer (module docs); `every` zero turns it off.
 pub fn spawn(node: Arc<Node>, every: Duration, mut stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
     if every.is_zero() {
@@ -173,4 +191,28 @@ pub fn spawn(node: Arc<Node>, every: Duration, mut stop: watch::Receiver<bool>) 
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_of_majority;
+    use std::collections::BTreeSet;
+
+    fn set(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_transfer_needs_the_leader_and_target_to_be_a_majority_of_every_voter_set() {
+        // Three voters, two, one: always a majority.
+        assert_eq!(short_of_majority(&[set(&[1, 2, 3])], 1, 2), None);
+        assert_eq!(short_of_majority(&[set(&[1, 2])], 1, 2), None);
+        // A joint config where both are in both sets, and where the target is new.
+        assert_eq!(short_of_majority(&[set(&[1, 2, 3]), set(&[1, 2, 4])], 1, 2), None);
+        assert_eq!(short_of_majority(&[set(&[1, 2, 3]), set(&[1, 2, 4])], 1, 4), Some(&set(&[1, 2, 3])));
+        // Five voters (raftchat keeps three): two votes are not enough.
+        assert_eq!(short_of_majority(&[set(&[1, 2, 3, 4, 5])], 1, 2), Some(&set(&[1, 2, 3, 4, 5])));
+        // Four voters: two are half, not a majority.
+        assert!(short_of_majority(&[set(&[1, 2, 3, 4])], 1, 2).is_some());
+    }
 }

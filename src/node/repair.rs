@@ -16,6 +16,12 @@
 //!   found in no shard are not looked for again for a minute.
 //! - Every node, every round: a group it leads that lists a removed node as a learner (a
 //!   move onto it cut short by its removal) takes the learner out.
+//! - Every node, every round: a group it leads that is in a committed joint config (two
+//!   voter sets) with no membership change of it running here was left between the two
+//!   steps of a voter change (its leader crashed after the joint config committed, before
+//!   it proposed the new voters): the change is finished to the newer set. A joint config
+//!   is safe but needs a majority of both sets for every write, and nothing else would
+//!   finish it until the next move of that shard.
 //! - Every node, every round: a shard it hosts whose group has heard from no leader for
 //!   [`SILENT`] may have moved away while this node was down (a leader no longer sends to a
 //!   node that left its membership). `Node::drop_shard` asks the shard's leader and drops
@@ -61,6 +67,7 @@ pub fn spawn(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Option<JoinHan
                 _ = stop.wait_for(|s| *s) => return,
             }
             node.drop_lost_shards().await;
+            node.finish_joint_configs().await;
             node.drop_removed_learners().await;
             // Removed nodes found in no shard are looked for again now and then: a move that
             // raced a removal on a stale node table may list one later.
@@ -108,6 +115,35 @@ impl Node {
             match self.drop_shard(shard, deadline).await {
                 Ok(()) => tracing::info!(shard, "dropped a copy that moved away while this node was down"),
                 Err(e) => tracing::debug!(shard, cause = %e, "silent shard kept"),
+            }
+        }
+    }
+
+    /// Groups this node leads left in a committed joint config (module docs): finished to
+    /// the newer voter set, the same step a move makes when it finds one.
+    async fn finish_joint_configs(self: &Arc<Self>) {
+        for g in self.local.groups() {
+            let (leads, newer, index) = {
+                let m = g.raft.metrics().borrow().clone();
+                let joint = m.membership_config.membership().get_joint_config().clone();
+                let index = m.membership_config.log_id().map(|l| l.index).unwrap_or(0);
+                (m.current_leader == Some(self.id), (joint.len() > 1).then(|| joint.last().cloned()).flatten(), index)
+            };
+            let Some(newer) = newer.filter(|_| leads && g.committed() >= index) else { continue };
+            // A change running here holds the lock through both of its steps: not one cut short.
+            let Some(handle) = self.local.handle(g.shard) else { continue };
+            let Ok(_one) = handle.membership.try_lock() else { continue };
+            tracing::warn!(shard = g.shard, voters = ?newer, "finishing a membership change cut short between its two steps");
+            let change = g.raft.change_membership(ChangeMembers::ReplaceAllVoters(newer.clone()), false);
+            match tokio::time::timeout(self.peers.rpc_timeout() * 4, change).await {
+                Ok(Ok(_)) => {
+                    self.metrics.joint_configs_finished.inc();
+                    tracing::info!(shard = g.shard, voters = ?newer, "finished a membership change cut short")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(shard = g.shard, cause = %e, "finishing a joint config failed; retrying next round")
+                }
+                Err(_) => tracing::warn!(shard = g.shard, "finishing a joint config timed out; retrying next round"),
             }
         }
     }

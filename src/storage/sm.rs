@@ -39,6 +39,18 @@ const SNAP_DATA: &[u8] = b"snapshot.data";
 /// The meta of a snapshot being installed: present at open, the install is redone.
 const INSTALLING: &[u8] = b"snapshot.installing";
 
+/// Fault injection for tests (`RAFTCHAT_FAULT=crash-on-joint`): the process aborts when it
+/// applies a joint membership config (two voter sets), before it returns. On the leader
+/// that change's caller is never answered, so openraft's second step (the new voters) is
+/// never proposed: the shard is left committed in the joint config, as when a leader
+/// crashes between the two steps. Off unless the variable is set.
+pub const CRASH_ON_JOINT: &str = "crash-on-joint";
+
+fn crash_on_joint() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RAFTCHAT_FAULT").is_ok_and(|f| f == CRASH_ON_JOINT))
+}
+
 fn sm_err(e: StoreError) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&e).into()
 }
@@ -196,6 +208,10 @@ impl StateMachine {
                 reply
             }
             EntryPayload::Membership(m) => {
+                if m.get_joint_config().len() > 1 && crash_on_joint() {
+                    tracing::error!(%log_id, "fault injection: aborting while applying a joint membership config");
+                    std::process::abort();
+                }
                 let sm = StoredMembership::new(Some(log_id), m.clone());
                 batch.insert(keys::MEMBERSHIP, encode(&sm));
                 Reply::Done
