@@ -79,6 +79,9 @@ pub const OPS: &[&str] = &[
     "backup",
     "restore",
     "transfer_leader",
+    "move_replica",
+    "remove_node",
+    "placement_lock",
 ];
 /// Bounds named in `raftchat_shed_total{bound}`.
 pub const SHED_BOUNDS: &[&str] = &["node", "shard", "user_rate", "connections", "connections_per_ip"];

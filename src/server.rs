@@ -183,6 +183,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         known_users: Mutex::new(HashSet::new()),
         revocations: Mutex::new(HashMap::new()),
         outbox_done: outbox_tx,
+        placement_lock: Default::default(),
         fault: std::env::var("RAFTCHAT_FAULT").ok().filter(|s| !s.is_empty()),
         stopping: stop_rx.clone(),
         cfg,

@@ -29,6 +29,7 @@
 use super::error::ApiError;
 use super::http::{auth_header, respond};
 use crate::chat::{Command, Reply};
+use crate::node::placement_lock::{LockAnswer, LockOp, TOKEN_HEADER};
 use crate::node::router::{ShardOp, ShardReply};
 use crate::node::Node;
 use axum::body::Bytes;
@@ -54,6 +55,102 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/v1/admin/shards/{shard}/move", post(move_replica))
         .route("/v1/admin/nodes", get(nodes))
         .route("/v1/admin/nodes/{id}/remove", post(remove_node))
+        .route("/v1/admin/placement/lock", get(lock_state).post(lock_take))
+        .route("/v1/admin/placement/unlock", post(lock_release))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TakeBody {
+    /// Chosen by the taker; renewals and its moves carry it.
+    token: u64,
+    /// Who holds it, for whoever is refused ("admin add-node 4 from host h").
+    holder: String,
+    /// A renewal of a lease already held (kept across a change of shard 0's leader).
+    #[serde(default)]
+    renew: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    token: u64,
+}
+
+fn lock_json(answer: LockAnswer) -> Result<serde_json::Value, ApiError> {
+    match answer.refusal() {
+        None => Ok(serde_json::json!({ "state": answer })),
+        Some(why) => Err(ApiError::new(StatusCode::CONFLICT, "placement_busy", why)),
+    }
+}
+
+/// `GET /v1/admin/placement/lock`: who holds the placement lock (`node::placement_lock`).
+async fn lock_state(State(node): St, headers: HeaderMap) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        let a = node.placement_lock_op(LockOp::Check { token: None }, node.request_deadline()).await?;
+        Ok(serde_json::json!({ "state": a, "message": a.refusal() }))
+    }
+    .await;
+    respond(&node, "placement_lock", r)
+}
+
+/// `POST /v1/admin/placement/lock` `{"token", "holder", "renew"}`: 200 when taken or
+/// renewed, 409 `placement_busy` naming the holder.
+async fn lock_take(
+    State(node): St,
+    headers: HeaderMap,
+    body: Result<axum::Json<TakeBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        if b.holder.is_empty() || b.holder.len() > 200 {
+            return Err(ApiError::bad_request("invalid_body", "holder must be 1 to 200 bytes"));
+        }
+        let op = LockOp::Take { token: b.token, holder: b.holder, renew: b.renew };
+        lock_json(node.placement_lock_op(op, node.request_deadline()).await?)
+    }
+    .await;
+    respond(&node, "placement_lock", r)
+}
+
+/// `POST /v1/admin/placement/unlock` `{"token"}`.
+async fn lock_release(
+    State(node): St,
+    headers: HeaderMap,
+    body: Result<axum::Json<ReleaseBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let r = async {
+        operator(&node, &headers)?;
+        let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        lock_json(node.placement_lock_op(LockOp::Release { token: b.token }, node.request_deadline()).await?)
+    }
+    .await;
+    respond(&node, "placement_lock", r)
+}
+
+/// A placement change asked over the API goes on only while no other holds the placement
+/// lock (`node::placement_lock`); its command's token comes in [`TOKEN_HEADER`]. When shard 0
+/// cannot answer, the change goes on (with a warning): the lock orders commands, each
+/// change is safe without it, and one that needs shard 0 fails on its own.
+async fn placement_allowed(node: &Arc<Node>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = match headers.get(TOKEN_HEADER).map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok())) {
+        None => None,
+        Some(Some(t)) => Some(t),
+        Some(None) => return Err(ApiError::bad_request("invalid_token", format!("{TOKEN_HEADER} must be a number"))),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    match node.placement_lock_op(LockOp::Check { token }, deadline).await {
+        Ok(a) => match a.refusal() {
+            None => Ok(()),
+            Some(why) => Err(ApiError::new(StatusCode::CONFLICT, "placement_busy", why)),
+        },
+        Err(e) => {
+            tracing::warn!(cause = %e, "the placement lock could not be checked; the placement change goes on");
+            Ok(())
+        }
+    }
 }
 
 fn operator(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -214,6 +311,7 @@ async fn move_replica(
         node.require_version(3, "moving a replica")?;
         let shard = shard_of(&node, &shard)?;
         let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        placement_allowed(&node, &headers).await?;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(b.timeout_secs.unwrap_or(600).clamp(1, 86_400));
         Ok(node.move_replica(shard, b.from, b.to, deadline).await?)
@@ -288,6 +386,7 @@ async fn remove_node(
         operator(&node, &headers)?;
         node.require_version(crate::node::directory::VERSION, "removing a node")?;
         let id: u64 = id.parse().map_err(|_| ApiError::bad_request("invalid_node", "node id must be a number"))?;
+        placement_allowed(&node, &headers).await?;
         node.refresh_directory().await?;
         let known = node.directory.members().into_iter().find(|m| m.id == id);
         let rec = match (known, node.directory.table().into_iter().find(|r| r.id == id)) {

@@ -40,6 +40,9 @@ pub struct AdminArgs {
     pub json: bool,
     #[command(flatten)]
     pub secret: super::client::SecretArgs,
+    /// The placement lock's token while a placement command holds it (sent with its moves).
+    #[arg(skip)]
+    pub placement_token: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,23 +112,34 @@ pub enum AdminCommand {
     },
 }
 
-pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
+pub async fn run(mut a: AdminArgs) -> anyhow::Result<()> {
     let http = super::client::http_client(a.ca_file.as_deref())?;
+    // Placement commands hold the cluster's placement lock while they plan and move (a
+    // forced removal only for the removal: re-replication then does the moves).
+    let what = match &a.command {
+        AdminCommand::MoveReplica { shard, from, to } => Some(format!("move-replica {shard} {from} {to}")),
+        AdminCommand::AddNode { node } => Some(format!("add-node {node}")),
+        AdminCommand::RemoveNode { node, force: false, .. } => Some(format!("remove-node {node}")),
+        AdminCommand::ReplaceNode { old, new } => Some(format!("replace-node {old} {new}")),
+        _ => None,
+    };
+    if let Some(what) = what {
+        let lock = super::placement::Lock::take(&a, &http, &what).await?;
+        a.placement_token = lock.as_ref().map(|l| l.token);
+        let r = placement_command(&a, &http).await;
+        if let Some(l) = lock {
+            l.release(&a, &http).await;
+        }
+        return r;
+    }
     match &a.command {
         AdminCommand::Backup { dir } => return backup(&a, &http, dir).await,
         AdminCommand::Restore { dir } => return restore(&a, &http, dir).await,
         AdminCommand::TransferLeader { shard, to } => return transfer_leader(&a, &http, *shard, *to).await,
-        AdminCommand::MoveReplica { shard, from, to } => {
-            return super::placement::move_replica(&a, &http, *shard, *from, *to).await
-        }
-        AdminCommand::AddNode { node } => return super::placement::add_node(&a, &http, *node).await,
         AdminCommand::RemoveNode { node, force: true, .. } => {
-            return super::placement::force_remove(&a, &http, *node).await
+            let node = *node;
+            return super::placement::force_remove(&mut a, &http, node).await;
         }
-        AdminCommand::RemoveNode { node, drain_only, .. } => {
-            return super::placement::remove_node(&a, &http, *node, !*drain_only).await
-        }
-        AdminCommand::ReplaceNode { old, new } => return super::placement::replace_node(&a, &http, *old, *new).await,
         _ => {}
     }
     let get = |url: String| {
@@ -343,6 +357,20 @@ impl std::io::Write for HashWriter<'_> {
 
 /// POSTs `body` to `path` on `--server` with an operator token; the JSON answer, or the
 /// status and the node's message.
+async fn placement_command(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<()> {
+    match &a.command {
+        AdminCommand::MoveReplica { shard, from, to } => {
+            super::placement::move_replica(a, http, *shard, *from, *to).await
+        }
+        AdminCommand::AddNode { node } => super::placement::add_node(a, http, *node).await,
+        AdminCommand::RemoveNode { node, drain_only, .. } => {
+            super::placement::remove_node(a, http, *node, !*drain_only).await
+        }
+        AdminCommand::ReplaceNode { old, new } => super::placement::replace_node(a, http, *old, *new).await,
+        other => anyhow::bail!("not a placement command: {other:?}"),
+    }
+}
+
 pub(crate) async fn post_admin(
     a: &AdminArgs,
     http: &reqwest::Client,
@@ -351,14 +379,11 @@ pub(crate) async fn post_admin(
     timeout: Duration,
 ) -> anyhow::Result<Value> {
     let url = format!("{}{path}", a.server.trim_end_matches('/'));
-    let r = http
-        .post(&url)
-        .bearer_auth(operator_token(a)?)
-        .json(body)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let mut rb = http.post(&url).bearer_auth(operator_token(a)?);
+    if let Some(t) = a.placement_token {
+        rb = rb.header(crate::node::placement_lock::TOKEN_HEADER, t.to_string());
+    }
+    let r = rb.json(body).timeout(timeout).send().await.map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let status = r.status();
     let answer: Value = r.json().await.unwrap_or(Value::Null);
     if !status.is_success() {

@@ -5,6 +5,10 @@
 //! The plan comes from every node's `/status` (which shards it holds, their voters and
 //! leader). Each move is safe to repeat, so a command cut short (a node down, Ctrl-C) is
 //! finished by running it again.
+//!
+//! A command holds the cluster's placement lock ([`Lock`], `node::placement_lock`) from
+//! before it plans until it is done, renewing it every few seconds: another placement
+//! command, or re-replication, waits meanwhile (a command finds it held and says by whom).
 
 use super::admin::AdminArgs;
 use serde_json::Value;
@@ -89,6 +93,72 @@ async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
     Ok(View { urls, up, voters, leaders, preferred, removed })
 }
 
+/// The placement lock, held by this command (module docs).
+pub struct Lock {
+    pub token: u64,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Lock {
+    /// Takes the lock as `admin {what}`; `None` from a cluster whose build has no lock.
+    pub async fn take(a: &AdminArgs, http: &reqwest::Client, what: &str) -> anyhow::Result<Option<Lock>> {
+        let token: u64 = rand::random::<u64>() | 1;
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "an unnamed host".into());
+        let holder = format!("`raftchat admin {what}` on {host} (pid {})", std::process::id());
+        let url = format!("{}/v1/admin/placement/lock", a.server.trim_end_matches('/'));
+        let bearer = super::admin::operator_token(a)?;
+        let ask = |renew: bool| {
+            let body = serde_json::json!({ "token": token, "holder": holder, "renew": renew });
+            http.post(&url).bearer_auth(&bearer).json(&body).timeout(Duration::from_secs(15)).send()
+        };
+        let r = ask(false).await.map_err(|e| anyhow::anyhow!("taking the placement lock at {url}: {e}"))?;
+        let status = r.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            println!("note: this cluster's build has no placement lock; placement commands are not coordinated");
+            return Ok(None);
+        }
+        let answer: Value = r.json().await.unwrap_or(Value::Null);
+        anyhow::ensure!(
+            status.is_success(),
+            "{}",
+            answer["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("the placement lock: {status}"))
+        );
+        let (http, bearer, url, holder) = (http.clone(), bearer.clone(), url.clone(), holder.clone());
+        let renewer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::node::placement_lock::RENEW_EVERY).await;
+                let body = serde_json::json!({ "token": token, "holder": holder, "renew": true });
+                let r = http.post(&url).bearer_auth(&bearer).json(&body).timeout(Duration::from_secs(15)).send().await;
+                match r {
+                    Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+                        let answer: Value = r.json().await.unwrap_or(Value::Null);
+                        eprintln!(
+                            "warning: lost the placement lock ({}); the moves from here on are refused",
+                            answer["message"].as_str().unwrap_or("no message")
+                        );
+                        return;
+                    }
+                    // Not answered: the lease lasts a while yet; try again.
+                    _ => {}
+                }
+            }
+        });
+        Ok(Some(Lock { token, renewer }))
+    }
+
+    pub async fn release(self, a: &AdminArgs, http: &reqwest::Client) {
+        self.renewer.abort();
+        let body = serde_json::json!({ "token": self.token });
+        // Not released (a node down): the lease runs out by itself.
+        let _ = super::admin::post_admin(a, http, "/v1/admin/placement/unlock", &body, Duration::from_secs(10)).await;
+    }
+}
+
 async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
     let r = http.get(url).timeout(Duration::from_secs(5)).send().await?;
     anyhow::ensure!(r.status().is_success(), "{url}: {}", r.status());
@@ -164,17 +234,26 @@ pub async fn remove_node(a: &AdminArgs, http: &reqwest::Client, node: u64, remov
 /// `remove-node --force`: takes `node` out of the node table while shards still list it,
 /// then waits until re-replication (on the directory shard's leader) has moved every
 /// replica off it.
-pub async fn force_remove(a: &AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
+pub async fn force_remove(a: &mut AdminArgs, http: &reqwest::Client, node: u64) -> anyhow::Result<()> {
     let v = view(a, http).await?;
     if v.removed.contains(&node) {
         // Run again after a timeout: the removal stands, only the wait is left.
         println!("node {node} is already removed from the cluster; waiting for its replicas to move");
     } else {
         member(&v, node)?;
+        // The lock for the removal only: re-replication, which then moves the replicas,
+        // takes it itself.
+        let lock = Lock::take(a, http, &format!("remove-node {node} --force")).await?;
+        a.placement_token = lock.as_ref().map(|l| l.token);
         let path = format!("/v1/admin/nodes/{node}/remove?force=true");
-        super::admin::post_admin(a, http, &path, &serde_json::json!({}), Duration::from_secs(60))
+        let removed = super::admin::post_admin(a, http, &path, &serde_json::json!({}), Duration::from_secs(60))
             .await
-            .map_err(|e| anyhow::anyhow!("removing node {node}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("removing node {node}: {e}"));
+        if let Some(l) = lock {
+            l.release(a, http).await;
+        }
+        a.placement_token = None;
+        removed?;
         println!("node {node} removed from the cluster (its id is never taken back); waiting for its replicas to move");
     }
     let give_up = std::time::Instant::now() + Duration::from_secs(600);

@@ -12,7 +12,8 @@
 //! - [`local`]: the shards this node hosts now; [`membership`]: replica moves (hosting and
 //!   dropping shards at runtime, routing to where a shard went); [`directory`]: the
 //!   replicated node table (joining and leaving without restarts); [`repair`]:
-//!   re-replication after a node dies.
+//!   re-replication after a node dies; [`placement_lock`]: one placement change (an
+//!   operator's command, or re-replication) at a time.
 
 pub mod admission;
 pub mod balance;
@@ -22,6 +23,7 @@ pub mod local;
 pub mod membership;
 pub mod ops;
 pub mod peer_service;
+pub mod placement_lock;
 pub mod rate_limit;
 pub mod repair;
 pub mod retention;
@@ -72,6 +74,8 @@ pub struct Node {
     pub(crate) revocations: Mutex<HashMap<UserId, (u64, std::time::Instant)>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,
     /// Test-only fault injection (`RAFTCHAT_FAULT`), see `docs/operations.md`.
+    /// The placement lease, as this node keeps it while it leads shard 0.
+    pub(crate) placement_lock: placement_lock::PlacementLock,
     pub(crate) fault: Option<String>,
     /// Becomes true when the node starts shutting down (long-lived sessions close).
     pub stopping: watch::Receiver<bool>,

@@ -43,6 +43,16 @@ impl Node {
             ShardOp::TransferLeader { to } => {
                 self.transfer_leader(shard, to, deadline).await.map(|()| ShardReply::Leader(to))
             }
+            ShardOp::PlacementLock(op) => {
+                if shard != super::directory::DIRECTORY_SHARD {
+                    return Err(ShardError::Invalid(format!("the placement lock is kept by shard 0, not {shard}")));
+                }
+                handle.linearize(deadline).await?;
+                let term = handle.group.raft.metrics().borrow().current_term;
+                let led = super::placement_lock::led_for(&handle.group);
+                let answer = self.placement_lock.act(op, term, led, std::time::Instant::now());
+                Ok(ShardReply::Lock(answer))
+            }
             read => {
                 handle.linearize(deadline).await?;
                 let _whole_entries = handle.group.sm.read_lock().await;
@@ -120,7 +130,8 @@ impl Node {
             | ShardOp::Send { .. }
             | ShardOp::TransferLeader { .. }
             | ShardOp::Members
-            | ShardOp::ChangeReplica { .. } => Err(ShardError::Invalid("not a read".into())),
+            | ShardOp::ChangeReplica { .. }
+            | ShardOp::PlacementLock(_) => Err(ShardError::Invalid("not a read".into())),
         }
     }
 }

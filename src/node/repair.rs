@@ -6,7 +6,8 @@
 //!   that lists it as a voter gets a replica move from it to the live node holding the
 //!   fewest replicas among those without one of that shard (`Node::move_replica`, the same
 //!   move `admin replace-node` makes; a dead node cannot delete its copy, the move completes
-//!   all the same). One move at a time, each after confirming (linearizably) that this node
+//!   all the same). The moves hold the placement lock (`node::placement_lock`): while an
+//!   operator's placement command holds it, re-replication waits for a later round. One move at a time, each after confirming (linearizably) that this node
 //!   still leads shard 0 and that the dead node is still silent; "dead" counts from the first
 //!   failed call after the node's last answer. A shard with no spare node stays as it is
 //!   (logged once). A node the node table marks removed counts as dead at once, so its
@@ -226,9 +227,27 @@ impl Node {
                 cleared.insert(*r);
             }
         }
+        // Held from the first move on: no operator's placement command plans meanwhile, and
+        // none is running when it is taken.
+        let mut lease = None;
         for d in dead {
             let shards: Vec<ShardId> = voters.iter().filter(|(_, v)| v.contains(&d)).map(|(s, _)| *s).collect();
             for shard in shards {
+                if lease.is_none() {
+                    match self.hold_placement_lock(format!("re-replication of node {d}'s replicas (node {})", self.id))
+                    {
+                        Ok(g) => lease = Some(g),
+                        Err(answer) => {
+                            let why = answer.refusal().unwrap_or_default();
+                            if warned.insert((ShardId::MAX, d)) {
+                                tracing::info!(node = d, "re-replication waits: {why}");
+                            } else {
+                                tracing::debug!(node = d, "re-replication waits: {why}");
+                            }
+                            return;
+                        }
+                    }
+                }
                 // Still leading shard 0 (a linearizable check) and the node still silent:
                 // one repairer at a time, and none for a node that came back meanwhile.
                 let check = Instant::now() + ttl * 2;

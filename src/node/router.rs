@@ -84,6 +84,8 @@ pub enum ShardOp {
     },
     /// The cluster's node table (a linearizable read of the directory shard).
     Nodes,
+    /// The placement lease, kept by the directory shard's leader (`node::placement_lock`).
+    PlacementLock(super::placement_lock::LockOp),
 }
 
 impl ShardOp {
@@ -103,6 +105,7 @@ impl ShardOp {
                 | ShardOp::TransferLeader { .. }
                 | ShardOp::Members
                 | ShardOp::ChangeReplica { .. }
+                | ShardOp::PlacementLock(_)
         )
     }
 
@@ -121,6 +124,7 @@ impl ShardOp {
             ShardOp::Members => "members",
             ShardOp::ChangeReplica { .. } => "change_replica",
             ShardOp::Nodes => "nodes",
+            ShardOp::PlacementLock(_) => "placement_lock",
         }
     }
 }
@@ -149,6 +153,7 @@ pub enum ShardReply {
     Leader(NodeId),
     Members(super::membership::Members),
     Nodes(Vec<crate::chat::NodeRecord>),
+    Lock(super::placement_lock::LockAnswer),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
