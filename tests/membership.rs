@@ -642,11 +642,13 @@ async fn a_voter_change_cut_short_by_its_leaders_crash_is_finished_by_the_next_l
         n
     };
     assert!(counted >= 1.0, "no node counted a finished joint config\n{}", logs(&c));
+    // (The finisher may be a voter the change removes, which then steps down: any live log.)
     assert!(
-        std::fs::read_to_string(c.dir.join(format!("node{}.log", finished.0 + 1)))
+        live.iter().any(|i| std::fs::read_to_string(c.dir.join(format!("node{}.log", i + 1)))
             .unwrap_or_default()
-            .contains("finished a membership change cut short"),
-        "the finishing leader did not log it"
+            .contains("finished a membership change cut short")),
+        "no live node logged the finish\n{}",
+        logs(&c)
     );
 
     // The node comes back without the fault; running the move again completes it (the old

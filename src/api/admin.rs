@@ -29,7 +29,7 @@
 use super::error::ApiError;
 use super::http::{auth_header, respond};
 use crate::chat::{Command, Reply};
-use crate::node::placement_lock::{LockAnswer, LockOp, TOKEN_HEADER};
+use crate::node::placement_lock::{LockAnswer, LockOp, TOKEN_HEADER, VERSION as LOCK_VERSION};
 use crate::node::router::{ShardOp, ShardReply};
 use crate::node::Node;
 use axum::body::Bytes;
@@ -78,16 +78,33 @@ struct ReleaseBody {
 }
 
 fn lock_json(answer: LockAnswer) -> Result<serde_json::Value, ApiError> {
-    match answer.refusal() {
-        None => Ok(serde_json::json!({ "state": answer })),
-        Some(why) => Err(ApiError::new(StatusCode::CONFLICT, "placement_busy", why)),
+    match (answer.refusal(), &answer) {
+        (None, _) => Ok(serde_json::json!({ "state": answer })),
+        // Shard 0's leader changed a moment ago: worth asking again in a few seconds.
+        (Some(why), LockAnswer::Unsure { .. }) => Err(ApiError::new(StatusCode::CONFLICT, "placement_unsure", why)),
+        (Some(why), _) => Err(ApiError::new(StatusCode::CONFLICT, "placement_busy", why)),
     }
+}
+
+/// Below [`LOCK_VERSION`] the lock is not used: 404, which the CLI reads as "no lock here".
+fn lock_available(node: &Node) -> Result<(), ApiError> {
+    if node.cfg.cluster_version >= LOCK_VERSION {
+        return Ok(());
+    }
+    Err(ApiError::not_found(
+        "not_available",
+        format!(
+            "the placement lock needs cluster_version {LOCK_VERSION}; this node runs with {}: placement commands are not coordinated",
+            node.cfg.cluster_version
+        ),
+    ))
 }
 
 /// `GET /v1/admin/placement/lock`: who holds the placement lock (`node::placement_lock`).
 async fn lock_state(State(node): St, headers: HeaderMap) -> Response {
     let r = async {
         operator(&node, &headers)?;
+        lock_available(&node)?;
         let a = node.placement_lock_op(LockOp::Check { token: None }, node.request_deadline()).await?;
         Ok(serde_json::json!({ "state": a, "message": a.refusal() }))
     }
@@ -104,6 +121,7 @@ async fn lock_take(
 ) -> Response {
     let r = async {
         operator(&node, &headers)?;
+        lock_available(&node)?;
         let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
         if b.holder.is_empty() || b.holder.len() > 200 {
             return Err(ApiError::bad_request("invalid_body", "holder must be 1 to 200 bytes"));
@@ -123,6 +141,7 @@ async fn lock_release(
 ) -> Response {
     let r = async {
         operator(&node, &headers)?;
+        lock_available(&node)?;
         let axum::Json(b) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
         lock_json(node.placement_lock_op(LockOp::Release { token: b.token }, node.request_deadline()).await?)
     }
@@ -135,6 +154,9 @@ async fn lock_release(
 /// cannot answer, the change goes on (with a warning): the lock orders commands, each
 /// change is safe without it, and one that needs shard 0 fails on its own.
 async fn placement_allowed(node: &Arc<Node>, headers: &HeaderMap) -> Result<(), ApiError> {
+    if node.cfg.cluster_version < LOCK_VERSION {
+        return Ok(());
+    }
     let token = match headers.get(TOKEN_HEADER).map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok())) {
         None => None,
         Some(Some(t)) => Some(t),

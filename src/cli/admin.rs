@@ -128,7 +128,7 @@ pub async fn run(mut a: AdminArgs) -> anyhow::Result<()> {
         a.placement_token = lock.as_ref().map(|l| l.token);
         let r = placement_command(&a, &http).await;
         if let Some(l) = lock {
-            l.release(&a, &http).await;
+            l.release(&http).await;
         }
         return r;
     }

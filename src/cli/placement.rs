@@ -97,7 +97,30 @@ async fn view(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<View> {
 pub struct Lock {
     pub token: u64,
     renewer: tokio::task::JoinHandle<()>,
+    /// Every member's base URL, `--server` first: renewals and the release go to the first
+    /// that answers (the node asked may be the one `remove-node` stops).
+    urls: Vec<String>,
+    bearer: String,
 }
+
+/// Posts `body` to `path` on the first of `urls` that answers (any status).
+async fn post_first(
+    http: &reqwest::Client,
+    urls: &[String],
+    bearer: &str,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+) -> Option<reqwest::Response> {
+    for u in urls {
+        if let Ok(r) = http.post(format!("{u}{path}")).bearer_auth(bearer).json(body).timeout(timeout).send().await {
+            return Some(r);
+        }
+    }
+    None
+}
+
+const LOCK_PATH: &str = "/v1/admin/placement/lock";
 
 impl Lock {
     /// Takes the lock as `admin {what}`; `None` from a cluster whose build has no lock.
@@ -110,32 +133,60 @@ impl Lock {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "an unnamed host".into());
         let holder = format!("`raftchat admin {what}` on {host} (pid {})", std::process::id());
-        let url = format!("{}/v1/admin/placement/lock", a.server.trim_end_matches('/'));
+        let server = a.server.trim_end_matches('/').to_string();
+        let url = format!("{server}{LOCK_PATH}");
         let bearer = super::admin::operator_token(a)?;
         let ask = |renew: bool| {
             let body = serde_json::json!({ "token": token, "holder": holder, "renew": renew });
             http.post(&url).bearer_auth(&bearer).json(&body).timeout(Duration::from_secs(15)).send()
         };
-        let r = ask(false).await.map_err(|e| anyhow::anyhow!("taking the placement lock at {url}: {e}"))?;
-        let status = r.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            println!("note: this cluster's build has no placement lock; placement commands are not coordinated");
-            return Ok(None);
+        // Shard 0's leader changed a moment ago (`placement_unsure`): it answers within
+        // seconds, so ask again a few times before giving up.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let r = ask(false).await.map_err(|e| anyhow::anyhow!("taking the placement lock at {url}: {e}"))?;
+            let status = r.status();
+            if status == reqwest::StatusCode::NOT_FOUND {
+                println!(
+                    "note: the node asked has no placement lock (an older build, or cluster_version below {}): \
+                     placement commands are not coordinated",
+                    crate::node::placement_lock::VERSION
+                );
+                return Ok(None);
+            }
+            let answer: Value = r.json().await.unwrap_or(Value::Null);
+            if status.is_success() {
+                break;
+            }
+            let why = answer["message"].as_str().map(str::to_string);
+            if answer["code"].as_str() == Some("placement_unsure") && tries < 4 {
+                eprintln!("{}; waiting", why.as_deref().unwrap_or("shard 0's leader changed"));
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                continue;
+            }
+            anyhow::bail!("{}", why.unwrap_or_else(|| format!("the placement lock: {status}")));
         }
-        let answer: Value = r.json().await.unwrap_or(Value::Null);
-        anyhow::ensure!(
-            status.is_success(),
-            "{}",
-            answer["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("the placement lock: {status}"))
-        );
-        let (http, bearer, url, holder) = (http.clone(), bearer.clone(), url.clone(), holder.clone());
+        let mut urls = vec![server.clone()];
+        if let Ok(nodes) = get(http, &format!("{server}/v1/nodes")).await {
+            for n in nodes["nodes"].as_array().into_iter().flatten() {
+                if let Some(u) = n["url"].as_str().map(|u| u.trim_end_matches('/').to_string()) {
+                    if !urls.contains(&u) {
+                        urls.push(u);
+                    }
+                }
+            }
+        }
+        let (http, bearer2, urls2, holder) = (http.clone(), bearer.clone(), urls.clone(), holder.clone());
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(crate::node::placement_lock::RENEW_EVERY).await;
                 let body = serde_json::json!({ "token": token, "holder": holder, "renew": true });
-                let r = http.post(&url).bearer_auth(&bearer).json(&body).timeout(Duration::from_secs(15)).send().await;
+                // Well within a renewal period: one slow answer (an election of shard 0) must
+                // not use up the lease.
+                let r = post_first(&http, &urls2, &bearer2, LOCK_PATH, &body, Duration::from_secs(4)).await;
                 match r {
-                    Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+                    Some(r) if r.status() == reqwest::StatusCode::CONFLICT => {
                         let answer: Value = r.json().await.unwrap_or(Value::Null);
                         eprintln!(
                             "warning: lost the placement lock ({}); the moves from here on are refused",
@@ -148,14 +199,24 @@ impl Lock {
                 }
             }
         });
-        Ok(Some(Lock { token, renewer }))
+        Ok(Some(Lock { token, renewer, urls, bearer }))
     }
 
-    pub async fn release(self, a: &AdminArgs, http: &reqwest::Client) {
+    pub async fn release(self, http: &reqwest::Client) {
         self.renewer.abort();
         let body = serde_json::json!({ "token": self.token });
-        // Not released (a node down): the lease runs out by itself.
-        let _ = super::admin::post_admin(a, http, "/v1/admin/placement/unlock", &body, Duration::from_secs(10)).await;
+        // Not released (no node answers): the lease runs out by itself.
+        let path = "/v1/admin/placement/unlock";
+        for u in &self.urls {
+            // An answer of the lock's keeper (released, or held by another) ends it; a node
+            // that is stopping (`remove-node` of the node asked) may fail the call: the next.
+            let sent = post_first(http, std::slice::from_ref(u), &self.bearer, path, &body, Duration::from_secs(10));
+            if let Some(r) = sent.await {
+                if r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -250,7 +311,7 @@ pub async fn force_remove(a: &mut AdminArgs, http: &reqwest::Client, node: u64) 
             .await
             .map_err(|e| anyhow::anyhow!("removing node {node}: {e}"));
         if let Some(l) = lock {
-            l.release(a, http).await;
+            l.release(http).await;
         }
         a.placement_token = None;
         removed?;

@@ -73,9 +73,9 @@ pub struct Node {
     /// Users' token revocation marks as last read, and when (see [`Node::token_revoked`]).
     pub(crate) revocations: Mutex<HashMap<UserId, (u64, std::time::Instant)>>,
     pub(crate) outbox_done: mpsc::UnboundedSender<(ShardId, ConversationId, u64)>,
-    /// Test-only fault injection (`RAFTCHAT_FAULT`), see `docs/operations.md`.
     /// The placement lease, as this node keeps it while it leads shard 0.
     pub(crate) placement_lock: placement_lock::PlacementLock,
+    /// Test-only fault injection (`RAFTCHAT_FAULT`), see `docs/operations.md`.
     pub(crate) fault: Option<String>,
     /// Becomes true when the node starts shutting down (long-lived sessions close).
     pub stopping: watch::Receiver<bool>,

@@ -28,8 +28,12 @@
 //! a live holder has renewed by then) it grants no *new* lease ([`LockAnswer::Unsure`]),
 //! while renewals (`renew: true`, which holders send) are taken as they come, so a holder
 //! keeps its lease across the change. (A move without a token is not held back in that
-//! window: direct API moves are uncoordinated by nature. With `prevote` off a node does not
-//! note when it became leader, and there is no such wait.)
+//! window: direct API moves are uncoordinated by nature. A leader that does not know when
+//! it became leader, e.g. with `prevote` off, waits the whole window from its first lock
+//! request of the term. `renew: true` is for renewals: an operator's script that sends it on
+//! a first take skips the wait, as the API trusts operators.) A token once released is
+//! refused for the rest of the term, so a renewal still in flight when its holder released
+//! the lock does not take it back.
 //!
 //! The lock orders commands, not moves: safety never depends on it (a holder whose lease
 //! lapsed during a partition and a new holder could briefly both be moving, each move
@@ -46,6 +50,9 @@ use std::time::{Duration, Instant};
 pub const TTL: Duration = Duration::from_secs(20);
 /// How often holders renew.
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// The `cluster_version` from which the lock is used (older builds cannot parse its op:
+/// below it, placement commands run uncoordinated).
+pub const VERSION: u32 = 5;
 /// How long a new leader of shard 0 grants no new lease.
 pub const HANDOFF: Duration = Duration::from_secs(11);
 /// The HTTP header that carries a placement command's token on its moves and removals.
@@ -79,6 +86,8 @@ pub enum LockAnswer {
     Unsure {
         retry_in_ms: u64,
     },
+    /// A renewal of a lease its holder released (in this term).
+    Released,
 }
 
 impl LockAnswer {
@@ -88,10 +97,11 @@ impl LockAnswer {
             LockAnswer::Granted | LockAnswer::Free => None,
             LockAnswer::Busy { holder, held_ms, expires_in_ms } => Some(format!(
                 "another placement change holds the cluster's placement lock: {holder}, for {:.0} s \
-                 (its lease runs out {:.0} s after its holder stops renewing it); run this once it is done",
+                 (renewed while it runs; should its holder stop renewing, it lapses in {:.0} s); run this once it is done",
                 *held_ms as f64 / 1000.0,
                 *expires_in_ms as f64 / 1000.0
             )),
+            LockAnswer::Released => Some("this placement lease was released: take the lock again".into()),
             LockAnswer::Unsure { retry_in_ms } => Some(format!(
                 "shard 0's leader changed a moment ago and cannot tell yet whether a placement change is \
                  running: retry in {:.0} s",
@@ -111,6 +121,8 @@ struct Held {
 #[derive(Default)]
 struct State {
     held: Option<Held>,
+    /// Tokens released in this term (the latest few).
+    released: Vec<u64>,
     /// The shard-0 term these answers are given in, and until when new leases wait.
     term: u64,
     unsure_until: Option<Instant>,
@@ -129,7 +141,8 @@ impl PlacementLock {
         if s.term != term {
             // Leases are granted per leadership: whatever this node held in an older term
             // may have been replaced by another leader's meanwhile.
-            *s = State { held: None, term, unsure_until: Some(now + HANDOFF.saturating_sub(led)) };
+            *s =
+                State { held: None, released: Vec::new(), term, unsure_until: Some(now + HANDOFF.saturating_sub(led)) };
         }
         if s.held.as_ref().is_some_and(|h| h.until <= now) {
             s.held = None;
@@ -141,6 +154,7 @@ impl PlacementLock {
             expires_in_ms: h.until.duration_since(now).as_millis() as u64,
         };
         match op {
+            LockOp::Take { token, .. } if s.released.contains(&token) => LockAnswer::Released,
             LockOp::Take { token, holder, renew } => match &mut s.held {
                 Some(h) if h.token == token => {
                     h.until = now + TTL;
@@ -157,9 +171,14 @@ impl PlacementLock {
             },
             LockOp::Release { token } => {
                 match &s.held {
-                    Some(h) if h.token == token => s.held = None,
-                    Some(h) => return busy(h),
-                    None => {}
+                    Some(h) if h.token != token => return busy(h),
+                    _ => s.held = None,
+                }
+                if !s.released.contains(&token) {
+                    if s.released.len() >= 64 {
+                        s.released.remove(0);
+                    }
+                    s.released.push(token);
                 }
                 LockAnswer::Free
             }
@@ -218,9 +237,9 @@ impl Node {
     }
 }
 
-/// How long this node has led `group` (with `prevote` off, unknown: taken as long enough).
+/// How long this node has led `group` (unknown, e.g. with `prevote` off: taken as just now).
 pub(crate) fn led_for(group: &crate::raft::group::Group) -> Duration {
-    crate::raft::prevote::leading_for(&group.leading_since).unwrap_or(HANDOFF)
+    crate::raft::prevote::leading_for(&group.leading_since).unwrap_or(Duration::ZERO)
 }
 
 /// A lease this node holds for one of its own tasks, renewed in the background until
@@ -228,19 +247,28 @@ pub(crate) fn led_for(group: &crate::raft::group::Group) -> Duration {
 pub struct Guard {
     renewer: tokio::task::JoinHandle<()>,
     release: Option<Box<dyn FnOnce() + Send>>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Guard {
     pub fn new(renew: Arc<dyn Fn() -> bool + Send + Sync>, release: Box<dyn FnOnce() + Send>) -> Self {
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = lost.clone();
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
                 if !renew() {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
             }
         });
-        Self { renewer, release: Some(release) }
+        Self { renewer, release: Some(release), lost }
+    }
+
+    /// Whether every renewal so far kept the lease.
+    pub fn held(&self) -> bool {
+        !self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -287,6 +315,9 @@ mod tests {
         assert_eq!(l.act(take(8, false), 1, HANDOFF, t2 + TTL), LockAnswer::Granted);
         assert_eq!(l.act(LockOp::Release { token: 8 }, 1, HANDOFF, t2 + TTL), LockAnswer::Free);
         assert_eq!(l.act(LockOp::Check { token: None }, 1, HANDOFF, t2 + TTL), LockAnswer::Free);
+        // A renewal that arrives after its holder released the lock does not take it back.
+        assert_eq!(l.act(take(8, true), 1, HANDOFF, t2 + TTL), LockAnswer::Released);
+        assert_eq!(l.act(take(9, false), 1, HANDOFF, t2 + TTL), LockAnswer::Granted);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //!   that lists it as a voter gets a replica move from it to the live node holding the
 //!   fewest replicas among those without one of that shard (`Node::move_replica`, the same
 //!   move `admin replace-node` makes; a dead node cannot delete its copy, the move completes
-//!   all the same). The moves hold the placement lock (`node::placement_lock`): while an
-//!   operator's placement command holds it, re-replication waits for a later round. One move at a time, each after confirming (linearizably) that this node
+//!   all the same). The moves hold the placement lock (`node::placement_lock`, from
+//!   `cluster_version` 5): while an operator's placement command holds it, re-replication
+//!   waits for a later round. The joint-config finisher below runs from `cluster_version` 4,
+//!   like this whole task. One move at a time, each after confirming (linearizably) that this node
 //!   still leads shard 0 and that the dead node is still silent; "dead" counts from the first
 //!   failed call after the node's last answer. A shard with no spare node stays as it is
 //!   (logged once). A node the node table marks removed counts as dead at once, so its
@@ -227,13 +229,18 @@ impl Node {
                 cleared.insert(*r);
             }
         }
-        // Held from the first move on: no operator's placement command plans meanwhile, and
-        // none is running when it is taken.
-        let mut lease = None;
+        // Held from the first move on (each move reads the shard's membership afresh): no
+        // operator's placement command runs meanwhile. Below its cluster_version, no lock.
+        let locking = self.cfg.cluster_version >= super::placement_lock::VERSION;
+        let mut lease: Option<super::placement_lock::Guard> = None;
         for d in dead {
             let shards: Vec<ShardId> = voters.iter().filter(|(_, v)| v.contains(&d)).map(|(s, _)| *s).collect();
             for shard in shards {
-                if lease.is_none() {
+                if lease.as_ref().is_some_and(|g| !g.held()) {
+                    tracing::warn!(node = d, "re-replication lost the placement lock; stopping until the next round");
+                    return;
+                }
+                if locking && lease.is_none() {
                     match self.hold_placement_lock(format!("re-replication of node {d}'s replicas (node {})", self.id))
                     {
                         Ok(g) => lease = Some(g),

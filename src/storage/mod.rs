@@ -42,6 +42,8 @@ pub enum StoreError {
     ShardCountMismatch { found: u32, configured: u32 },
     #[error("{path} holds data of on-disk format {found:?}, which this build of raftchat (format {FORMAT_VERSION}) does not know: run the build that wrote it, or a newer one that can read it")]
     UnknownFormat { path: std::path::PathBuf, found: String },
+    #[error("the snapshot build gave way to a snapshot install")]
+    Cancelled,
 }
 
 /// The on-disk format (the WAL's records, the state machine's key layout and values) this

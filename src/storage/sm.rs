@@ -66,6 +66,8 @@ pub struct StateMachine {
     lock: Arc<RwLock<()>>,
     /// One snapshot build or install at a time (each replaces the current snapshot file).
     snap_lock: Arc<tokio::sync::Mutex<()>>,
+    /// An install waits for `snap_lock`: a running build gives way ([`build`]'s `cancel`).
+    install_waiting: Arc<std::sync::atomic::AtomicBool>,
     /// The keys applies write while a snapshot is being built ([`build`]).
     touched: Arc<build::Touched>,
     /// Set once the shard left this node ([`StateMachine::close`]): nothing writes any more.
@@ -157,6 +159,7 @@ impl StateMachine {
             cache,
             lock: Arc::new(RwLock::new(())),
             snap_lock: Arc::new(tokio::sync::Mutex::new(())),
+            install_waiting: Arc::default(),
             touched: Arc::default(),
             closed: Arc::default(),
             snaps,
@@ -281,20 +284,47 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()
 }
 
+impl StateMachine {
+    /// A build stopped for an install (see `build_snapshot`): the current snapshot stands.
+    async fn give_way(&self, started: std::time::Instant) -> SResult<Snapshot<TypeConfig>> {
+        tracing::info!(
+            after_ms = started.elapsed().as_millis() as u64,
+            "snapshot build stopped: a snapshot install waits for it (the current snapshot stands)"
+        );
+        RaftStateMachine::get_current_snapshot(&mut self.clone())
+            .await?
+            .ok_or_else(|| snap_err("a snapshot build gave way to an install but no current snapshot is left"))
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let _one = self.snap_lock.lock().await;
         self.check_open().map_err(snap_err)?;
         let started = std::time::Instant::now();
+        // A build gives way to an install that waits for it (a follower sent a snapshot by
+        // its leader would otherwise wait the whole build): it stops and answers with the
+        // current snapshot, which openraft takes as "nothing newer". Without a current
+        // snapshot there is nothing to answer with, and the build goes on.
+        let cancel = {
+            let has_current = self.meta.get(SNAP_META).map_err(|e| sm_err(e.into()))?.is_some();
+            let waiting = self.install_waiting.clone();
+            move || has_current && waiting.load(std::sync::atomic::Ordering::SeqCst)
+        };
         {
             let _g = self.lock.read().await;
             self.touched.start();
         }
-        let (tree, touched, snaps) = (self.view.tree.clone(), self.touched.clone(), self.snaps.clone());
+        let (tree, touched, snaps, c) =
+            (self.view.tree.clone(), self.touched.clone(), self.snaps.clone(), cancel.clone());
         let parts =
-            tokio::task::spawn_blocking(move || build::unlocked(&tree, &touched, |what| snaps.part(what))).await;
+            tokio::task::spawn_blocking(move || build::unlocked(&tree, &touched, |what| snaps.part(what), &c)).await;
         let mut parts = match parts {
             Ok(Ok(parts)) => parts,
+            Ok(Err(StoreError::Cancelled)) => {
+                self.touched.stop();
+                return self.give_way(started).await;
+            }
             Ok(Err(e)) => {
                 self.touched.stop();
                 return Err(snap_err(e));
@@ -332,8 +362,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             None => format!("empty-{}", now_ms()),
         };
         let (snaps, id2, part) = (self.snaps.clone(), id.clone(), self.snaps.part("build"));
-        let (bytes, records, path) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let built = build::merge(&parts, last, &part).and_then(|(bytes, records)| {
+        let merged = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let built = build::merge(&parts, last, &part, &cancel).and_then(|(bytes, records)| {
                 let path =
                     snaps.publish(&part, &id2).map_err(|source| StoreError::Io { path: part.clone(), source })?;
                 Ok((bytes, records, path))
@@ -344,8 +374,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             built
         })
         .await
-        .map_err(join_err)?
-        .map_err(snap_err)?;
+        .map_err(join_err)?;
+        let (bytes, records, path) = match merged {
+            Ok(done) => done,
+            Err(StoreError::Cancelled) => return self.give_way(started).await,
+            Err(e) => return Err(snap_err(e)),
+        };
         let merge_ms = merging.elapsed().as_millis() as u64;
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id: id };
         self.meta.insert(SNAP_META, encode(&meta)).map_err(|e| sm_err(e.into()))?;
@@ -417,7 +451,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<SnapFile>) -> SResult<()> {
+        // A build running meanwhile stops at its next record (`build_snapshot`).
+        self.install_waiting.store(true, std::sync::atomic::Ordering::SeqCst);
         let _one = self.snap_lock.lock().await;
+        self.install_waiting.store(false, std::sync::atomic::Ordering::SeqCst);
         self.check_open().map_err(snap_err)?;
         let SnapFile { mut file, path: part } = *snapshot;
         let werr = |e: std::io::Error| StorageError::from(StorageIOError::write_snapshot(None, &e));

@@ -26,7 +26,9 @@
 //! round's values when they are few ([`SETTLED`]); other patches are files. Disk: the snapshot's size twice more
 //! while it is built (`base` and the merged file), beside the current snapshot. Every file
 //! is written to disk as it goes ([`PACE_BYTES`]). An entry whose writes failed halfway
-//! (sled's error) refuses every later build until a restart completes it.
+//! (sled's error) refuses every later build until a restart completes it. A build gives way
+//! to a snapshot install waiting for it: `cancel` is asked before every record of steps 2,
+//! 3 and 5 (step 4 is short), and the build's files are deleted.
 
 use super::super::keys;
 use super::super::snapshot::{self, RecordReader};
@@ -166,10 +168,22 @@ fn io_at(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 }
 
 /// Writes every record of the tree but [`keys::REDO`] to `path` (step 2).
-fn write_base(tree: &sled::Tree, path: &Path) -> Result<(), StoreError> {
+/// Asked between records: whether the build should give way (a snapshot install waits).
+pub type Cancel<'a> = &'a (dyn Fn() -> bool + Sync);
+
+fn cancelled(cancel: Cancel<'_>) -> Result<(), StoreError> {
+    if cancel() {
+        Err(StoreError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+fn write_base(tree: &sled::Tree, path: &Path, cancel: Cancel<'_>) -> Result<(), StoreError> {
     let io = io_at(path);
     let mut w = BufWriter::with_capacity(1 << 20, Paced::new(std::fs::File::create(path).map_err(&io)?));
     for kv in tree.iter() {
+        cancelled(cancel)?;
         let (k, v) = kv?;
         if k != keys::REDO {
             snapshot::write_record(&mut w, &k, &v).map_err(&io)?;
@@ -229,32 +243,40 @@ fn read_patch((k, v): snapshot::Record) -> PatchResult {
 }
 
 /// Reads the current values of `keys` (sorted) into a patch file at `path` (step 3).
-fn write_patches(tree: &sled::Tree, keys: &BTreeSet<Vec<u8>>, path: &Path) -> Result<(), StoreError> {
+fn write_patches(
+    tree: &sled::Tree,
+    keys: &BTreeSet<Vec<u8>>,
+    path: &Path,
+    cancel: Cancel<'_>,
+) -> Result<(), StoreError> {
     let io = io_at(path);
     let mut w = BufWriter::with_capacity(1 << 20, Paced::new(std::fs::File::create(path).map_err(&io)?));
     for k in keys {
+        cancelled(cancel)?;
         write_patch(&mut w, k, tree.get(k)?.as_deref()).map_err(&io)?;
     }
     w.flush().map_err(&io)
 }
 
 /// Steps 2 and 3: the base file, then patch rounds until few keys are written per round.
-/// `part(what)` names a new temporary file.
+/// `part(what)` names a new temporary file. `cancel` is asked between records: when it says
+/// yes the build stops with [`StoreError::Cancelled`] (its files are deleted).
 pub fn unlocked(
     tree: &sled::Tree,
     touched: &Touched,
     part: impl Fn(&str) -> std::path::PathBuf,
+    cancel: Cancel<'_>,
 ) -> Result<Parts, StoreError> {
     let started = std::time::Instant::now();
     let mut parts = Parts { files: vec![part("build-base")], base: Default::default() };
-    write_base(tree, &parts.files[0])?;
+    write_base(tree, &parts.files[0], cancel)?;
     parts.base = started.elapsed();
     for _ in 0..MAX_ROUNDS {
         let keys = touched.take();
         let settled = keys.len() <= SETTLED;
         let path = part("build-patch");
         parts.files.push(path.clone());
-        write_patches(tree, &keys, &path)?;
+        write_patches(tree, &keys, &path, cancel)?;
         if settled {
             break;
         }
@@ -283,7 +305,7 @@ pub fn last_patch(
     if touched.overflowed() {
         let started = std::time::Instant::now();
         let mut fresh = Parts { files: vec![part("build-base")], base: Default::default() };
-        write_base(tree, &fresh.files[0])?;
+        write_base(tree, &fresh.files[0], &|| false)?;
         fresh.base = started.elapsed();
         *parts = fresh;
         return Ok(Vec::new());
@@ -293,7 +315,7 @@ pub fn last_patch(
         // patch file, not to memory.
         let path = part("build-patch");
         parts.files.push(path.clone());
-        write_patches(tree, &last, &path)?;
+        write_patches(tree, &last, &path, &|| false)?;
         return Ok(Vec::new());
     }
     last.into_iter().map(|k| Ok((k.clone(), tree.get(&k)?.map(|v| v.to_vec())))).collect()
@@ -301,7 +323,7 @@ pub fn last_patch(
 
 /// Step 5: merges the parts and `last` into a new snapshot file at `out`, fsynced. Returns
 /// its size and its number of records.
-pub fn merge(parts: &Parts, last: Vec<Patch>, out: &Path) -> Result<(u64, u64), StoreError> {
+pub fn merge(parts: &Parts, last: Vec<Patch>, out: &Path, cancel: Cancel<'_>) -> Result<(u64, u64), StoreError> {
     let mut streams: Vec<Box<dyn Iterator<Item = PatchResult>>> = Vec::new();
     for (i, f) in parts.files.iter().enumerate() {
         let r = RecordReader::new(BufReader::with_capacity(1 << 20, std::fs::File::open(f).map_err(io_at(f))?));
@@ -317,6 +339,7 @@ pub fn merge(parts: &Parts, last: Vec<Patch>, out: &Path) -> Result<(u64, u64), 
     let mut w = BufWriter::with_capacity(1 << 20, Paced::new(file));
     let (mut bytes, mut records) = (0u64, 0u64);
     merge_streams(streams, |k, v| {
+        cancelled(cancel)?;
         records += 1;
         bytes += (k.len() + v.len() + 8) as u64;
         snapshot::write_record(&mut w, k, v).map_err(&io)
@@ -400,7 +423,7 @@ mod tests {
         // Past the limit: recording stops, and the last step writes the tree again.
         let touched = Touched::with_limit(2);
         touched.start();
-        let mut parts = unlocked(&t, &touched, name).unwrap();
+        let mut parts = unlocked(&t, &touched, name, &|| false).unwrap();
         t.insert(b"b", b"2").unwrap();
         touched.record([&b"a"[..], b"b", b"c"].into_iter(), false);
         assert!(touched.overflowed() && touched.take().is_empty());
@@ -411,7 +434,7 @@ mod tests {
         assert!(last.is_empty() && parts.rounds() == 0);
         assert!(replaced.iter().all(|f| !f.exists()), "the replaced parts are deleted");
         let out = snaps.path().join("out");
-        assert_eq!(merge(&parts, last, &out).unwrap().1, 2, "both keys, read under the lock");
+        assert_eq!(merge(&parts, last, &out, &|| false).unwrap().1, 2, "both keys, read under the lock");
         let fresh = parts.files.clone();
         drop(parts);
         assert!(fresh.iter().all(|f| !f.exists()), "the parts are deleted");
@@ -428,7 +451,7 @@ mod tests {
         touched.stop();
         touched.record([&b"a"[..]].into_iter(), true);
         touched.start();
-        let mut parts = unlocked(&t, &touched, name).unwrap();
+        let mut parts = unlocked(&t, &touched, name, &|| false).unwrap();
         assert!(last_patch(&t, &touched, &mut parts, name).is_err());
     }
 
@@ -439,7 +462,7 @@ mod tests {
         let name = |what: &str| snaps.part(what);
         let touched = Touched::default();
         touched.start();
-        let mut parts = unlocked(&t, &touched, name).unwrap();
+        let mut parts = unlocked(&t, &touched, name, &|| false).unwrap();
         let keys: Vec<Vec<u8>> = (0..SETTLED as u32 + 5).map(|i| i.to_be_bytes().to_vec()).collect();
         for k in &keys {
             t.insert(k, b"v").unwrap();
@@ -448,7 +471,7 @@ mod tests {
         let rounds = parts.rounds();
         let last = last_patch(&t, &touched, &mut parts, name).unwrap();
         assert!(last.is_empty() && parts.rounds() == rounds + 1);
-        assert_eq!(merge(&parts, last, &snaps.path().join("out")).unwrap().1, keys.len() as u64);
+        assert_eq!(merge(&parts, last, &snaps.path().join("out"), &|| false).unwrap().1, keys.len() as u64);
     }
 
     /// The paced writer writes everything through its syncs.
@@ -478,5 +501,27 @@ mod tests {
         assert_eq!(got, vec![(b"k".to_vec(), Some(Vec::new())), (b"gone".to_vec(), None)]);
         assert!(read_patch((b"k".to_vec(), vec![2])).is_err());
         assert!(read_patch((b"k".to_vec(), vec![0, 1])).is_err());
+    }
+
+    #[test]
+    fn a_build_asked_to_give_way_stops_and_leaves_no_files() {
+        let (_db, t, snaps, _dir) = scratch();
+        for i in 0..5_000u32 {
+            t.insert(i.to_be_bytes(), vec![1u8; 50]).unwrap();
+        }
+        let name = |what: &str| snaps.part(what);
+        let asked = std::sync::atomic::AtomicU64::new(0);
+        // Yes from the 1,000th record on: the base file is cut short.
+        let cancel = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1_000;
+        let touched = Touched::default();
+        touched.start();
+        assert!(matches!(unlocked(&t, &touched, name, &cancel), Err(StoreError::Cancelled)));
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1_001, "asked before each record until yes");
+        assert_eq!(std::fs::read_dir(snaps.path()).unwrap().count(), 0, "the parts are deleted");
+        // The merge gives way too.
+        let mut parts = unlocked(&t, &touched, name, &|| false).unwrap();
+        let last = last_patch(&t, &touched, &mut parts, name).unwrap();
+        let out = snaps.path().join("out");
+        assert!(matches!(merge(&parts, last, &out, &|| true), Err(StoreError::Cancelled)));
     }
 }

@@ -15,9 +15,9 @@ fn snapshot_records_round_trip_and_truncation_is_caught() {
     let name = |what: &str| snaps.part(what);
     let touched = build::Touched::default();
     touched.start();
-    let mut parts = build::unlocked(&t, &touched, name).unwrap();
+    let mut parts = build::unlocked(&t, &touched, name, &|| false).unwrap();
     let last = build::last_patch(&t, &touched, &mut parts, name).unwrap();
-    let (bytes, records) = build::merge(&parts, last, &part).unwrap();
+    let (bytes, records) = build::merge(&parts, last, &part, &|| false).unwrap();
     assert_eq!(records, 2);
     let data = std::fs::read(&part).unwrap();
     assert_eq!(bytes, data.len() as u64);
@@ -103,6 +103,35 @@ async fn a_snapshot_kept_in_sled_moves_to_its_file_and_builds_replace_files() {
         snapshot::decode_all(&std::fs::read(&built.snapshot.path).unwrap()).unwrap(),
         vec![(b"k".to_vec(), b"v".to_vec())]
     );
+}
+
+/// A build gives way to an install waiting for it when a current snapshot exists (it
+/// answers with that one, which openraft takes as nothing newer), and not otherwise.
+#[tokio::test]
+async fn a_build_gives_way_to_a_waiting_install_only_when_a_snapshot_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+    let snap_dir = dir.path().join("snapshots").join("s0");
+    for i in 0..2_000u32 {
+        tree.insert(i.to_be_bytes(), vec![3u8; 40]).unwrap();
+    }
+    let mut sm = StateMachine::open(tree, meta_t, flusher, cache, snap_dir.clone()).unwrap();
+    sm.apply((0..10).map(index_update)).await.unwrap();
+    sm.install_waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+    // No snapshot yet: the build completes all the same.
+    let first = sm.build_snapshot().await.unwrap();
+    assert_eq!(first.meta.last_log_id.map(|l| l.index), Some(10));
+    sm.apply((10..20).map(index_update)).await.unwrap();
+    // Now it gives way: the answer is the current snapshot, and no new file is left.
+    let again = sm.build_snapshot().await.unwrap();
+    assert_eq!(again.meta, first.meta);
+    let files: Vec<_> = std::fs::read_dir(&snap_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files, vec![first.snapshot.path.clone()]);
+    // With no install waiting it builds.
+    sm.install_waiting.store(false, std::sync::atomic::Ordering::SeqCst);
+    let newer = sm.build_snapshot().await.unwrap();
+    assert_eq!(newer.meta.last_log_id.map(|l| l.index), Some(20));
+    assert_ne!(newer.meta.snapshot_id, first.meta.snapshot_id);
 }
 
 #[tokio::test]
