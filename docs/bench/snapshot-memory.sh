@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A node's memory while it catches up on a large shard by snapshot (docs/performance.md,
-# "Snapshots"), plus the backup time of that shard.
+# "Snapshots"), plus the backup time of that shard and the time to restore that backup
+# into a new 3-node cluster (ports 18181-3, 17181-3, 17191-3).
 #
 #   docs/bench/snapshot-memory.sh BIN DIR [MB]
 #   EXTRA='sled_cache_bytes = 67108864' docs/bench/snapshot-memory.sh BIN DIR [MB]
@@ -95,3 +96,18 @@ echo "node 3 (the new replica): $(grep -E 'VmHWM|VmRSS' /proc/$PID3/status | tr 
 echo "highest RSS seen during the catch-up: node 1 $MAX1 kB, node 2 $MAX2 kB (one of them leads and sends)"
 grep -h "installed snapshot" "$DIR/node3.log" | tail -1 || echo "node 3 did not install a snapshot"
 du -sh "$DIR"/node*/snapshots "$DIR"/node*/db 2>/dev/null || true
+
+# Restore: the backup into a new, empty 3-node cluster of the same shard count, timed.
+cleanup
+R="$DIR/restored"
+"$BIN" local --dir "$R" --shards 1 --http-port 18181 --grpc-port 17181 --peer-port 17191 </dev/null >"$DIR/restored.out" 2>&1 &
+RLOCAL=$!
+for p in 18181 18182 18183; do ready "http://127.0.0.1:$p"; done
+du -sh "$DIR/backup"
+/usr/bin/time -f "restore: %e s wall, client max RSS %M KB" \
+  "$BIN" admin restore "$DIR/backup" --server http://127.0.0.1:18181 --secret-file "$R/secret" | tail -3
+for p in 18181 18182 18183; do
+  curl -s "http://127.0.0.1:$p/status" | python3 -c 'import json,sys; d=json.load(sys.stdin); s=d["shards"][0]; print("restored node", d["node"], s["state"], "applied", s["applied_index"])'
+done
+kill -INT $RLOCAL
+wait $RLOCAL || true

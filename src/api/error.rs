@@ -96,7 +96,8 @@ impl From<ShardError> for ApiError {
             ShardError::Timeout { .. } => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
-                format!("{e}; retry with the same client_msg_id, it will not create a second message"),
+                // Not only sends time out (admin operations, reads): the hint says what holds.
+                format!("{e}; a send retried with the same client_msg_id is not stored twice"),
             ),
             ShardError::NotLeader { .. }
             | ShardError::NotReplica { .. }

@@ -363,7 +363,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         let (snaps, id2, part) = (self.snaps.clone(), id.clone(), self.snaps.part("build"));
         let merged = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let built = build::merge(&parts, last, &part, &cancel).and_then(|(bytes, records)| {
+            let mut parts = parts;
+            let built = build::merge(&mut parts, last, &part, &cancel).and_then(|(bytes, records)| {
                 let path =
                     snaps.publish(&part, &id2).map_err(|source| StoreError::Io { path: part.clone(), source })?;
                 Ok((bytes, records, path))

@@ -24,7 +24,8 @@
 //! Memory: the recorded keys (not values; at most [`MAX_TOUCHED`] between two takes, past
 //! which the build writes the tree again under the lock, and logs a warning) and the last
 //! round's values when they are few ([`SETTLED`]); other patches are files. Disk: the snapshot's size twice more
-//! while it is built (`base` and the merged file), beside the current snapshot. Every file
+//! while it is built (`base` and the merged file), beside the current snapshot; a shard
+//! nothing was written to during the build skips step 5 (its base file is the snapshot, renamed). Every file
 //! is written to disk as it goes ([`PACE_BYTES`]). An entry whose writes failed halfway
 //! (sled's error) refuses every later build until a restart completes it. A build gives way
 //! to a snapshot install waiting for it: `cancel` is asked before every record of steps 2,
@@ -153,6 +154,10 @@ pub struct Parts {
     files: Vec<std::path::PathBuf>,
     /// How long writing the base file took (for the build's log line).
     pub base: std::time::Duration,
+    /// The base file's bytes and records (as [`merge`] counts them).
+    base_stats: (u64, u64),
+    /// Keys read into patch files: none means the base file is the snapshot as it is.
+    patched: usize,
 }
 
 impl Drop for Parts {
@@ -179,17 +184,22 @@ fn cancelled(cancel: Cancel<'_>) -> Result<(), StoreError> {
     }
 }
 
-fn write_base(tree: &sled::Tree, path: &Path, cancel: Cancel<'_>) -> Result<(), StoreError> {
+/// Writes every record of the tree but the redo record; returns their bytes and count.
+fn write_base(tree: &sled::Tree, path: &Path, cancel: Cancel<'_>) -> Result<(u64, u64), StoreError> {
     let io = io_at(path);
     let mut w = BufWriter::with_capacity(1 << 20, Paced::new(std::fs::File::create(path).map_err(&io)?));
+    let (mut bytes, mut records) = (0u64, 0u64);
     for kv in tree.iter() {
         cancelled(cancel)?;
         let (k, v) = kv?;
         if k != keys::REDO {
             snapshot::write_record(&mut w, &k, &v).map_err(&io)?;
+            records += 1;
+            bytes += (k.len() + v.len() + 8) as u64;
         }
     }
-    w.flush().map_err(&io)
+    w.flush().map_err(&io)?;
+    Ok((bytes, records))
 }
 
 /// A build's files are written to disk every [`PACE_BYTES`], waiting for it: its writes
@@ -268,14 +278,18 @@ pub fn unlocked(
     cancel: Cancel<'_>,
 ) -> Result<Parts, StoreError> {
     let started = std::time::Instant::now();
-    let mut parts = Parts { files: vec![part("build-base")], base: Default::default() };
-    write_base(tree, &parts.files[0], cancel)?;
+    let mut parts = Parts { files: vec![part("build-base")], base: Default::default(), base_stats: (0, 0), patched: 0 };
+    parts.base_stats = write_base(tree, &parts.files[0], cancel)?;
     parts.base = started.elapsed();
     for _ in 0..MAX_ROUNDS {
         let keys = touched.take();
         let settled = keys.len() <= SETTLED;
+        if keys.is_empty() {
+            break;
+        }
         let path = part("build-patch");
         parts.files.push(path.clone());
+        parts.patched += keys.len();
         write_patches(tree, &keys, &path, cancel)?;
         if settled {
             break;
@@ -304,8 +318,9 @@ pub fn last_patch(
     touched.check_whole()?;
     if touched.overflowed() {
         let started = std::time::Instant::now();
-        let mut fresh = Parts { files: vec![part("build-base")], base: Default::default() };
-        write_base(tree, &fresh.files[0], &|| false)?;
+        let mut fresh =
+            Parts { files: vec![part("build-base")], base: Default::default(), base_stats: (0, 0), patched: 0 };
+        fresh.base_stats = write_base(tree, &fresh.files[0], &|| false)?;
         fresh.base = started.elapsed();
         *parts = fresh;
         return Ok(Vec::new());
@@ -315,6 +330,7 @@ pub fn last_patch(
         // patch file, not to memory.
         let path = part("build-patch");
         parts.files.push(path.clone());
+        parts.patched += last.len();
         write_patches(tree, &last, &path, &|| false)?;
         return Ok(Vec::new());
     }
@@ -323,7 +339,17 @@ pub fn last_patch(
 
 /// Step 5: merges the parts and `last` into a new snapshot file at `out`, fsynced. Returns
 /// its size and its number of records.
-pub fn merge(parts: &Parts, last: Vec<Patch>, out: &Path, cancel: Cancel<'_>) -> Result<(u64, u64), StoreError> {
+/// When nothing was written during the build (no patch, nothing read under the lock: a quiet
+/// shard), the base file is the snapshot already: it is synced and renamed to `out`, and the
+/// shard is written once instead of twice.
+pub fn merge(parts: &mut Parts, last: Vec<Patch>, out: &Path, cancel: Cancel<'_>) -> Result<(u64, u64), StoreError> {
+    if parts.patched == 0 && last.is_empty() && parts.files.len() == 1 {
+        let base = parts.files[0].clone();
+        std::fs::File::open(&base).and_then(|f| f.sync_all()).map_err(io_at(&base))?;
+        std::fs::rename(&base, out).map_err(io_at(out))?;
+        parts.files.clear();
+        return Ok(parts.base_stats);
+    }
     let mut streams: Vec<Box<dyn Iterator<Item = PatchResult>>> = Vec::new();
     for (i, f) in parts.files.iter().enumerate() {
         let r = RecordReader::new(BufReader::with_capacity(1 << 20, std::fs::File::open(f).map_err(io_at(f))?));
@@ -434,7 +460,7 @@ mod tests {
         assert!(last.is_empty() && parts.rounds() == 0);
         assert!(replaced.iter().all(|f| !f.exists()), "the replaced parts are deleted");
         let out = snaps.path().join("out");
-        assert_eq!(merge(&parts, last, &out, &|| false).unwrap().1, 2, "both keys, read under the lock");
+        assert_eq!(merge(&mut parts, last, &out, &|| false).unwrap().1, 2, "both keys, read under the lock");
         let fresh = parts.files.clone();
         drop(parts);
         assert!(fresh.iter().all(|f| !f.exists()), "the parts are deleted");
@@ -471,7 +497,7 @@ mod tests {
         let rounds = parts.rounds();
         let last = last_patch(&t, &touched, &mut parts, name).unwrap();
         assert!(last.is_empty() && parts.rounds() == rounds + 1);
-        assert_eq!(merge(&parts, last, &snaps.path().join("out"), &|| false).unwrap().1, keys.len() as u64);
+        assert_eq!(merge(&mut parts, last, &snaps.path().join("out"), &|| false).unwrap().1, keys.len() as u64);
     }
 
     /// The paced writer writes everything through its syncs.
@@ -518,10 +544,47 @@ mod tests {
         assert!(matches!(unlocked(&t, &touched, name, &cancel), Err(StoreError::Cancelled)));
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1_001, "asked before each record until yes");
         assert_eq!(std::fs::read_dir(snaps.path()).unwrap().count(), 0, "the parts are deleted");
-        // The merge gives way too.
+        // The merge gives way too (a key written meanwhile: there is something to merge).
+        let mut parts = unlocked(&t, &touched, name, &|| false).unwrap();
+        t.insert(b"new", b"1").unwrap();
+        touched.record([&b"new"[..]].into_iter(), false);
+        let last = last_patch(&t, &touched, &mut parts, name).unwrap();
+        assert_eq!(last.len(), 1);
+        let out = snaps.path().join("out");
+        assert!(matches!(merge(&mut parts, last, &out, &|| true), Err(StoreError::Cancelled)));
+    }
+
+    #[test]
+    fn a_quiet_build_renames_its_base_file_instead_of_merging() {
+        let (_db, t, snaps, _dir) = scratch();
+        for i in 0..3_000u32 {
+            t.insert(i.to_be_bytes(), vec![2u8; 30]).unwrap();
+        }
+        t.insert(keys::REDO, b"redo").unwrap();
+        let name = |what: &str| snaps.part(what);
+        let touched = Touched::default();
+        touched.start();
         let mut parts = unlocked(&t, &touched, name, &|| false).unwrap();
         let last = last_patch(&t, &touched, &mut parts, name).unwrap();
+        assert!(last.is_empty() && parts.rounds() == 0, "nothing written: no patch");
         let out = snaps.path().join("out");
-        assert!(matches!(merge(&parts, last, &out, &|| true), Err(StoreError::Cancelled)));
+        use std::os::unix::fs::MetadataExt;
+        let base_inode = std::fs::metadata(&parts.files[0]).unwrap().ino();
+        // (Asked to give way: only a merge would; a rename is not worth stopping.)
+        let (bytes, records) = merge(&mut parts, last, &out, &|| true).unwrap();
+        drop(parts);
+        assert_eq!(std::fs::metadata(&out).unwrap().ino(), base_inode, "the base file itself, not a copy");
+        let data = std::fs::read(&out).unwrap();
+        assert_eq!((bytes, records), (data.len() as u64, 3_000), "the base's counts are the file's");
+        let recs = crate::storage::snapshot::decode_all(&data).unwrap();
+        let want: Vec<_> = t
+            .iter()
+            .map(|kv| kv.unwrap())
+            .filter(|(k, _)| k != keys::REDO)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert!(recs == want, "the snapshot is the tree's records in key order, without the redo record");
+        let left: Vec<_> = std::fs::read_dir(snaps.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("out")], "the base was renamed, nothing else left");
     }
 }

@@ -17,7 +17,7 @@ fn snapshot_records_round_trip_and_truncation_is_caught() {
     touched.start();
     let mut parts = build::unlocked(&t, &touched, name, &|| false).unwrap();
     let last = build::last_patch(&t, &touched, &mut parts, name).unwrap();
-    let (bytes, records) = build::merge(&parts, last, &part, &|| false).unwrap();
+    let (bytes, records) = build::merge(&mut parts, last, &part, &|| false).unwrap();
     assert_eq!(records, 2);
     let data = std::fs::read(&part).unwrap();
     assert_eq!(bytes, data.len() as u64);
