@@ -40,6 +40,7 @@ pub struct Metrics {
     pub shard_applied: IntGaugeVec,
     pub shard_last_log: IntGaugeVec,
     pub shard_snapshot: IntGaugeVec,
+    pub shard_snapshot_bytes: IntGaugeVec,
     pub outbox_redriven: IntCounterVec,
     pub ws_connections: prometheus::IntGauge,
     /// Open connections on the client HTTP listener (WebSockets included).
@@ -109,6 +110,7 @@ impl Metrics {
             &self.shard_applied,
             &self.shard_last_log,
             &self.shard_snapshot,
+            &self.shard_snapshot_bytes,
         ] {
             let _ = g.remove_label_values(&[&s]);
         }
@@ -237,6 +239,10 @@ impl Metrics {
             shard_applied: shard_gauge("shard_applied_index", "Applied log index of the shard on this node"),
             shard_last_log: shard_gauge("shard_last_log_index", "Last log index of the shard on this node"),
             shard_snapshot: shard_gauge("shard_snapshot_index", "Last snapshot index of the shard on this node"),
+            shard_snapshot_bytes: shard_gauge(
+                "shard_snapshot_bytes",
+                "Bytes of the shard's snapshot files on this node: its whole state as of its last snapshot (the live state shares one sled database and write-ahead log with the node's other shards)",
+            ),
             outbox_redriven: IntCounterVec::new(
                 Opts::new(
                     "outbox_redriven_total",
@@ -324,6 +330,7 @@ impl Metrics {
             shard_applied,
             shard_last_log,
             shard_snapshot,
+            shard_snapshot_bytes,
             outbox_redriven,
             ws_connections,
             http_connections,

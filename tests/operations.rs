@@ -316,6 +316,31 @@ async fn admin_status_shows_every_shard_its_leader_and_who_is_down() {
     let v: Value = serde_json::from_slice(&json_out.stdout).unwrap();
     assert_eq!(v["status"]["2"]["shards"].as_array().unwrap().len(), 8);
     assert!(v["status"]["1"]["disk_bytes"]["wal"].as_u64().unwrap() > 0);
+    assert!(text.lines().any(|l| l.starts_with("SHARD") && l.contains("SNAPSHOT")), "{text}");
+
+    // A shard's size: its snapshot files, in /status, the metrics and the table.
+    let snap = c
+        .http
+        .get(format!("{}/v1/admin/shards/0/snapshot", c.url(0)))
+        .bearer_auth(c.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert!(snap.status().is_success(), "{}", snap.status());
+    let got = snap.bytes().await.unwrap().len() as u64;
+    let (holder, bytes) = common::eventually(Duration::from_secs(30), "a node reports shard 0's snapshot", || async {
+        for i in 0..3 {
+            let s = c.status(i).await.ok()?;
+            let g = s["shards"].as_array()?.iter().find(|g| g["shard"].as_u64() == Some(0))?.clone();
+            if g["snapshot_bytes"].as_u64().unwrap_or(0) > 0 {
+                return Some((i, g["snapshot_bytes"].as_u64()?));
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(bytes, got, "the snapshot's size on disk is what the backup endpoint sent");
+    assert_eq!(c.metric(holder, "raftchat_shard_snapshot_bytes{shard=\"0\"}").await, bytes as f64);
 
     c.kill(2).unwrap();
     let out = run(&["admin", "status", "--server", &c.url(0)]);

@@ -280,6 +280,7 @@ async fn status(State(node): St) -> Response {
                 "committed_index": g.committed(),
                 "applied_index": m.last_applied.map(|l| l.index),
                 "snapshot_index": m.snapshot.map(|l| l.index),
+                "snapshot_bytes": crate::node::shard_snapshot_bytes(&node.cfg.data_dir, g.shard),
                 "purged_index": m.purged.map(|l| l.index),
                 // On the leader: each replica's matched log index.
                 "matched": m.replication.as_ref().map(|r| {

@@ -273,10 +273,14 @@ fn status(members: &[(u64, String)], statuses: &BTreeMap<u64, Result<Value, Stri
             leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
             term.to_string(),
             commit.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
+            lv.and_then(|v| v["snapshot_bytes"].as_u64()).map(human_bytes).unwrap_or_else(|| "?".into()),
             replicas.join("  "),
         ]);
     }
-    print_table(&["SHARD", "LEADER", "TERM", "COMMIT", "REPLICAS (node:applied, * leader, -entries behind)"], &rows);
+    print_table(
+        &["SHARD", "LEADER", "TERM", "COMMIT", "SNAPSHOT", "REPLICAS (node:applied, * leader, -entries behind)"],
+        &rows,
+    );
     let down: Vec<String> =
         members.iter().filter(|(id, _)| statuses[id].is_err()).map(|(id, _)| id.to_string()).collect();
     if !down.is_empty() {

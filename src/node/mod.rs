@@ -278,6 +278,7 @@ impl Node {
             m.shard_applied.with_label_values(&l).set(rm.last_applied.map(|x| x.index as i64).unwrap_or(0));
             m.shard_last_log.with_label_values(&l).set(rm.last_log_index.map(|x| x as i64).unwrap_or(0));
             m.shard_snapshot.with_label_values(&l).set(rm.snapshot.map(|x| x.index as i64).unwrap_or(0));
+            m.shard_snapshot_bytes.with_label_values(&l).set(shard_snapshot_bytes(&self.cfg.data_dir, g.shard) as i64);
             // On the leader: how far each follower's matched log is behind the leader's
             // last entry. Gone (not stale) on a node that no longer leads the shard.
             let last = rm.last_log_index.unwrap_or(0);
@@ -308,16 +309,24 @@ impl Node {
 /// Bytes on disk of a node's data folder: the write-ahead log (`wal`), sled (`db`), the
 /// shards' snapshot files (`snapshots`).
 pub fn disk_usage(dir: &std::path::Path) -> [(&'static str, u64); 3] {
-    fn walk(p: &std::path::Path) -> u64 {
-        let Ok(entries) = std::fs::read_dir(p) else { return 0 };
-        entries
-            .flatten()
-            .map(|e| match e.metadata() {
-                Ok(m) if m.is_dir() => walk(&e.path()),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            })
-            .sum()
-    }
     [("wal", walk(&dir.join("wal"))), ("db", walk(&dir.join("db"))), ("snapshots", walk(&dir.join("snapshots")))]
+}
+
+/// Bytes of shard `shard`'s snapshot files on this node: its whole state as of its last
+/// snapshot (plus a build or receive in progress). The live state shares one sled database
+/// and one write-ahead log with the node's other shards, which neither divides by shard.
+pub fn shard_snapshot_bytes(dir: &std::path::Path, shard: ShardId) -> u64 {
+    walk(&dir.join("snapshots").join(format!("s{shard}")))
+}
+
+fn walk(p: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(p) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => walk(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

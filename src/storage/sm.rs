@@ -66,8 +66,9 @@ pub struct StateMachine {
     lock: Arc<RwLock<()>>,
     /// One snapshot build or install at a time (each replaces the current snapshot file).
     snap_lock: Arc<tokio::sync::Mutex<()>>,
-    /// An install waits for `snap_lock`: a running build gives way ([`build`]'s `cancel`).
-    install_waiting: Arc<std::sync::atomic::AtomicBool>,
+    /// Installs waiting for `snap_lock` (a [`Waiting`] each): a running build gives way
+    /// ([`build`]'s `cancel`).
+    install_waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// The keys applies write while a snapshot is being built ([`build`]).
     touched: Arc<build::Touched>,
     /// Set once the shard left this node ([`StateMachine::close`]): nothing writes any more.
@@ -284,17 +285,33 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()
 }
 
-impl StateMachine {
-    /// A build stopped for an install (see `build_snapshot`): the current snapshot stands.
-    async fn give_way(&self, started: std::time::Instant) -> SResult<Snapshot<TypeConfig>> {
-        tracing::info!(
-            after_ms = started.elapsed().as_millis() as u64,
-            "snapshot build stopped: a snapshot install waits for it (the current snapshot stands)"
-        );
-        RaftStateMachine::get_current_snapshot(&mut self.clone())
-            .await?
-            .ok_or_else(|| snap_err("a snapshot build gave way to an install but no current snapshot is left"))
+/// Counts an install as waiting for `snap_lock` until dropped (also when its future is).
+struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
     }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A build stopped for an install (see `build_snapshot`): the current snapshot stands.
+/// (`cancel` says yes only with a current snapshot; `None` cannot come.)
+#[allow(clippy::result_large_err)] // openraft's own error type, as its trait methods return it
+fn give_way(current: Option<Snapshot<TypeConfig>>, started: std::time::Instant) -> SResult<Snapshot<TypeConfig>> {
+    let current = current.ok_or_else(|| snap_err("a snapshot build gave way without a current snapshot"))?;
+    tracing::info!(
+        after_ms = started.elapsed().as_millis() as u64,
+        snapshot = %current.meta.snapshot_id,
+        "snapshot build stopped: a snapshot install waits for it (the current snapshot stands)"
+    );
+    Ok(current)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -304,12 +321,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let started = std::time::Instant::now();
         // A build gives way to an install that waits for it (a follower sent a snapshot by
         // its leader would otherwise wait the whole build): it stops and answers with the
-        // current snapshot, which openraft takes as "nothing newer". Without a current
-        // snapshot there is nothing to answer with, and the build goes on.
+        // current snapshot, opened now (under the lock, so no install replaced it), which
+        // openraft takes as "nothing newer". Without one (none yet, or its file cannot be
+        // opened) there is nothing to answer with, and the build goes on: an error here
+        // would stop the shard's Raft core.
+        let mut current = RaftStateMachine::get_current_snapshot(&mut self.clone()).await.ok().flatten();
         let cancel = {
-            let has_current = self.meta.get(SNAP_META).map_err(|e| sm_err(e.into()))?.is_some();
+            let has_current = current.is_some();
             let waiting = self.install_waiting.clone();
-            move || has_current && waiting.load(std::sync::atomic::Ordering::SeqCst)
+            move || has_current && waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
         };
         {
             let _g = self.lock.read().await;
@@ -323,7 +343,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             Ok(Ok(parts)) => parts,
             Ok(Err(StoreError::Cancelled)) => {
                 self.touched.stop();
-                return self.give_way(started).await;
+                return give_way(current.take(), started);
             }
             Ok(Err(e)) => {
                 self.touched.stop();
@@ -378,7 +398,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         .map_err(join_err)?;
         let (bytes, records, path) = match merged {
             Ok(done) => done,
-            Err(StoreError::Cancelled) => return self.give_way(started).await,
+            Err(StoreError::Cancelled) => return give_way(current.take(), started),
             Err(e) => return Err(snap_err(e)),
         };
         let merge_ms = merging.elapsed().as_millis() as u64;
@@ -453,9 +473,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<SnapFile>) -> SResult<()> {
         // A build running meanwhile stops at its next record (`build_snapshot`).
-        self.install_waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+        let waiting = Waiting::new(&self.install_waiting);
         let _one = self.snap_lock.lock().await;
-        self.install_waiting.store(false, std::sync::atomic::Ordering::SeqCst);
+        drop(waiting);
         self.check_open().map_err(snap_err)?;
         let SnapFile { mut file, path: part } = *snapshot;
         let werr = |e: std::io::Error| StorageError::from(StorageIOError::write_snapshot(None, &e));

@@ -172,7 +172,6 @@ fn io_at(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
-/// Writes every record of the tree but [`keys::REDO`] to `path` (step 2).
 /// Asked between records: whether the build should give way (a snapshot install waits).
 pub type Cancel<'a> = &'a (dyn Fn() -> bool + Sync);
 
@@ -184,7 +183,8 @@ fn cancelled(cancel: Cancel<'_>) -> Result<(), StoreError> {
     }
 }
 
-/// Writes every record of the tree but the redo record; returns their bytes and count.
+/// Writes every record of the tree but [`keys::REDO`] to `path` (step 2); returns their
+/// bytes and count (as [`merge`] counts them).
 fn write_base(tree: &sled::Tree, path: &Path, cancel: Cancel<'_>) -> Result<(u64, u64), StoreError> {
     let io = io_at(path);
     let mut w = BufWriter::with_capacity(1 << 20, Paced::new(std::fs::File::create(path).map_err(&io)?));

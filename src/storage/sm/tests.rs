@@ -117,7 +117,7 @@ async fn a_build_gives_way_to_a_waiting_install_only_when_a_snapshot_exists() {
     }
     let mut sm = StateMachine::open(tree, meta_t, flusher, cache, snap_dir.clone()).unwrap();
     sm.apply((0..10).map(index_update)).await.unwrap();
-    sm.install_waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+    let waiting = Waiting::new(&sm.install_waiting);
     // No snapshot yet: the build completes all the same.
     let first = sm.build_snapshot().await.unwrap();
     assert_eq!(first.meta.last_log_id.map(|l| l.index), Some(10));
@@ -128,10 +128,28 @@ async fn a_build_gives_way_to_a_waiting_install_only_when_a_snapshot_exists() {
     let files: Vec<_> = std::fs::read_dir(&snap_dir).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(files, vec![first.snapshot.path.clone()]);
     // With no install waiting it builds.
-    sm.install_waiting.store(false, std::sync::atomic::Ordering::SeqCst);
+    drop(waiting);
     let newer = sm.build_snapshot().await.unwrap();
     assert_eq!(newer.meta.last_log_id.map(|l| l.index), Some(20));
     assert_ne!(newer.meta.snapshot_id, first.meta.snapshot_id);
+    // A current snapshot whose file is gone is nothing to answer with: the build goes on
+    // (an error would stop the shard's Raft core).
+    std::fs::remove_file(&newer.snapshot.path).unwrap();
+    sm.apply((20..25).map(index_update)).await.unwrap();
+    let waiting = Waiting::new(&sm.install_waiting);
+    let rebuilt = sm.build_snapshot().await.unwrap();
+    assert_eq!(rebuilt.meta.last_log_id.map(|l| l.index), Some(25));
+    drop(waiting);
+
+    // An install that stops waiting for the lock (its future dropped) is no longer counted.
+    let held = sm.snap_lock.clone().lock_owned().await;
+    let mut other = sm.clone();
+    let file = other.begin_receiving_snapshot().await.unwrap();
+    let meta = rebuilt.meta.clone();
+    let install = async move { other.install_snapshot(&meta, file).await };
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(100), install).await.is_err());
+    assert_eq!(sm.install_waiting.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drop(held);
 }
 
 #[tokio::test]
