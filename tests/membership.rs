@@ -781,3 +781,40 @@ async fn lists_dead(c: &common::TestCluster, victim: usize, dead: u64) -> bool {
     }
     any
 }
+
+/// With shard 0 out of reach (two of its three voters dead), the placement lock cannot be
+/// taken: an operator's command still repairs another shard, uncoordinated, with a warning
+/// (the lock orders commands; no move needs it to be safe).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_goes_on_without_the_lock_when_shard_0_cannot_answer() {
+    let mut c = common::start(5, |cfg| {
+        cfg.balance_every_secs = 0;
+        cfg.replace_dead_after_secs = 0;
+    })
+    .await;
+    let mut on = Vec::new();
+    for i in 0..5 {
+        on.push(hosted(&c, i).await);
+    }
+    let voters = |s: u64| on.iter().find_map(|m| m.get(&s).map(|(v, _)| v.clone())).unwrap_or_default();
+    let v0 = voters(0);
+    let keep = v0[0];
+    let dead: Vec<u64> = v0[1..].to_vec();
+    // A shard with one dead voter and two live ones, and a live node without it.
+    let (shard, from, to) = (1..8u64)
+        .find_map(|s| {
+            let v = voters(s);
+            let dead_in: Vec<u64> = v.iter().copied().filter(|n| dead.contains(n)).collect();
+            let to = (1..=5u64).find(|n| !v.contains(n) && !dead.contains(n))?;
+            (dead_in.len() == 1).then(|| (s, dead_in[0], to))
+        })
+        .unwrap_or_else(|| panic!("no shard fits: {on:?}"));
+    for d in &dead {
+        c.kill(*d as usize - 1).unwrap();
+    }
+    let via = keep as usize - 1;
+    let (ok, out) = admin_via(&c, via, &["move-replica", &shard.to_string(), &from.to_string(), &to.to_string()]);
+    assert!(ok, "{out}\n{}", logs(&c));
+    assert!(out.contains("the placement lock cannot be taken"), "{out}");
+    assert!(out.contains(&format!("node {from} -> node {to}")), "{out}");
+}

@@ -159,6 +159,16 @@ impl Lock {
             if status.is_success() {
                 break;
             }
+            // Shard 0 cannot answer (it lost its majority, say): the lock orders commands and
+            // no move needs it to be safe, so the repair an operator runs then goes on, as the
+            // nodes let a move go on when they cannot check the lock.
+            if matches!(status.as_u16(), 503 | 504) && answer["code"].as_str() != Some("overloaded") {
+                eprintln!(
+                    "warning: the placement lock cannot be taken ({}); going on uncoordinated",
+                    answer["message"].as_str().unwrap_or("shard 0 did not answer")
+                );
+                return Ok(None);
+            }
             let why = answer["message"].as_str().map(str::to_string);
             if answer["code"].as_str() == Some("placement_unsure") && tries < 4 {
                 eprintln!("{}; waiting", why.as_deref().unwrap_or("shard 0's leader changed"));
