@@ -184,7 +184,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         revocations: Mutex::new(HashMap::new()),
         outbox_done: outbox_tx,
         placement_lock: Default::default(),
-        fault: std::env::var("RAFTCHAT_FAULT").ok().filter(|s| !s.is_empty()),
+        fault: crate::types::fault().map(str::to_string),
         stopping: stop_rx.clone(),
         cfg,
     });

@@ -359,8 +359,7 @@ impl std::io::Write for HashWriter<'_> {
     }
 }
 
-/// POSTs `body` to `path` on `--server` with an operator token; the JSON answer, or the
-/// status and the node's message.
+/// Runs a placement command (the caller holds the placement lock).
 async fn placement_command(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Result<()> {
     match &a.command {
         AdminCommand::MoveReplica { shard, from, to } => {
@@ -375,6 +374,8 @@ async fn placement_command(a: &AdminArgs, http: &reqwest::Client) -> anyhow::Res
     }
 }
 
+/// POSTs `body` to `path` on `--server` with an operator token; the JSON answer, or the
+/// status and the node's message.
 pub(crate) async fn post_admin(
     a: &AdminArgs,
     http: &reqwest::Client,

@@ -360,9 +360,8 @@ impl Node {
         if m.joint {
             // A change cut short between its two steps left a joint config (both voter
             // sets): finish it first, to the newer set, so the checks below see plain voters.
-            let joint = group.raft.metrics().borrow().membership_config.membership().get_joint_config().clone();
-            let last = joint.last().cloned().unwrap_or_default();
-            tracing::warn!(shard, ?joint, "finishing a membership change cut short");
+            let last = cut_short_change(&group).unwrap_or_default();
+            tracing::warn!(shard, voters = ?last, "finishing a membership change cut short");
             finish_change(&group.raft, ChangeMembers::ReplaceAllVoters(last), deadline, one.clone()).await.map_err(
                 |e| match e {
                     None => ShardError::Timeout { shard },
@@ -534,11 +533,19 @@ impl Node {
     }
 }
 
+/// The voters a voter change cut short between its two steps was going to: the newer set of
+/// the group's joint config, if it is in one.
+pub(super) fn cut_short_change(group: &crate::raft::group::Group) -> Option<BTreeSet<NodeId>> {
+    let m = group.raft.metrics().borrow().membership_config.clone();
+    let joint = m.membership().get_joint_config();
+    (joint.len() > 1).then(|| joint.last().cloned()).flatten()
+}
+
 /// Runs a membership change on its own task, so that both of its steps (joint config, then
 /// the new one) are made even when the caller stops waiting at `deadline`: a change dropped
 /// between them would leave the shard in a joint config. The task holds `one` (the shard's
 /// membership lock) until it ends. `Err(None)`: the deadline passed (the change goes on).
-async fn finish_change(
+pub(super) async fn finish_change(
     raft: &crate::types::Raft,
     change: ChangeMembers<NodeId, BasicNode>,
     deadline: Instant,

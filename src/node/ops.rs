@@ -48,10 +48,7 @@ impl Node {
                     return Err(ShardError::Invalid(format!("the placement lock is kept by shard 0, not {shard}")));
                 }
                 handle.linearize(deadline).await?;
-                let term = handle.group.raft.metrics().borrow().current_term;
-                let led = super::placement_lock::led_for(&handle.group);
-                let answer = self.placement_lock.act(op, term, led, std::time::Instant::now());
-                Ok(ShardReply::Lock(answer))
+                Ok(ShardReply::Lock(self.placement_lock_here(op)))
             }
             read => {
                 handle.linearize(deadline).await?;

@@ -206,39 +206,39 @@ impl Node {
         }
     }
 
+    /// Answers `op` here, as shard 0's leader (the caller checked that it leads).
+    pub(crate) fn placement_lock_here(&self, op: LockOp) -> LockAnswer {
+        let (term, led) = match self.local.group(DIRECTORY_SHARD) {
+            Some(g) => (g.raft.metrics().borrow().current_term, led_for(&g)),
+            None => (0, Duration::ZERO),
+        };
+        self.placement_lock.act(op, term, led, Instant::now())
+    }
+
     /// Takes the lock for a task of this node, which leads shard 0 (the repair task): held,
     /// and renewed, until the guard is dropped.
     pub(crate) fn hold_placement_lock(self: &Arc<Self>, holder: String) -> Result<Guard, LockAnswer> {
         let token: u64 = rand::random();
-        let act = {
-            let node = self.clone();
-            move |op: LockOp| {
-                let (term, led) = match node.local.group(DIRECTORY_SHARD) {
-                    Some(g) => (g.raft.metrics().borrow().current_term, led_for(&g)),
-                    None => (0, Duration::ZERO),
-                };
-                node.placement_lock.act(op, term, led, Instant::now())
-            }
-        };
-        match act(LockOp::Take { token, holder: holder.clone(), renew: false }) {
+        match self.placement_lock_here(LockOp::Take { token, holder: holder.clone(), renew: false }) {
             LockAnswer::Granted => {}
             other => return Err(other),
         }
-        let renew_act = act.clone();
+        let node = self.clone();
         let renew = Arc::new(move || {
-            renew_act(LockOp::Take { token, holder: holder.clone(), renew: true }) == LockAnswer::Granted
+            node.placement_lock_here(LockOp::Take { token, holder: holder.clone(), renew: true }) == LockAnswer::Granted
         });
+        let node = self.clone();
         Ok(Guard::new(
             renew,
             Box::new(move || {
-                act(LockOp::Release { token });
+                node.placement_lock_here(LockOp::Release { token });
             }),
         ))
     }
 }
 
 /// How long this node has led `group` (unknown, e.g. with `prevote` off: taken as just now).
-pub(crate) fn led_for(group: &crate::raft::group::Group) -> Duration {
+fn led_for(group: &crate::raft::group::Group) -> Duration {
     crate::raft::prevote::leading_for(&group.leading_since).unwrap_or(Duration::ZERO)
 }
 

@@ -126,27 +126,29 @@ impl Node {
     /// the newer voter set, the same step a move makes when it finds one.
     async fn finish_joint_configs(self: &Arc<Self>) {
         for g in self.local.groups() {
-            let (leads, newer, index) = {
+            let Some(newer) = super::membership::cut_short_change(&g) else { continue };
+            let (leads, index) = {
                 let m = g.raft.metrics().borrow().clone();
-                let joint = m.membership_config.membership().get_joint_config().clone();
-                let index = m.membership_config.log_id().map(|l| l.index).unwrap_or(0);
-                (m.current_leader == Some(self.id), (joint.len() > 1).then(|| joint.last().cloned()).flatten(), index)
+                (m.current_leader == Some(self.id), m.membership_config.log_id().map(|l| l.index).unwrap_or(0))
             };
-            let Some(newer) = newer.filter(|_| leads && g.committed() >= index) else { continue };
+            if !leads || g.committed() < index {
+                continue;
+            }
             // A change running here holds the lock through both of its steps: not one cut short.
             let Some(handle) = self.local.handle(g.shard) else { continue };
-            let Ok(_one) = handle.membership.try_lock() else { continue };
+            let Ok(one) = handle.membership.clone().try_lock_owned() else { continue };
             tracing::warn!(shard = g.shard, voters = ?newer, "finishing a membership change cut short between its two steps");
-            let change = g.raft.change_membership(ChangeMembers::ReplaceAllVoters(newer.clone()), false);
-            match tokio::time::timeout(self.peers.rpc_timeout() * 4, change).await {
-                Ok(Ok(_)) => {
+            let change = ChangeMembers::ReplaceAllVoters(newer.clone());
+            let deadline = Instant::now() + self.peers.rpc_timeout() * 4;
+            match super::membership::finish_change(&g.raft, change, deadline, Arc::new(one)).await {
+                Ok(()) => {
                     self.metrics.joint_configs_finished.inc();
                     tracing::info!(shard = g.shard, voters = ?newer, "finished a membership change cut short")
                 }
-                Ok(Err(e)) => {
+                Err(Some(e)) => {
                     tracing::warn!(shard = g.shard, cause = %e, "finishing a joint config failed; retrying next round")
                 }
-                Err(_) => tracing::warn!(shard = g.shard, "finishing a joint config timed out; retrying next round"),
+                Err(None) => tracing::warn!(shard = g.shard, "finishing a joint config timed out; retrying next round"),
             }
         }
     }

@@ -47,8 +47,7 @@ const INSTALLING: &[u8] = b"snapshot.installing";
 pub const CRASH_ON_JOINT: &str = "crash-on-joint";
 
 fn crash_on_joint() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RAFTCHAT_FAULT").is_ok_and(|f| f == CRASH_ON_JOINT))
+    crate::types::fault() == Some(CRASH_ON_JOINT)
 }
 
 fn sm_err(e: StoreError) -> StorageError<NodeId> {

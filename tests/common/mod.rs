@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod placement;
 
 use raftchat::api::ops::{ConversationsResponse, HistoryResponse, SendResponse};
 use raftchat::fixture::{Cluster, Spec};
