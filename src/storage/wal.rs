@@ -16,6 +16,14 @@
 //! one sync covers many shards' appends (group commit). Segments whose entries are all
 //! purged are deleted, oldest first ([`writer`]).
 //!
+//! Records nobody waits for and that need no sync of their own (commit marks, truncations)
+//! do not wake the writer: they wait in the queue for the next record that must be synced,
+//! and are written ahead of it in the same round, or for at most [`LAZY_DELAY`]. openraft
+//! saves a commit mark after every advance, on every replica, so before this each committed
+//! entry cost every node one more wake-up and `write` of the writer thread; a commit mark
+//! lost in a crash is learnt again from the leader (and one behind the applied state is
+//! taken as the applied index), as before, when it was written but not synced.
+//!
 //! Recovery replays the segments in order. A torn or corrupt frame at the end of the last
 //! segment (a crash mid-write) is cut off; one anywhere else refuses the start ([`replay`]).
 
@@ -30,7 +38,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 /// A segment is closed and a new one started past this size.
@@ -40,6 +48,8 @@ const CACHED_ENTRIES: usize = 2048;
 const FRAME_HEADER: usize = 8;
 /// A frame larger than this is corruption, not data.
 const MAX_FRAME: u32 = 256 << 20;
+/// How long records that need no sync of their own wait for one that does (module docs).
+pub const LAZY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 type NodeId = u64;
 
@@ -178,9 +188,9 @@ struct Job {
     /// For entry frames: (shard, index, log id, offset of the frame within `frames`, len).
     entries: Vec<(ShardId, LogId<NodeId>, usize, u32)>,
     done: Done,
-    /// Must be on stable storage before anyone relies on it. A round of lazy jobs only
-    /// (commit marks, truncations) is written without `fdatasync`; the next synced round
-    /// covers it, as it covers everything written to the file before it.
+    /// Must be on stable storage before anyone relies on it (and wakes the writer). Lazy
+    /// jobs (commit marks, truncations) wait in the queue for a synced one, which covers
+    /// them, or for [`LAZY_DELAY`], and are then written without `fdatasync`.
     sync: bool,
 }
 
@@ -197,11 +207,90 @@ struct Shared {
     segments: Mutex<BTreeMap<u64, Segment>>,
 }
 
+/// Jobs waiting for the writer, in the order they were submitted.
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    jobs: Vec<Job>,
+    /// A job that must be synced waits: the writer goes now.
+    urgent: bool,
+    /// Every handle of the log is gone: the writer writes what is queued and stops.
+    closed: bool,
+    /// The writer has stopped: nothing submitted any more would be written.
+    stopped: bool,
+}
+
+impl Queue {
+    fn push(&self, job: Job) -> Result<(), WalError> {
+        let wake = job.sync;
+        {
+            let mut p = lock(&self.pending);
+            if p.stopped {
+                return Err(WalError::Stopped);
+            }
+            p.urgent |= wake;
+            p.jobs.push(job);
+        }
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The writer's next round: every queued job, once one must be synced, lazy ones have
+    /// waited [`LAZY_DELAY`], or the log is closed; `None` once closed and drained.
+    fn take(&self) -> Option<Vec<Job>> {
+        let mut p = lock(&self.pending);
+        loop {
+            if p.urgent || (p.closed && !p.jobs.is_empty()) {
+                break;
+            }
+            if p.closed {
+                return None;
+            }
+            let (guard, waited) = self.ready.wait_timeout(p, LAZY_DELAY).unwrap_or_else(|e| e.into_inner());
+            p = guard;
+            if waited.timed_out() && !p.jobs.is_empty() {
+                break;
+            }
+        }
+        p.urgent = false;
+        Some(std::mem::take(&mut p.jobs))
+    }
+
+    /// The writer stopped (its thread ended or panicked): refuse new jobs and drop the
+    /// queued ones, so their waiters hear `Stopped` instead of waiting for ever.
+    fn stop(&self) {
+        let jobs = {
+            let mut p = lock(&self.pending);
+            p.stopped = true;
+            std::mem::take(&mut p.jobs)
+        };
+        drop(jobs);
+    }
+}
+
+/// The submitting side of the queue: when the last handle of the log is dropped, the writer
+/// writes what is queued and stops.
+struct Submitter(Arc<Queue>);
+
+impl Drop for Submitter {
+    fn drop(&mut self) {
+        lock(&self.0.pending).closed = true;
+        self.0.ready.notify_one();
+    }
+}
+
 /// The node's write-ahead log (cheap to clone).
 #[derive(Clone)]
 pub struct Wal {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Job>,
+    queue: Arc<Submitter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -266,13 +355,21 @@ impl Wal {
                 (seq, 0)
             }
         };
-        let (tx, rx) = mpsc::channel();
-        let writer = Writer { shared: shared.clone(), rx, active, size, metrics, buf: Vec::new(), segment_bytes };
+        let queue = Arc::new(Queue::default());
+        let writer = Writer {
+            shared: shared.clone(),
+            queue: queue.clone(),
+            active,
+            size,
+            metrics,
+            buf: Vec::new(),
+            segment_bytes,
+        };
         std::thread::Builder::new()
             .name("raftchat-wal".into())
             .spawn(move || writer.run())
             .map_err(|source| WalError::Io { path: dir.to_path_buf(), source })?;
-        Ok(Self { shared, tx })
+        Ok(Self { shared, queue: Arc::new(Submitter(queue)) })
     }
 
     /// Shards with anything in the log (entries, a vote, a commit mark or a purge point).
@@ -298,7 +395,7 @@ impl Wal {
     }
 
     fn submit(&self, job: Job) -> Result<(), WalError> {
-        self.tx.send(job).map_err(|_| WalError::Stopped)
+        self.queue.0.push(job)
     }
 
     /// Appends `entries` of `shard`; openraft's `cb` is completed once they are fsynced.

@@ -174,8 +174,9 @@ fn appends_of_many_shards_share_syncs() {
     }
 }
 
-/// Commit marks alone are written without an fdatasync; an append after them syncs, and the
-/// marks written before it are on disk with it.
+/// Commit marks alone are written without an fdatasync, and without waking the writer for
+/// each (they wait up to `LAZY_DELAY` for a synced record); an append after them syncs, and
+/// the marks written before it are on disk with it.
 #[test]
 fn commit_marks_ride_on_the_next_synced_round() {
     let dir = tempfile::tempdir().unwrap();
@@ -186,6 +187,8 @@ fn commit_marks_ride_on_the_next_synced_round() {
         rt().block_on(async {
             for i in 1..=20 {
                 wal.save_committed(4, &log, Some(LogId::new(CommittedLeaderId::new(1, 1), i))).await.unwrap();
+                // Spread over ~40 ms: a writer woken by each mark would write it alone.
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         });
         // Let the writer drain the marks.
@@ -196,6 +199,8 @@ fn commit_marks_ride_on_the_next_synced_round() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(metrics.fsync_rounds.get(), 0, "commit marks alone are not synced");
+        let rounds = metrics.fsync_batch.get_sample_count();
+        assert!(rounds <= 2, "20 commit marks took {rounds} write rounds: each woke the writer");
         append(&wal, 4, vec![entry(1, 1)]);
         assert_eq!(metrics.fsync_rounds.get(), 1);
         let log = wal.shard(5);
@@ -204,6 +209,28 @@ fn commit_marks_ride_on_the_next_synced_round() {
     }
     let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
     assert_eq!(wal.shard(4).lock().unwrap().meta.committed.map(|c| c.index), Some(20));
+}
+
+/// Lazy records still queued when the log is closed are written before the writer stops;
+/// a log whose writer stopped refuses new records instead of queueing them for no one.
+#[test]
+fn lazy_records_queued_at_close_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
+        let log = wal.shard(3);
+        rt().block_on(wal.save_committed(3, &log, Some(LogId::new(CommittedLeaderId::new(1, 1), 7)))).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::metadata(segment_path(dir.path(), 1)).unwrap().len() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the queued mark was never written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
+    assert_eq!(wal.shard(3).lock().unwrap().meta.committed.map(|c| c.index), Some(7));
+    wal.queue.0.stop();
+    let log = wal.shard(3);
+    assert!(rt().block_on(wal.save_vote(3, &log, Vote::new_committed(1, 1))).is_err());
 }
 
 /// A shard that left the node is forgotten: its entries and vote are gone now and after a

@@ -1,20 +1,21 @@
-//! The writer thread: drains every queued job, writes their frames in one `write`, calls
-//! `fdatasync` once (unless every job is lazy) and only then completes them (group commit);
-//! rotates segments and deletes those whose entries are all purged.
+//! The writer thread: takes every queued job once one must be synced (lazy ones wait for
+//! it, or for `LAZY_DELAY`), writes their frames in one `write`, calls `fdatasync` once
+//! (unless every job is lazy) and only then completes them (group commit); rotates segments
+//! and deletes those whose entries are all purged.
 
-use super::{encode, lock, segment_path, Done, Job, Loc, Record, Segment, ShardMeta, Shared};
+use super::{encode, lock, segment_path, Done, Job, Loc, Queue, Record, Segment, ShardMeta, Shared};
 use crate::metrics::Metrics;
 use crate::shard::ShardId;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Instant;
 
 pub(super) struct Writer {
     pub(super) shared: Arc<Shared>,
-    pub(super) rx: mpsc::Receiver<Job>,
+    pub(super) queue: Arc<Queue>,
     pub(super) active: u64,
     pub(super) size: u64,
     pub(super) metrics: Metrics,
@@ -24,11 +25,15 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
-            let mut jobs = vec![first];
-            while let Ok(j) = self.rx.try_recv() {
-                jobs.push(j);
+        // However the loop ends (the log closed, or a panic), later submissions are refused.
+        struct Stop(Arc<Queue>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.stop();
             }
+        }
+        let _stop = Stop(self.queue.clone());
+        while let Some(jobs) = self.queue.take() {
             let start = Instant::now();
             let res = self.write(&jobs);
             self.metrics.fsync_seconds.observe(start.elapsed().as_secs_f64());
