@@ -196,8 +196,9 @@ pub struct Config {
 /// invites, token revocation, retention sweeps, restore (`Ingest`); 3: replica moves (a
 /// node that gives a shard away records it in its write-ahead log in a way older builds
 /// cannot read); 4: the replicated node table; 5: the placement lock (a peer op older builds
-/// cannot parse).
-pub const CLUSTER_VERSION: u32 = 5;
+/// cannot parse); 6: inbox events no longer keep the inbox counter that older builds read
+/// (`chat::command::UNCOUNTED_VERSION`).
+pub const CLUSTER_VERSION: u32 = 6;
 
 /// Whether a node with a fresh data folder starts a new cluster or joins a running one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,17 @@
 use super::types::{ConversationId, NodeRecord, ReceiptKind, UserId};
 use serde::{Deserialize, Serialize};
 
+/// The `cluster_version` from which inbox events are proposed `uncounted`: applying them
+/// does not write the user's inbox counter (`n/<user>`, one sled write per event on every
+/// replica, two per message), because this build reads the number of a user's last event
+/// from the last event itself. Builds before it read the counter, so while any node may run
+/// one (a rolling upgrade at `cluster_version` 5), every event keeps it up to date.
+pub const UNCOUNTED_VERSION: u32 = 6;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Append a message to a conversation (on the conversation's shard).
@@ -28,7 +39,18 @@ pub enum Command {
         attempt: u64,
     },
     /// Merge a message into `user`'s recent-conversations index (on the user's shard).
-    IndexUpdate { user: UserId, conversation: ConversationId, from: UserId, seq: u64, ts: u64, preview: String },
+    IndexUpdate {
+        user: UserId,
+        conversation: ConversationId,
+        from: UserId,
+        seq: u64,
+        ts: u64,
+        preview: String,
+        /// The inbox event this adds leaves the user's inbox counter alone (see
+        /// [`UNCOUNTED_VERSION`]).
+        #[serde(default, skip_serializing_if = "is_false")]
+        uncounted: bool,
+    },
     /// Move `user`'s read marker in `conversation` forward to `seq` (on the user's shard).
     MarkRead { user: UserId, conversation: ConversationId, seq: u64 },
     /// The index updates of these messages are committed; drop them from the outbox.
@@ -69,6 +91,9 @@ pub enum Command {
         /// The proposer's clock (ms), stamped on the inbox event.
         #[serde(default)]
         ts: u64,
+        /// As in [`Command::IndexUpdate`].
+        #[serde(default, skip_serializing_if = "is_false")]
+        uncounted: bool,
     },
     /// Add, update or remove a node in the cluster's node table (on the directory shard,
     /// `node::directory`). A removed id stays removed: any later record for it is refused

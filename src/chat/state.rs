@@ -92,11 +92,13 @@ pub enum Change {
         seq: u64,
     },
     PutUser(UserId),
-    /// Append event number `n` to the user's inbox (n = previous last + 1).
+    /// Append event number `n` to the user's inbox (n = previous last + 1); `counter`: also
+    /// write the user's inbox counter, which builds before cluster version 6 read.
     PutInbox {
         user: UserId,
         n: u64,
         event: InboxEvent,
+        counter: bool,
     },
     PutAccount {
         user: UserId,
@@ -185,7 +187,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             ];
             Ok((changes, Reply::Appended { seq, ts, duplicate: false }))
         }
-        Command::IndexUpdate { user, conversation, from, seq, ts, preview } => {
+        Command::IndexUpdate { user, conversation, from, seq, ts, preview, uncounted } => {
             let Some(peer) = conversation.peer_of(user) else {
                 // Never proposed by the coordinator; ignore rather than corrupt the index.
                 return Ok((vec![], Reply::Indexed));
@@ -201,7 +203,12 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                     to_seq: *seq,
                     ts: *ts,
                 };
-                changes.push(Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event });
+                changes.push(Change::PutInbox {
+                    user: user.clone(),
+                    n: store.inbox_last(user)? + 1,
+                    event,
+                    counter: !*uncounted,
+                });
                 entry.last_seq = *seq;
                 entry.last_ts = *ts;
                 entry.last_from = Some(from.clone());
@@ -246,7 +253,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 items.iter().map(|(c, seq)| Change::DeletePending { conversation: c.clone(), seq: *seq }).collect();
             Ok((changes, Reply::Done))
         }
-        Command::Receipt { user, conversation, by, receipt, seq, ts } => {
+        Command::Receipt { user, conversation, by, receipt, seq, ts, uncounted } => {
             let Some(entry) = store.index_entry(user, conversation)? else {
                 return Ok((vec![], Reply::Done));
             };
@@ -276,7 +283,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             };
             let previous_ts = (entry.last_seq > 0).then_some(entry.last_ts);
             let changes = vec![
-                Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event },
+                Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event, counter: !*uncounted },
                 Change::PutIndex { user: user.clone(), conversation: conversation.clone(), entry: next, previous_ts },
             ];
             Ok((changes, Reply::Done))

@@ -106,6 +106,7 @@ impl Node {
         preview: &str,
         deadline: Instant,
     ) -> Result<(), ShardError> {
+        let uncounted = self.cfg.cluster_version >= crate::chat::command::UNCOUNTED_VERSION;
         let update = |user: &UserId| {
             let cmd = Command::IndexUpdate {
                 user: user.clone(),
@@ -114,6 +115,7 @@ impl Node {
                 seq,
                 ts,
                 preview: preview.to_string(),
+                uncounted,
             };
             self.call(self.placement.shard_of_user(user), ShardOp::Write(cmd), deadline)
         };

@@ -11,7 +11,7 @@
 //! | `o/<user>\0<!last_ts BE><conv>` | recency order of a user's entries (newest first) |
 //! | `u/<user>` | the user exists |
 //! | `e/<user>\0<n BE>` | inbox event number n of the user (the delivery stream) |
-//! | `n/<user>` | number of the user's last inbox event |
+//! | `n/<user>` | number of the user's last inbox event, kept only by events proposed below cluster version 6 (older builds read it; this one reads the last `e/` key) |
 //! | `N/<node id BE>` | the cluster's node table (directory shard only; a restore skips it) |
 //! | `\0applied`, `\0membership` | openraft's applied log id and membership |
 //! | `\0redo` | the writes of the last applied entry (see [`Writes`]); not in snapshots |
@@ -208,6 +208,11 @@ pub struct Staged {
     /// Messages deleted by retention (the cache forgets them).
     pub deleted_messages: Vec<(ConversationId, u64)>,
     pub inbox: Vec<(UserId, u64, InboxEvent)>,
+    /// Conversation metas and recent-conversations entries written (the point cache).
+    pub metas: Vec<(ConversationId, ConvMeta)>,
+    pub entries: Vec<(UserId, ConversationId, IndexEntry)>,
+    /// Raw records were written (a restore): any key may have changed.
+    pub raw: bool,
 }
 
 /// The state of one shard as the state machine and readers see it.
@@ -233,7 +238,10 @@ impl ShardView {
                     batch.insert(message(&conversation, m.seq), encode(&m));
                     staged.messages.push((conversation, m));
                 }
-                Change::PutConvMeta { conversation, meta } => batch.insert(conv_meta(&conversation), encode(&meta)),
+                Change::PutConvMeta { conversation, meta } => {
+                    batch.insert(conv_meta(&conversation), encode(&meta));
+                    staged.metas.push((conversation, meta));
+                }
                 Change::PutDedup { conversation, from, client_msg_id, seq, ts, attempt } => {
                     batch.insert(dedup(&conversation, &from, &client_msg_id), encode(&(seq, ts, attempt)))
                 }
@@ -245,6 +253,7 @@ impl ShardView {
                         batch.insert(order(&user, entry.last_ts, &conversation), []);
                     }
                     batch.insert(index(&user, &conversation), encode(&entry));
+                    staged.entries.push((user, conversation, entry));
                 }
                 Change::PutPending(p) => batch.insert(pending(&p.conversation, p.seq), encode(&p)),
                 Change::DeletePending { conversation, seq } => batch.remove(pending(&conversation, seq)),
@@ -263,11 +272,16 @@ impl ShardView {
                 Change::PutRevokedBefore { user: u, before } => batch.insert(revoked_before(&u), before.to_be_bytes()),
                 // A backup of another cluster must not bring its node table along.
                 Change::PutRaw { key, .. } if key.starts_with(NODE_PREFIX) => {}
-                Change::PutRaw { key, value } => batch.insert(key, value),
+                Change::PutRaw { key, value } => {
+                    batch.insert(key, value);
+                    staged.raw = true;
+                }
                 Change::PutNode(n) => batch.insert(node(n.id), encode(&n)),
-                Change::PutInbox { user: u, n, event } => {
+                Change::PutInbox { user: u, n, event, counter } => {
                     batch.insert(inbox(&u, n), encode(&event));
-                    batch.insert(inbox_last(&u), n.to_be_bytes());
+                    if counter {
+                        batch.insert(inbox_last(&u), n.to_be_bytes());
+                    }
                     staged.inbox.push((u, n, event));
                 }
             }
@@ -459,14 +473,20 @@ impl Store for ShardView {
     fn invite(&self, id: &str) -> Result<Option<UserId>, StoreError> {
         self.get(&invite(id))
     }
+    /// The number of the user's last inbox event, read from the event's key: retention never
+    /// deletes a user's last event, and the counter (`n/<user>`) is no longer written by
+    /// every event (cluster version 6), so only the events themselves are current.
     fn inbox_last(&self, u: &UserId) -> Result<u64, StoreError> {
-        match self.tree.get(inbox_last(u))? {
-            Some(v) => Ok(u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt { key: format!("n/{u}"), reason: "not 8 bytes".into() })?,
-            )),
-            None => Ok(0),
+        let prefix = inbox_prefix(u);
+        match self.tree.get_lt(inbox(u, u64::MAX))? {
+            Some((k, _)) if k.starts_with(&prefix) => {
+                let n = k[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "inbox key does not end in 8 bytes".into(),
+                })?;
+                Ok(u64::from_be_bytes(n))
+            }
+            _ => Ok(0),
         }
     }
 }
@@ -555,6 +575,56 @@ mod tests {
         }
         // No redo record: nothing to do.
         assert_eq!(Writes::recover(&tree()).unwrap(), 0);
+    }
+
+    /// The number of a user's last inbox event comes from the events, whether the commands
+    /// that made them kept the counter (`n/`, below cluster version 6) or not; numbers stay
+    /// dense across the switch and across a sweep, and neighbouring ids never leak in.
+    #[test]
+    fn inbox_numbers_come_from_the_events_with_or_without_the_counter() {
+        use crate::chat::state::apply;
+        use crate::chat::Command;
+        let view = ShardView { tree: tree() };
+        let run = |cmd: Command| {
+            let (changes, _) = apply(&cmd, &view).unwrap();
+            let mut w = Writes::default();
+            view.stage(changes, &mut w);
+            w.commit(&view.tree).unwrap();
+        };
+        let (alice, bob) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
+        let conversation = ConversationId::between(&alice, &bob).unwrap();
+        let update = |seq: u64, uncounted: bool| Command::IndexUpdate {
+            user: bob.clone(),
+            conversation: conversation.clone(),
+            from: alice.clone(),
+            seq,
+            ts: 1_000 + seq,
+            preview: String::new(),
+            uncounted,
+        };
+        let numbers = |u: &UserId| view.inbox_page(u, 0, 100).unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let counter = |u: &UserId| view.tree.get(inbox_last(u)).unwrap().map(|v| v.to_vec());
+        for seq in 1..=3 {
+            run(update(seq, false));
+        }
+        assert_eq!(counter(&bob), Some(3u64.to_be_bytes().to_vec()), "counted events keep the counter");
+        for seq in 4..=6 {
+            run(update(seq, true));
+        }
+        assert_eq!(numbers(&bob), (1..=6).collect::<Vec<_>>());
+        assert_eq!(view.inbox_last(&bob).unwrap(), 6);
+        assert_eq!(counter(&bob), Some(3u64.to_be_bytes().to_vec()), "uncounted events leave it alone");
+        // Users whose keys sort just before and after bob's, and one with no events at all.
+        for other in ["bo", "boa", "boc", "bob-", "bob.x"] {
+            assert_eq!(view.inbox_last(&UserId::parse(other).unwrap()).unwrap(), 0, "{other}");
+        }
+        assert_eq!(view.inbox_last(&alice).unwrap(), 0);
+        // Retention keeps the last event, so the next one is numbered on from it.
+        run(Command::Sweep { kind: SweepKind::Inbox, before_ms: u64::MAX, after: Vec::new(), limit: 100 });
+        assert_eq!(numbers(&bob), vec![6]);
+        run(update(7, true));
+        assert_eq!(numbers(&bob), vec![6, 7]);
+        assert_eq!(view.inbox_last(&bob).unwrap(), 7);
     }
 
     /// Damaged keys read back from disk are reported as corrupt, never sliced past their end.

@@ -23,6 +23,7 @@
 pub mod flusher;
 pub mod keys;
 pub mod log;
+pub mod points;
 pub mod sm;
 pub mod snapshot;
 pub mod wal;

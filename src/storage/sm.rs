@@ -13,6 +13,7 @@ mod build;
 
 use super::flusher::Flusher;
 use super::keys::{self, ShardView};
+use super::points::{Cached, PointCache};
 use super::snapshot::{self, SnapFile, SnapshotDir};
 use super::{decode, encode, StoreError};
 use crate::cache::RecentCache;
@@ -60,6 +61,8 @@ pub struct StateMachine {
     meta: sled::Tree,
     flusher: Flusher,
     pub cache: Arc<RecentCache>,
+    /// What applying reads on every message, kept decoded ([`super::points`]).
+    points: Arc<std::sync::Mutex<PointCache>>,
     /// Held for writing by `apply` and `install_snapshot`, for reading by snapshot builds
     /// and by multi-key reads ([`StateMachine::read_lock`]).
     lock: Arc<RwLock<()>>,
@@ -157,6 +160,7 @@ impl StateMachine {
             meta,
             flusher,
             cache,
+            points: Arc::default(),
             lock: Arc::new(RwLock::new(())),
             snap_lock: Arc::new(tokio::sync::Mutex::new(())),
             install_waiting: Arc::default(),
@@ -199,14 +203,19 @@ impl StateMachine {
         Ok((applied, membership))
     }
 
+    fn points(&self) -> std::sync::MutexGuard<'_, PointCache> {
+        self.points.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn apply_one(&self, entry: &Entry<TypeConfig>) -> Result<Reply, StoreError> {
         let log_id = *entry.get_log_id();
         let mut batch = keys::Writes::default();
         let mut staged = keys::Staged::default();
+        let mut points = self.points();
         let reply = match &entry.payload {
             EntryPayload::Blank => Reply::Done,
             EntryPayload::Normal(cmd) => {
-                let (changes, reply) = state::apply::<ShardView>(cmd, &self.view)?;
+                let (changes, reply) = state::apply(cmd, &Cached::new(&self.view, &mut points))?;
                 staged = self.view.stage(changes, &mut batch);
                 reply
             }
@@ -223,7 +232,12 @@ impl StateMachine {
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
         let committed = batch.commit(&self.view.tree);
         self.touched.record(batch.0.iter().map(|(k, _)| k.as_slice()), committed.is_err());
+        if committed.is_err() {
+            points.clear();
+        }
         committed?;
+        points.written(&staged);
+        drop(points);
         let now = now_ms();
         for (c, seq) in staged.deleted_messages {
             self.cache.forget_through(&c, seq);
@@ -509,6 +523,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let records = {
             let _g = self.lock.write().await;
             let (tree, p, m) = (self.view.tree.clone(), path.clone(), meta.clone());
+            self.points().clear();
             let records = tokio::task::spawn_blocking(move || load_tree(&tree, &p, &m))
                 .await
                 .map_err(join_err)?

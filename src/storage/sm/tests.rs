@@ -186,7 +186,15 @@ fn index_update(i: u64) -> Entry<TypeConfig> {
     let user = UserId::parse(&format!("u{}", i % 20)).unwrap();
     let from = UserId::parse(&format!("p{}", (i / 20) % 5)).unwrap();
     let conversation = ConversationId::between(&user, &from).unwrap();
-    let cmd = Command::IndexUpdate { user, conversation, from, seq: i + 1, ts: 1_000_000 + i, preview: "hi".into() };
+    let cmd = Command::IndexUpdate {
+        user,
+        conversation,
+        from,
+        seq: i + 1,
+        ts: 1_000_000 + i,
+        preview: "hi".into(),
+        uncounted: i % 2 == 1,
+    };
     Entry::<TypeConfig> {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1),
         payload: EntryPayload::Normal(cmd),
@@ -297,6 +305,7 @@ async fn a_list_read_under_the_read_lock_sees_whole_entries() {
             seq: i / 4 + 1,
             ts: 1_000_000 + i,
             preview: String::new(),
+            uncounted: true,
         };
         let log_id = LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1);
         Entry::<TypeConfig> { log_id, payload: EntryPayload::Normal(cmd) }
