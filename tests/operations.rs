@@ -273,22 +273,34 @@ async fn a_data_folder_of_an_unknown_format_is_refused_with_a_clear_message() {
             format!("127.0.0.1:{}", free_port().unwrap()),
         ]
     };
-    // A new folder is labelled with this build's format...
-    let a = args(dir.path());
-    let mut node = Command::new(BIN).args(&a).stderr(Stdio::null()).spawn().unwrap();
-    let format = dir.path().join("FORMAT");
-    let health = format!("http://{}/healthz", a[4]);
-    let end = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(&health).await.is_err() {
-        assert!(Instant::now() < end, "node did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
-    assert!(node.wait().unwrap().success());
+    let run = |a: Vec<String>| async move {
+        let mut node = Command::new(BIN).args(&a).stderr(Stdio::null()).spawn().unwrap();
+        let health = format!("http://{}/healthz", a[a.iter().position(|x| x == "--http-addr").unwrap() + 1]);
+        let end = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(&health).await.is_err() {
+            assert!(Instant::now() < end, "node did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+        assert!(node.wait().unwrap().success());
+    };
+    // A new folder of a node below cluster_version 6 gets format 1, which older builds read
+    // (so the node can still be rolled back during a rolling upgrade)...
+    let config = dir.path().join("v5.toml");
+    std::fs::write(&config, "cluster_version = 5\n").unwrap();
+    let data = dir.path().join("data");
+    let mut a = args(&data);
+    a.extend(["--config".to_string(), config.display().to_string()]);
+    run(a).await;
+    let format = data.join("FORMAT");
     assert_eq!(std::fs::read_to_string(&format).unwrap().trim(), "raftchat-data 1");
+    // ...and is labelled 2 once the node runs with cluster_version 6 (the default): its inbox
+    // events no longer keep the counter older builds number them from.
+    run(args(&data)).await;
+    assert_eq!(std::fs::read_to_string(&format).unwrap().trim(), "raftchat-data 2");
     // ...and one of a format this build does not know is refused, untouched.
     std::fs::write(&format, "raftchat-data 99\n").unwrap();
-    let out = Command::new(BIN).args(args(dir.path())).output().unwrap();
+    let out = Command::new(BIN).args(args(&data)).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("on-disk format \"raftchat-data 99\"") && err.contains("does not know"), "{err}");

@@ -534,9 +534,10 @@ async fn restore(a: &AdminArgs, http: &reqwest::Client, dir: &std::path::Path) -
             .with_context(|| format!("{} is not a raftchat backup manifest", path.display()))?;
     anyhow::ensure!(manifest.format == BACKUP_FORMAT, "unknown backup format {:?}", manifest.format);
     anyhow::ensure!(
-        manifest.data_format == crate::storage::FORMAT_VERSION,
-        "the backup holds data format {}, this build writes {}",
+        (crate::storage::FORMAT_COUNTED..=crate::storage::FORMAT_VERSION).contains(&manifest.data_format),
+        "the backup holds data format {}, this build reads formats {} to {}: restore it with a newer build",
         manifest.data_format,
+        crate::storage::FORMAT_COUNTED,
         crate::storage::FORMAT_VERSION
     );
     let base = a.server.trim_end_matches('/');

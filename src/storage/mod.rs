@@ -49,37 +49,56 @@ pub enum StoreError {
 
 /// The on-disk format (the WAL's records, the state machine's key layout and values) this
 /// build reads and writes. A data folder carries it in `FORMAT`; a node refuses to start on
-/// a folder of another version instead of misreading it. Bump it with any change older
-/// builds would misread, and teach the new build to read (or convert) the old version.
-pub const FORMAT_VERSION: u32 = 1;
+/// a folder of a version it does not know instead of misreading it. Bump it with any change
+/// older builds would misread, and teach the new build to read (or convert) the old version.
+///
+/// 1: every inbox event keeps the user's inbox counter (`n/`). 2: inbox events may leave the
+/// counter behind (`cluster_version` 6, `chat::command::UNCOUNTED_VERSION`); a build that
+/// knows only 1 would number a user's next event from a stale counter and overwrite events.
+/// This build reads both. A folder is labelled 2 when its node starts with `cluster_version`
+/// 6 or more, and otherwise keeps (or, new, gets) 1, so that during a rolling upgrade a node
+/// can still be rolled back to the older build.
+pub const FORMAT_VERSION: u32 = 2;
+/// The label of a folder whose node runs below `cluster_version` 6 (see [`FORMAT_VERSION`]).
+pub const FORMAT_COUNTED: u32 = 1;
 const FORMAT_FILE: &str = "FORMAT";
 
-/// Checks (or, for a new folder, writes) `<dir>/FORMAT`. A folder made before the file
-/// existed holds format 1 and is labelled so.
-pub fn check_format(dir: &Path) -> Result<(), StoreError> {
+/// Checks (or, for a new folder, writes) `<dir>/FORMAT`, and labels a folder of format 1 as 2
+/// when `uncounted` (the node runs with `cluster_version` 6 or more, so it will propose or
+/// apply inbox events without the counter). A folder made before the file existed holds
+/// format 1 and is labelled so.
+pub fn check_format(dir: &Path, uncounted: bool) -> Result<(), StoreError> {
     let path = dir.join(FORMAT_FILE);
     let io = |source| StoreError::Io { path: path.clone(), source };
+    let want = if uncounted { FORMAT_VERSION } else { FORMAT_COUNTED };
+    let label = |v: u32| -> Result<(), StoreError> {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join("FORMAT.tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "raftchat-data {v}")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(io)
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let found = text.trim();
             match found.strip_prefix("raftchat-data ").and_then(|v| v.parse::<u32>().ok()) {
-                Some(FORMAT_VERSION) => Ok(()),
+                Some(v) if (FORMAT_COUNTED..=FORMAT_VERSION).contains(&v) => {
+                    if v < want {
+                        tracing::info!(from = v, to = want, "data folder labelled with the newer on-disk format (cluster_version 6: older builds refuse it from now on)");
+                        label(want)?;
+                    }
+                    Ok(())
+                }
                 _ => Err(StoreError::UnknownFormat { path, found: found.chars().take(64).collect() }),
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(io)?;
-            let tmp = dir.join("FORMAT.tmp");
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                writeln!(f, "raftchat-data {FORMAT_VERSION}")?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(dir)?.sync_all()
-            };
-            write().map_err(io)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => label(want),
         Err(e) => Err(io(e)),
     }
 }

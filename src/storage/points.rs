@@ -20,7 +20,7 @@
 //!   records (`Ingest`), which may carry any of these keys.
 //!
 //! Each map holds at most [`MAX_PER_MAP`] records and starts over when full: a bound, not an
-//! eviction policy (a busy shard re-reads what it needs).
+//! eviction policy (a busy shard re-reads what it needs). It is not counted in `cache_bytes`.
 
 use super::keys::{ShardView, Staged};
 use super::StoreError;
@@ -32,8 +32,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::Hash;
 
-/// Records per map (three maps per shard replica; an index entry is about 200 bytes).
-pub const MAX_PER_MAP: usize = 16_384;
+/// Records per map (three maps per shard replica; an index entry with its key is about 300
+/// bytes, so a shard replica's cache stays under about 2 MB; with many shards per node, count
+/// it beside `cache_bytes`).
+pub const MAX_PER_MAP: usize = 4_096;
 
 #[derive(Default)]
 pub struct PointCache {
