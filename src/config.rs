@@ -299,6 +299,13 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Inbox events are proposed without the per-user counter older builds read, and the
+    /// data folder is labelled for it (`cluster_version` 6,
+    /// `chat::command::UNCOUNTED_VERSION`).
+    pub fn uncounted_inbox(&self) -> bool {
+        self.cluster_version >= crate::chat::command::UNCOUNTED_VERSION
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })

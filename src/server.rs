@@ -62,7 +62,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         (Some(c), Some(k), Some(ca)) => Some(crate::tls::Tls::load(c, k, ca, cfg.tls_revoked_file.as_deref())?),
         _ => None,
     };
-    crate::storage::check_format(&cfg.data_dir, cfg.cluster_version >= crate::chat::command::UNCOUNTED_VERSION)?;
+    crate::storage::check_format(&cfg.data_dir, cfg.uncounted_inbox())?;
     let storage = Storage::open(&cfg.data_dir, cfg.shards, cfg.sled_cache_bytes)?;
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());

@@ -158,12 +158,7 @@ async fn a_node_joins_and_nodes_leave_with_the_admin_commands() {
     }
     let mut sent = Vec::new();
     let mut send = async |c: &common::TestCluster, node: usize, tag: &str| {
-        for (k, a) in users.iter().enumerate() {
-            let b = users[(k + 1) % users.len()];
-            let id = format!("{tag}-{k}");
-            let r = c.send_ok(node, a, b, &id, &id).await;
-            sent.push((a.to_string(), r.conversation_id, r.seq, id));
-        }
+        send_ring(c, &users, &format!("{tag}-"), |_| node, &mut sent).await;
     };
     for round in 0..6 {
         send(&c, round % 3, &format!("before{round}")).await;

@@ -53,12 +53,7 @@ async fn a_dead_nodes_replicas_move_to_live_nodes_and_it_drops_them_when_back() 
     }
     let mut sent = Vec::new();
     for round in 0..3 {
-        for (k, a) in users.iter().enumerate() {
-            let b = users[(k + 1) % users.len()];
-            let id = format!("r{round}-{k}");
-            let r = c.send_ok(round % 4, a, b, &id, &id).await;
-            sent.push((a.to_string(), r.conversation_id, r.seq, id));
-        }
+        send_ring(&c, &users, &format!("r{round}-"), |_| round % 4, &mut sent).await;
     }
     // A node that does not lead the directory shard (shard 0) dies.
     let lead0 = c.leader_of(0).await.expect("shard 0 has a leader");
@@ -70,12 +65,7 @@ async fn a_dead_nodes_replicas_move_to_live_nodes_and_it_drops_them_when_back() 
     let live: Vec<usize> = (0..4).filter(|i| *i != victim).collect();
     back_to_three_voters_without(&c, &live, dead, "every shard has 3 voters, none of them the dead node").await;
     assert_repair_moved(&c);
-    for (k, a) in users.iter().enumerate() {
-        let b = users[(k + 1) % users.len()];
-        let id = format!("after-{k}");
-        let r = c.send_ok(live[k % 3], a, b, &id, &id).await;
-        sent.push((a.to_string(), r.conversation_id, r.seq, id));
-    }
+    send_ring(&c, &users, "after-", |k| live[k % 3], &mut sent).await;
     all_there(&c, &sent, &live).await;
 
     // It comes back: its copies moved away, so it drops them and routes.
@@ -105,12 +95,7 @@ async fn a_dead_node_removed_with_force_has_its_replicas_moved_at_once() {
         c.register(0, u).await;
     }
     let mut sent = Vec::new();
-    for (k, a) in users.iter().enumerate() {
-        let b = users[(k + 1) % users.len()];
-        let id = format!("f-{k}");
-        let r = c.send_ok(k % 4, a, b, &id, &id).await;
-        sent.push((a.to_string(), r.conversation_id, r.seq, id));
-    }
+    send_ring(&c, &users, "f-", |k| k % 4, &mut sent).await;
     let lead0 = c.leader_of(0).await.expect("shard 0 has a leader");
     let victim = (0..4).find(|i| *i != lead0).unwrap();
     let dead = victim as u64 + 1;
@@ -147,12 +132,7 @@ async fn a_dead_node_removed_with_force_has_its_replicas_moved_at_once() {
     assert!(listed(&c, via).await.unwrap().contains(&other));
     c.spawn(other_i).unwrap();
     c.wait_ready(other_i, common::READY).await.unwrap();
-    for (k, a) in users.iter().enumerate() {
-        let b = users[(k + 1) % users.len()];
-        let id = format!("after-{k}");
-        let r = c.send_ok(live[k % 3], a, b, &id, &id).await;
-        sent.push((a.to_string(), r.conversation_id, r.seq, id));
-    }
+    send_ring(&c, &users, "after-", |k| live[k % 3], &mut sent).await;
     all_there(&c, &sent, &live).await;
     refused_as_removed(&mut c, victim, Duration::from_secs(30)).await;
 }

@@ -348,7 +348,7 @@ async fn send_receipt(
         receipt,
         seq,
         ts: crate::storage::sm::now_ms(),
-        uncounted: node.cfg.cluster_version >= crate::chat::command::UNCOUNTED_VERSION,
+        uncounted: node.cfg.uncounted_inbox(),
     };
     node.call(node.placement.shard_of_user(peer), ShardOp::Write(cmd), deadline).await?;
     Ok(())

@@ -106,7 +106,7 @@ impl Node {
         preview: &str,
         deadline: Instant,
     ) -> Result<(), ShardError> {
-        let uncounted = self.cfg.cluster_version >= crate::chat::command::UNCOUNTED_VERSION;
+        let uncounted = self.cfg.uncounted_inbox();
         let update = |user: &UserId| {
             let cmd = Command::IndexUpdate {
                 user: user.clone(),

@@ -74,6 +74,23 @@ pub fn admin_via(c: &TestCluster, via: usize, args: &[&str]) -> (bool, String) {
 }
 
 /// Messages of `sent` (conversation, seq, text), each read through every running node.
+/// One message from each of `users` to the next (a ring), the k-th through node `via(k)` with
+/// id and text `{prefix}{k}`; each is recorded in `sent` as `all_there` reads it.
+pub async fn send_ring(
+    c: &TestCluster,
+    users: &[&str],
+    prefix: &str,
+    via: impl Fn(usize) -> usize,
+    sent: &mut Vec<(String, String, u64, String)>,
+) {
+    for (k, a) in users.iter().enumerate() {
+        let b = users[(k + 1) % users.len()];
+        let id = format!("{prefix}{k}");
+        let r = c.send_ok(via(k), a, b, &id, &id).await;
+        sent.push((a.to_string(), r.conversation_id, r.seq, id));
+    }
+}
+
 pub async fn all_there(c: &TestCluster, sent: &[(String, String, u64, String)], nodes: &[usize]) {
     for (user, conv, seq, text) in sent {
         for &n in nodes {
