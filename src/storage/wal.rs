@@ -22,7 +22,9 @@
 //! saves a commit mark after every advance, on every replica, so before this each committed
 //! entry cost every node one more wake-up and `write` of the writer thread; a commit mark
 //! lost in a crash is learnt again from the leader (and one behind the applied state is
-//! taken as the applied index), as before, when it was written but not synced.
+//! taken as the applied index), as before, when it was written but not synced. A writer
+//! that found nothing queued for a whole `LAZY_DELAY` sleeps until the next record of
+//! either kind, so an idle node's writer does not wake at all.
 //!
 //! Recovery replays the segments in order. A torn or corrupt frame at the end of the last
 //! segment (a crash mid-write) is cut off; one anywhere else refuses the start ([`replay`]).
@@ -223,17 +225,26 @@ struct Pending {
     closed: bool,
     /// The writer has stopped: nothing submitted any more would be written.
     stopped: bool,
+    /// The writer found nothing queued for a whole `LAZY_DELAY` and sleeps until a job (of
+    /// either kind) wakes it.
+    idle: bool,
+    /// Times the writer woke (tests: an idle writer stays asleep).
+    wakeups: u64,
 }
 
 impl Queue {
     fn push(&self, job: Job) -> Result<(), WalError> {
-        let wake = job.sync;
+        let wake;
         {
             let mut p = lock(&self.pending);
             if p.stopped {
                 return Err(WalError::Stopped);
             }
-            p.urgent |= wake;
+            // A lazy job wakes only an idle writer (which then waits `LAZY_DELAY` for a
+            // synced one); a busy writer is never idle, so marks still ride on its rounds.
+            wake = job.sync || p.idle;
+            p.idle = false;
+            p.urgent |= job.sync;
             p.jobs.push(job);
         }
         if wake {
@@ -243,9 +254,9 @@ impl Queue {
     }
 
     /// The writer's next round: every queued job, once one must be synced, lazy ones have
-    /// waited [`LAZY_DELAY`], or the log is closed; `None` once closed and drained. (An idle
-    /// writer wakes every `LAZY_DELAY` to look: ten wake-ups a second, against one or more per
-    /// commit mark before.)
+    /// waited [`LAZY_DELAY`], or the log is closed; `None` once closed and drained. A writer
+    /// that finds nothing queued for a whole `LAZY_DELAY` sleeps until the next job, so an
+    /// idle node's writer does not wake at all.
     fn take(&self) -> Option<Vec<Job>> {
         let mut p = lock(&self.pending);
         loop {
@@ -255,12 +266,22 @@ impl Queue {
             if p.closed {
                 return None;
             }
+            if p.idle {
+                p = self.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+                p.wakeups += 1;
+                continue;
+            }
             let (guard, waited) = self.ready.wait_timeout(p, LAZY_DELAY).unwrap_or_else(|e| e.into_inner());
             p = guard;
-            if waited.timed_out() && !p.jobs.is_empty() {
-                break;
+            p.wakeups += 1;
+            if waited.timed_out() {
+                if !p.jobs.is_empty() {
+                    break;
+                }
+                p.idle = true;
             }
         }
+        p.idle = false;
         p.urgent = false;
         Some(std::mem::take(&mut p.jobs))
     }

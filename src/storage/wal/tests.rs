@@ -273,3 +273,37 @@ fn a_forgotten_shard_is_gone_after_reopening_and_frees_its_segments() {
     let wal = Wal::open_with(dir.path(), Metrics::new(), 4096).unwrap();
     assert_eq!(indexes(&wal, 1), vec![(9, 1), (9, 2)]);
 }
+
+/// An idle writer sleeps: after its last round it looks once more (`LAZY_DELAY`) and then
+/// waits for the next job, instead of waking every `LAZY_DELAY` for ever; the next lazy
+/// record still reaches the disk within about `LAZY_DELAY`, and the next append is synced.
+#[test]
+fn an_idle_writer_does_not_wake() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
+    let log = wal.shard(2);
+    rt().block_on(async {
+        wal.save_committed(2, &log, Some(LogId::new(CommittedLeaderId::new(1, 1), 1))).await.unwrap();
+    });
+    let wakeups = || lock(&wal.queue.0.pending).wakeups;
+    // The mark's round, then one look a LAZY_DELAY later, then sleep.
+    std::thread::sleep(LAZY_DELAY * 3);
+    let before = wakeups();
+    std::thread::sleep(LAZY_DELAY * 10);
+    let idle = wakeups() - before;
+    assert!(idle <= 1, "the idle writer woke {idle} times in 10 LAZY_DELAYs");
+    // A lazy record wakes the sleeping writer and is written within about LAZY_DELAY.
+    let len = || std::fs::metadata(segment_path(dir.path(), 1)).unwrap().len();
+    let written = len();
+    rt().block_on(async {
+        wal.save_committed(2, &log, Some(LogId::new(CommittedLeaderId::new(1, 1), 2))).await.unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while len() == written {
+        assert!(std::time::Instant::now() < deadline, "the mark queued to an idle writer was never written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop((log, wal));
+    let wal = Wal::open(dir.path(), Metrics::new()).unwrap();
+    assert_eq!(wal.shard(2).lock().unwrap().meta.committed.map(|c| c.index), Some(2));
+}
