@@ -241,7 +241,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     }
 
     let peer = {
-        let svc = crate::node::peer_service::PeerService::new(node.clone());
+        let svc = crate::node::peer_service::PeerService::new(node.clone(), stop_peers_rx.clone());
         let incoming = tonic::transport::server::TcpIncoming::from(peer_listener).with_nodelay(Some(true));
         let stop = stopped(stop_peers_rx.clone());
         // The key is checked on the request's headers, before its body is read: an unknown
@@ -298,10 +298,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let _ = stop_tx.send(true);
     // In-flight client requests finish (or fail cleanly) before Raft stops under them.
     let drain = Duration::from_millis(node.cfg.request_timeout_ms + 1_000);
-    let _ = tokio::time::timeout(drain, http).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    if tokio::time::timeout(drain, http).await.is_err() {
+        tracing::warn!(after = ?drain, "shutdown: HTTP requests still running; stopping anyway");
+    }
+    if tokio::time::timeout(Duration::from_secs(5), grpc).await.is_err() {
+        tracing::warn!("shutdown: gRPC requests still running after 5s; stopping anyway");
+    }
+    // The shards this node leads get a new leader now, not an election timeout after the
+    // node is gone (a rolling restart pauses each shard's writes for a round trip).
+    if !removed {
+        let (handed, still) = node.hand_off_leadership(Duration::from_secs(5)).await;
+        tracing::info!(handed, still_leading = still, "shutdown: leaderships handed off");
+    }
+    // Peers' pipes and subscriptions end with this; their calls go to the new leaders.
     let _ = stop_peers_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), peer).await;
+    if tokio::time::timeout(Duration::from_secs(5), peer).await.is_err() {
+        tracing::warn!("shutdown: peer connections still open after 5s; stopping anyway");
+    }
     for t in tasks {
         t.abort();
     }

@@ -159,3 +159,40 @@ async fn leaders_return_to_their_preferred_nodes_after_a_failure() {
     c.register(0, "ben").await;
     c.send_ok(0, "ana", "ben", "b1", "balanced").await;
 }
+
+/// Graceful shutdown hands leaderships off (`Node::hand_off_leadership`): when a node that
+/// leads shards exits after SIGTERM, each of those shards already has a new leader among the
+/// others at that moment (before it, the survivors would still name the stopped node until
+/// an election timeout), writes go on, and the peer server stopped without waiting for the
+/// peers' open streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_stopped_gracefully_hands_its_leaderships_off_first() {
+    let mut c = common::start(3, |_| {}).await;
+    c.register(0, "ana").await;
+    c.register(0, "ben").await;
+    c.send_ok(0, "ana", "ben", "warm-up", "hi").await;
+    // Node 3 leads the shards it is the preferred leader of (8 shards over 3 nodes).
+    let led: Vec<u64> = common::eventually(Duration::from_secs(30), "node 3 leads some shard", || async {
+        let m = leader_map(&c, 2).await;
+        let led: Vec<u64> = m.iter().filter(|(_, l)| **l == Some(3)).map(|(s, _)| *s).collect();
+        (!led.is_empty()).then_some(led)
+    })
+    .await;
+    let st = c.stop(2, Duration::from_secs(30)).unwrap();
+    assert!(st.success(), "node 3 exit status {st}");
+    // No waiting: the new leader of each shard knows it leads it as soon as node 3 is gone.
+    let (m1, m2) = (leader_map(&c, 0).await, leader_map(&c, 1).await);
+    for s in &led {
+        let claimed = m1.get(s) == Some(&Some(1)) || m2.get(s) == Some(&Some(2));
+        assert!(
+            claimed,
+            "shard {s}: no survivor leads it right after node 3 stopped ({m1:?} / {m2:?})\n{}",
+            c.log_tails(30)
+        );
+    }
+    let log = std::fs::read_to_string(c.dir.join("node3.log")).unwrap();
+    assert!(log.contains("shutdown: leadership handed off"), "node 3's log:\n{log}");
+    assert!(!log.contains("still open after"), "node 3's peer server waited for open streams:\n{log}");
+    c.send_ok(0, "ben", "ana", "after", "still here").await;
+    c.send_ok(1, "ana", "ben", "after-2", "and here").await;
+}

@@ -115,6 +115,15 @@ impl Node {
         }
         let ttl = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
         match self.peers.call_raw(to, Kind::Elect, shard, ttl, Vec::new()).await {
+            // The target answers whether it started an election (a node that is shutting
+            // down does not); waiting for it to lead would then only run into the deadline.
+            Ok(answer) if serde_json::from_slice::<bool>(&answer).ok() == Some(false) => {
+                self.metrics.leader_transfers.with_label_values(&["failed"]).inc();
+                return Err(ShardError::Unavailable {
+                    shard,
+                    reason: format!("node {to} declined to start an election"),
+                });
+            }
             Ok(_) => {}
             Err(RawError::UnknownCall) => {
                 return Err(ShardError::Invalid(format!("node {to} runs a build without leadership transfer")))
@@ -146,9 +155,104 @@ impl Node {
     }
 
     /// A peer's request to start an election for `group` at once (the target of a transfer).
+    /// A node that is shutting down refuses: it is giving its leaderships away, not taking
+    /// new ones (a peer's balancer would otherwise hand a shard back to it).
     pub async fn elect_now(&self, group: &crate::raft::group::Group) -> bool {
+        if *self.stopping.borrow() {
+            return false;
+        }
         group.contact.note();
         group.raft.trigger().elect().await.is_ok()
+    }
+}
+
+impl Node {
+    /// Graceful shutdown: gives the leadership of every shard this node leads to another
+    /// voter (the one that answers and has the most of the log), all shards at once, so their
+    /// writes pause for about a round trip instead of an election timeout after the node is
+    /// gone. Returns (shards handed off, shards this node still leads); what is not handed
+    /// off by `within` (no voter answers, a transfer too soon after an election that cannot
+    /// wait) is left to an ordinary election.
+    pub async fn hand_off_leadership(self: &Arc<Self>, within: Duration) -> (usize, usize) {
+        let deadline = Instant::now() + within;
+        // Which peers answer at all (one quick call each): a peer that stopped a moment ago
+        // still looks caught up, and a transfer to it would wait out the deadline.
+        let peers: BTreeSet<NodeId> = self
+            .local
+            .shards()
+            .into_iter()
+            .filter_map(|s| self.local.group(s))
+            .flat_map(|g| g.raft.metrics().borrow().membership_config.membership().voter_ids().collect::<Vec<_>>())
+            .filter(|v| *v != self.id)
+            .collect();
+        let probes = peers.into_iter().map(|p| async move {
+            let ttl = Duration::from_millis(500);
+            (p, self.peers.call_raw(p, Kind::Locate, 0, ttl, Vec::new()).await.is_ok())
+        });
+        let answering: BTreeSet<NodeId> =
+            futures::future::join_all(probes).await.into_iter().filter(|(_, ok)| *ok).map(|(p, _)| p).collect();
+        let mut transfers = Vec::new();
+        for shard in self.local.shards() {
+            let Some(group) = self.local.group(shard) else { continue };
+            let m = group.raft.metrics().borrow().clone();
+            if m.current_leader != Some(self.id) {
+                continue;
+            }
+            let matched = |p: NodeId| {
+                m.replication.as_ref().and_then(|r| r.get(&p).copied().flatten()).map(|l| l.index).unwrap_or(0)
+            };
+            // Voters that answer and are close to caught up, those not suspected first, then
+            // those with the most of the log.
+            let last = m.last_log_index.unwrap_or(0);
+            let mut targets: Vec<NodeId> = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| *v != self.id && answering.contains(v) && matched(*v) + 64 >= last)
+                .collect();
+            targets.sort_by_key(|v| (self.peers.suspect(*v), std::cmp::Reverse(matched(*v)), *v));
+            if targets.is_empty() {
+                tracing::info!(
+                    shard,
+                    "shutdown: no other voter answers and is caught up; the shard's leadership is not handed off"
+                );
+                continue;
+            }
+            let node = self.clone();
+            transfers.push(async move {
+                // A target that is gone or declines fails fast; the next one is tried.
+                let mut last = None;
+                for to in targets {
+                    match node.transfer_leader(shard, to, deadline).await {
+                        Ok(()) => return (shard, Ok(to)),
+                        Err(e) => last = Some(format!("node {to}: {e}")),
+                    }
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                (shard, Err(last.unwrap_or_default()))
+            });
+        }
+        let mut handed = 0;
+        for (shard, r) in futures::future::join_all(transfers).await {
+            match r {
+                Ok(to) => {
+                    handed += 1;
+                    tracing::info!(shard, to, "shutdown: leadership handed off");
+                }
+                Err(cause) => {
+                    tracing::warn!(shard, %cause, "shutdown: leadership not handed off (an election will follow)")
+                }
+            }
+        }
+        let still = self
+            .local
+            .shards()
+            .into_iter()
+            .filter(|s| self.local.group(*s).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(self.id)))
+            .count();
+        (handed, still)
     }
 }
 

@@ -14,6 +14,10 @@ use tonic::{Request, Response, Status};
 
 pub struct PeerService {
     node: Arc<Node>,
+    /// Becomes true when the node stops serving peers (the last step of its shutdown):
+    /// long-lived streams (pipes, inbox subscriptions) then end, so the peer server's
+    /// graceful stop does not wait for peers that would keep them open for ever.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The peer listener's interceptor: runs on the request's headers, before the body is read.
@@ -40,8 +44,16 @@ fn key_ok(keys: &crate::auth::Keys, md: &tonic::metadata::MetadataMap) -> Result
 }
 
 impl PeerService {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { node, stop }
+    }
+
+    /// Resolves when the node stops serving peers.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
     }
 
     /// The interceptor already checked the key; checked again here so the service is never
@@ -165,7 +177,9 @@ impl pb::peer_server::Peer for PeerService {
                 std::task::Poll::Ready(Some(Ok(pb::PipeBatch { frames })))
             }
         });
-        Ok(Response::new(Box::pin(out)))
+        // The stream ends when the node stops serving peers; the peer's pipe task then fails
+        // what was outstanding (as for a broken stream) and finds the node gone.
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(out, self.stopped()))))
     }
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<InboxStream>, Status> {
@@ -187,7 +201,7 @@ impl pb::peer_server::Peer for PeerService {
             })),
             Err(e) => Box::pin(futures::stream::once(futures::future::ready(encode(&Err(e))))),
         };
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(stream, self.stopped()))))
     }
     async fn raft(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         self.check(&req)?;
