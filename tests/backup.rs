@@ -101,3 +101,58 @@ async fn a_backup_of_a_serving_cluster_restores_into_a_new_one_identical() {
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// A restore chunk with a record the cluster could not use is refused whole, 400
+/// `invalid_records` naming the record, and nothing of it is written: a malformed inbox key
+/// (which would stop the shard's applies), an undecodable value, another shard's record.
+/// The good chunk is restored afterwards and reads back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_chunk_with_a_bad_record_is_refused_whole() {
+    use raftchat::chat::{ConversationId, InboxEvent, UserId};
+    use raftchat::storage::{keys, snapshot::write_record};
+    let c = common::start(3, |_| {}).await;
+    let (ann, bob) = (UserId::parse("ann").unwrap(), UserId::parse("bob").unwrap());
+    let placement = raftchat::shard::Placement::new(8, vec![1, 2, 3]);
+    let shard = placement.shard_of_user(&bob);
+    let conv = ConversationId::between(&ann, &bob).unwrap();
+    let event = InboxEvent::Messages { conversation: conv, after_seq: 0, to_seq: 1, ts: 5 };
+    let event = serde_json::to_vec(&event).unwrap();
+    let chunk = |records: &[(Vec<u8>, Vec<u8>)]| {
+        let mut out = Vec::new();
+        for (k, v) in records {
+            write_record(&mut out, k, v).unwrap();
+        }
+        out
+    };
+    let good = vec![(keys::user(&bob), vec![]), (keys::inbox(&bob, 1), event.clone())];
+    let ingest = |body: Vec<u8>, to: u32| {
+        let url = format!("{}/v1/admin/shards/{to}/ingest?first=true", c.url(0));
+        let req = c.http.post(url).bearer_auth(c.admin_token()).body(body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // Before the restore bob is unknown.
+    let missing = c.req(1, "GET", "/v1/users/bob", Some(&c.token("ann")), None).await.unwrap();
+    assert_eq!(missing.status, 404, "{:?}", missing.body);
+    let short_key = [&keys::inbox_prefix(&bob)[..], &[0, 0, 0, 1]].concat();
+    let other = (0..8).find(|s| *s != shard).unwrap();
+    for (body, to, why) in [
+        (chunk(&[good[0].clone(), (short_key, event.clone())]), shard, "8-byte number"),
+        (chunk(&[good[0].clone(), (keys::inbox(&bob, 2), b"{\"Messages\":".to_vec())]), shard, "undecodable"),
+        (chunk(&good), other, &format!("belongs on shard {shard}") as &str),
+    ] {
+        let (status, body) = ingest(body, to).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["code"], "invalid_records", "{body}");
+        assert!(body["message"].as_str().unwrap_or_default().contains(why), "{body} (wanted {why})");
+    }
+    // Nothing was written: the shard is still empty, so a first chunk is accepted.
+    let (status, body) = ingest(chunk(&good), shard).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["records"], 2);
+    let ann_token = c.token("ann");
+    let found = c.req(1, "GET", "/v1/users/bob", Some(&ann_token), None).await.unwrap();
+    assert_eq!(found.status, 200, "{:?}", found.body);
+}

@@ -361,6 +361,7 @@ async fn ingest(
                 "records of the state machine's own bookkeeping (keys starting with \\0) are not restored",
             ));
         }
+        check_records(&node, shard, &records)?;
         let count = records.len();
         let op = ShardOp::Write(Command::Ingest { records, first: q.first });
         match node.call(shard, op, node.request_deadline()).await? {
@@ -377,6 +378,35 @@ async fn ingest(
     }
     .await;
     respond(&node, "restore", r)
+}
+
+/// Every record of a restore chunk is one the readers and the state machine can use, and
+/// belongs on `shard` (by the same placement as live writes): refused whole, with the first
+/// bad record named, before anything is written.
+fn check_records(node: &Node, shard: u32, records: &[crate::storage::snapshot::Record]) -> Result<(), ApiError> {
+    use crate::storage::keys::{check_record, RecordOwner};
+    for (i, (k, v)) in records.iter().enumerate() {
+        let name = || String::from_utf8_lossy(&k[..k.len().min(120)]).escape_debug().to_string();
+        let owner = check_record(k, v)
+            .map_err(|e| ApiError::bad_request("invalid_records", format!("record {i} (key \"{}\"): {e}", name())))?;
+        let home = match &owner {
+            RecordOwner::Conversation(c) => node.placement.shard_of_conversation(c),
+            RecordOwner::User(u) => node.placement.shard_of_user(u),
+            RecordOwner::Invite(id) => node.placement.shard_of_invite(id),
+            RecordOwner::NodeTable => continue,
+        };
+        if home != shard {
+            return Err(ApiError::bad_request(
+                "invalid_records",
+                format!(
+                    "record {i} (key \"{}\") belongs on shard {home}, not {shard}: restore each shard's backup file \
+                     into the same shard of a cluster with the same shard count",
+                    name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `GET /v1/admin/nodes` (module docs).
