@@ -18,13 +18,16 @@ type Waiter = oneshot::Sender<io::Result<()>>;
 #[derive(Clone)]
 pub struct Flusher {
     tx: mpsc::UnboundedSender<Waiter>,
+    /// The data folder's format label, for the state machines (they hold the flusher).
+    pub label: std::sync::Arc<super::FormatLabel>,
 }
 
 impl Flusher {
     pub fn start(db: Storage, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let label = db.label.clone();
         tokio::spawn(run(db, rx, metrics));
-        Self { tx }
+        Self { tx, label }
     }
 
     /// Waits for an fsync that covers everything written before this call.

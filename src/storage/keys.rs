@@ -15,6 +15,7 @@
 //! | `N/<node id BE>` | the cluster's node table (directory shard only; a restore skips it) |
 //! | `\0applied`, `\0membership` | openraft's applied log id and membership |
 //! | `\0redo` | the writes of the last applied entry (see [`Writes`]); not in snapshots |
+//! | `\0uncounted` | the shard applied an inbox event without the counter (`storage::FormatLabel`) |
 //!
 //! Ids never contain `\0`, so prefix scans cannot run into a neighbouring id.
 
@@ -27,6 +28,9 @@ use crate::chat::{ConversationId, InboxEvent, IndexEntry, Message, NodeRecord, U
 pub const APPLIED: &[u8] = b"\0applied";
 pub const MEMBERSHIP: &[u8] = b"\0membership";
 pub const REDO: &[u8] = b"\0redo";
+/// Present once the shard applied an inbox event without the counter (it travels in
+/// snapshots, so a replica that installs one knows too; `storage::FormatLabel`).
+pub const UNCOUNTED: &[u8] = b"\0uncounted";
 
 /// The writes of one applied entry, committed without sled's `apply_batch`.
 ///
@@ -331,6 +335,8 @@ pub struct Staged {
     pub entries: Vec<(UserId, ConversationId, IndexEntry)>,
     /// Raw records were written (a restore): any key may have changed.
     pub raw: bool,
+    /// An inbox event was written without the counter.
+    pub uncounted: bool,
 }
 
 /// The state of one shard as the state machine and readers see it.
@@ -399,6 +405,8 @@ impl ShardView {
                     batch.insert(inbox(&u, n), encode(&event));
                     if counter {
                         batch.insert(inbox_last(&u), n.to_be_bytes());
+                    } else {
+                        staged.uncounted = true;
                     }
                     staged.inbox.push((u, n, event));
                 }

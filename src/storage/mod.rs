@@ -29,7 +29,7 @@ pub mod snapshot;
 pub mod wal;
 
 use crate::shard::ShardId;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -71,23 +71,11 @@ pub fn check_format(dir: &Path, uncounted: bool) -> Result<(), StoreError> {
     let path = dir.join(FORMAT_FILE);
     let io = |source| StoreError::Io { path: path.clone(), source };
     let want = if uncounted { FORMAT_VERSION } else { FORMAT_COUNTED };
-    let label = |v: u32| -> Result<(), StoreError> {
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join("FORMAT.tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            writeln!(f, "raftchat-data {v}")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(io)
-    };
+    let label = |v: u32| write_label(dir, v).map_err(io);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let found = text.trim();
-            match found.strip_prefix("raftchat-data ").and_then(|v| v.parse::<u32>().ok()) {
+            match parse_label(found) {
                 Some(v) if (FORMAT_COUNTED..=FORMAT_VERSION).contains(&v) => {
                     if v < want {
                         tracing::info!(from = v, to = want, "data folder labelled with the newer on-disk format (cluster_version 6: older builds refuse it from now on)");
@@ -103,10 +91,72 @@ pub fn check_format(dir: &Path, uncounted: bool) -> Result<(), StoreError> {
     }
 }
 
+fn parse_label(text: &str) -> Option<u32> {
+    text.trim().strip_prefix("raftchat-data ").and_then(|v| v.parse::<u32>().ok())
+}
+
+/// Writes `<dir>/FORMAT` saying `v`, durably (a new file renamed over the old one).
+fn write_label(dir: &Path, v: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("FORMAT.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "raftchat-data {v}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(FORMAT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The data folder's format label while the node runs. A node configured below
+/// `cluster_version` 6 keeps format 1 (it can be rolled back), but a peer at 6 may propose
+/// inbox events without the counter, which this node then applies (or receives in a
+/// snapshot): from then on an older build would misnumber them, so the folder is labelled
+/// 2 at that moment ([`FormatLabel::uncounted_applied`]).
+pub struct FormatLabel {
+    dir: PathBuf,
+    current: std::sync::Mutex<u32>,
+}
+
+impl FormatLabel {
+    fn read(dir: &Path) -> Self {
+        let current = std::fs::read_to_string(dir.join(FORMAT_FILE)).ok().and_then(|t| parse_label(&t)).unwrap_or(0);
+        Self { dir: dir.to_path_buf(), current: std::sync::Mutex::new(current) }
+    }
+
+    /// This node's state now holds inbox events without the counter: label the folder 2 if
+    /// it is not yet (once; later calls cost a lock). A failure is logged, not returned: the
+    /// write that was applied stays applied, and the next call tries again.
+    pub fn uncounted_applied(&self) {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur >= FORMAT_VERSION {
+            return;
+        }
+        match write_label(&self.dir, FORMAT_VERSION) {
+            Ok(()) => {
+                tracing::info!(
+                    from = *cur,
+                    to = FORMAT_VERSION,
+                    "data folder labelled with the newer on-disk format: this node applied inbox events a node at \
+                     cluster_version 6 proposed without the counter (older builds refuse the folder from now on)"
+                );
+                *cur = FORMAT_VERSION;
+            }
+            Err(e) => tracing::error!(cause = %e, "could not label the data folder with on-disk format 2"),
+        }
+    }
+
+    /// The label as this process last wrote or read it.
+    pub fn current(&self) -> u32 {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The node's database.
 #[derive(Clone)]
 pub struct Storage {
     db: sled::Db,
+    /// The folder's format label ([`FormatLabel`]).
+    pub label: std::sync::Arc<FormatLabel>,
     /// sled's one data file, kept open so every sync can `fdatasync` it.
     data_file: std::sync::Arc<std::fs::File>,
 }
@@ -150,7 +200,7 @@ impl Storage {
                 data_file.sync_data().map_err(io)?;
             }
         }
-        Ok(Self { db, data_file: std::sync::Arc::new(data_file) })
+        Ok(Self { db, label: std::sync::Arc::new(FormatLabel::read(dir)), data_file: std::sync::Arc::new(data_file) })
     }
 
     /// Blocking: writes everything sled holds in memory and `fdatasync`s it. When this

@@ -78,6 +78,8 @@ pub struct StateMachine {
     snaps: SnapshotDir,
     /// New inbox events of this shard's users, as they are applied (delivery reads these).
     pub inbox_tx: broadcast::Sender<InboxNotice>,
+    /// The tree holds [`keys::UNCOUNTED`] (the folder is then labelled format 2).
+    uncounted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the state machine tells live inbox readers.
@@ -168,16 +170,30 @@ impl StateMachine {
             closed: Arc::default(),
             snaps,
             inbox_tx,
+            uncounted: Arc::default(),
         };
+        sm.note_uncounted()?;
         if let Some(m) = installing {
             // Crashed midway through an install: its file was complete and fsynced before
             // the tree was touched, so load it again. Made durable by the first sync after.
             let path = sm.snaps.file_of(&m.snapshot_id);
             let records = load_tree(&sm.view.tree, &path, &m)?;
+            sm.note_uncounted()?;
             sm.finish_install(&m)?;
             tracing::info!(snapshot = %m.snapshot_id, records, "completed a snapshot install a restart cut short");
         }
         Ok(sm)
+    }
+
+    /// Labels the data folder format 2 if the tree holds inbox events without the counter
+    /// (at open, and after a snapshot install; `storage::FormatLabel`).
+    fn note_uncounted(&self) -> Result<(), StoreError> {
+        let held = self.view.tree.contains_key(keys::UNCOUNTED)?;
+        self.uncounted.store(held, std::sync::atomic::Ordering::Relaxed);
+        if held {
+            self.flusher.label.uncounted_applied();
+        }
+        Ok(())
     }
 
     /// Names `meta` the current snapshot and clears the install mark, in one batch.
@@ -229,6 +245,11 @@ impl StateMachine {
                 Reply::Done
             }
         };
+        // The first event without the counter marks the tree, in the same entry's writes.
+        let first_uncounted = staged.uncounted && !self.uncounted.load(std::sync::atomic::Ordering::Relaxed);
+        if first_uncounted {
+            batch.insert(keys::UNCOUNTED, []);
+        }
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
         let committed = batch.commit(&self.view.tree);
         self.touched.record(batch.0.iter().map(|(k, _)| k.as_slice()), committed.is_err());
@@ -236,6 +257,10 @@ impl StateMachine {
             points.clear();
         }
         committed?;
+        if first_uncounted {
+            self.uncounted.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.flusher.label.uncounted_applied();
+        }
         points.written(&staged);
         drop(points);
         let now = now_ms();
@@ -530,6 +555,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(sm_err)?;
             self.cache.clear();
             let _ = self.inbox_tx.send(InboxNotice::Resync);
+            self.note_uncounted().map_err(sm_err)?;
             records
         };
         self.finish_install(meta).map_err(sm_err)?;

@@ -339,3 +339,53 @@ async fn a_list_read_under_the_read_lock_sees_whole_entries() {
     let reads = reads.await.unwrap();
     assert!(reads > 100, "the reader ran alongside the applies ({reads} reads)");
 }
+
+/// A node configured below `cluster_version` 6 keeps format 1 until it applies an inbox
+/// event a node at 6 proposed without the counter, or installs a snapshot holding one: the
+/// folder is then labelled 2 (older builds would misnumber such events), and stays so
+/// across a restart. Events with the counter leave it at 1.
+#[tokio::test]
+async fn applying_or_installing_uncounted_events_labels_the_folder() {
+    let label = |d: &Path| std::fs::read_to_string(d.join("FORMAT")).unwrap().trim().to_string();
+    let counted = |i: u64| {
+        let mut e = index_update(i * 2);
+        if let EntryPayload::Normal(crate::chat::Command::IndexUpdate { uncounted, .. }) = &mut e.payload {
+            assert!(!*uncounted);
+        }
+        e
+    };
+    let dir = tempfile::tempdir().unwrap();
+    crate::storage::check_format(dir.path(), false).unwrap();
+    let built = {
+        let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+        let mut sm = StateMachine::open(tree.clone(), meta_t, flusher, cache, dir.path().join("snapshots/s0")).unwrap();
+        sm.apply((0..3).map(counted)).await.unwrap();
+        assert_eq!(label(dir.path()), "raftchat-data 1", "events with the counter");
+        assert!(tree.get(keys::UNCOUNTED).unwrap().is_none());
+        sm.apply([index_update(7)]).await.unwrap(); // odd: without the counter
+        assert_eq!(label(dir.path()), "raftchat-data 2");
+        assert!(tree.get(keys::UNCOUNTED).unwrap().is_some());
+        sm.build_snapshot().await.unwrap()
+    };
+    // A tree that holds the mark at open (a crash came between the apply and the label).
+    let crashed = tempfile::tempdir().unwrap();
+    crate::storage::check_format(crashed.path(), false).unwrap();
+    {
+        let (_s, meta_t, tree, flusher, cache) = opened(crashed.path());
+        tree.insert(keys::UNCOUNTED, b"").unwrap();
+        assert_eq!(label(crashed.path()), "raftchat-data 1");
+        StateMachine::open(tree, meta_t, flusher, cache, crashed.path().join("snapshots/s0")).unwrap();
+        assert_eq!(label(crashed.path()), "raftchat-data 2");
+    }
+    // Another replica, format 1, installs that snapshot.
+    let other = tempfile::tempdir().unwrap();
+    crate::storage::check_format(other.path(), false).unwrap();
+    let (_s, meta_t, tree, flusher, cache) = opened(other.path());
+    let mut sm = StateMachine::open(tree, meta_t, flusher, cache, other.path().join("snapshots/s0")).unwrap();
+    assert_eq!(label(other.path()), "raftchat-data 1");
+    let data = std::fs::read(&built.snapshot.path).unwrap();
+    let mut recv = sm.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *recv, &data).await.unwrap();
+    sm.install_snapshot(&built.meta, recv).await.unwrap();
+    assert_eq!(label(other.path()), "raftchat-data 2");
+}
