@@ -307,8 +307,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     // The shards this node leads get a new leader now, not an election timeout after the
     // node is gone (a rolling restart pauses each shard's writes for a round trip).
     if !removed {
-        let (handed, still) = node.hand_off_leadership(Duration::from_secs(5)).await;
-        tracing::info!(handed, still_leading = still, "shutdown: leaderships handed off");
+        let handoff = node.hand_off_leadership(Duration::from_secs(5));
+        match tokio::time::timeout(Duration::from_secs(7), handoff).await {
+            Ok((handed, still)) => tracing::info!(handed, still_leading = still, "shutdown: leaderships handed off"),
+            Err(_) => tracing::warn!("shutdown: handing leaderships off took over 7s; stopping anyway"),
+        }
     }
     // Peers' pipes and subscriptions end with this; their calls go to the new leaders.
     let _ = stop_peers_tx.send(true);

@@ -180,8 +180,18 @@ async fn a_node_stopped_gracefully_hands_its_leaderships_off_first() {
     .await;
     let st = c.stop(2, Duration::from_secs(30)).unwrap();
     assert!(st.success(), "node 3 exit status {st}");
-    // No waiting: the new leader of each shard knows it leads it as soon as node 3 is gone.
-    let (m1, m2) = (leader_map(&c, 0).await, leader_map(&c, 1).await);
+    // The new leader of each shard leads it as node 3 exits. Without a hand-off the
+    // survivors would still follow node 3 until an election timeout (election_timeout_min,
+    // 1 s, after its last heartbeat); a glance of 400 ms tells the two apart.
+    let glance = std::time::Instant::now() + Duration::from_millis(400);
+    let (m1, m2) = loop {
+        let (m1, m2) = (leader_map(&c, 0).await, leader_map(&c, 1).await);
+        let all = led.iter().all(|s| m1.get(s) == Some(&Some(1)) || m2.get(s) == Some(&Some(2)));
+        if all || std::time::Instant::now() > glance {
+            break (m1, m2);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     for s in &led {
         let claimed = m1.get(s) == Some(&Some(1)) || m2.get(s) == Some(&Some(2));
         assert!(

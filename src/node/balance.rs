@@ -114,7 +114,12 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let ttl = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
-        match self.peers.call_raw(to, Kind::Elect, shard, ttl, Vec::new()).await {
+        let elect = self.peers.call_raw(to, Kind::Elect, shard, ttl, Vec::new());
+        let Ok(answer) = tokio::time::timeout_at(Instant::now() + ttl, elect).await else {
+            self.metrics.leader_transfers.with_label_values(&["failed"]).inc();
+            return Err(ShardError::Timeout { shard });
+        };
+        match answer {
             // The target answers whether it started an election (a node that is shutting
             // down does not); waiting for it to lead would then only run into the deadline.
             Ok(answer) if serde_json::from_slice::<bool>(&answer).ok() == Some(false) => {
@@ -140,6 +145,14 @@ impl Node {
         } else {
             Err(ShardError::Timeout { shard })
         }
+    }
+
+    /// Whether `peer` answers a cheap call within half a second (the pipe leaves bounding
+    /// the wait to its callers: a partitioned peer would otherwise hold it for seconds).
+    async fn answers(&self, peer: NodeId) -> bool {
+        let ttl = Duration::from_millis(500);
+        let call = self.peers.call_raw(peer, Kind::Locate, 0, ttl, Vec::new());
+        matches!(tokio::time::timeout(ttl, call).await, Ok(Ok(_)))
     }
 
     /// The node that should lead `shard` when all is well: its first replica at the
@@ -185,10 +198,7 @@ impl Node {
             .flat_map(|g| g.raft.metrics().borrow().membership_config.membership().voter_ids().collect::<Vec<_>>())
             .filter(|v| *v != self.id)
             .collect();
-        let probes = peers.into_iter().map(|p| async move {
-            let ttl = Duration::from_millis(500);
-            (p, self.peers.call_raw(p, Kind::Locate, 0, ttl, Vec::new()).await.is_ok())
-        });
+        let probes = peers.into_iter().map(|p| async move { (p, self.answers(p).await) });
         let answering: BTreeSet<NodeId> =
             futures::future::join_all(probes).await.into_iter().filter(|(_, ok)| *ok).map(|(p, _)| p).collect();
         let mut transfers = Vec::new();
@@ -281,6 +291,11 @@ pub fn spawn(node: Arc<Node>, every: Duration, mut stop: watch::Receiver<bool>) 
                 // Only a leader that has been one for a while, to a preferred node that answers.
                 let settled = m.millis_since_quorum_ack.is_some_and(|ms| ms < 1_000);
                 if m.current_leader != Some(node.id) || !settled || node.peers.suspect(p) {
+                    continue;
+                }
+                // A node that stopped a moment ago (it just handed this shard over) is not
+                // suspected yet; a transfer to it would hold the shard's writes for nothing.
+                if !node.answers(p).await {
                     continue;
                 }
                 let deadline = Instant::now() + Duration::from_secs(3);

@@ -245,9 +245,12 @@ impl StateMachine {
                 Reply::Done
             }
         };
-        // The first event without the counter marks the tree, in the same entry's writes.
+        // The first event without the counter marks the tree, in the same entry's writes;
+        // the folder is labelled first (an early label is harmless, a late one is not: a
+        // crash in between would leave such events in a folder an older build accepts).
         let first_uncounted = staged.uncounted && !self.uncounted.load(std::sync::atomic::Ordering::Relaxed);
         if first_uncounted {
+            self.flusher.label.uncounted_applied();
             batch.insert(keys::UNCOUNTED, []);
         }
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
@@ -259,7 +262,6 @@ impl StateMachine {
         committed?;
         if first_uncounted {
             self.uncounted.store(true, std::sync::atomic::Ordering::Relaxed);
-            self.flusher.label.uncounted_applied();
         }
         points.written(&staged);
         drop(points);
@@ -525,17 +527,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(file);
         let snaps = self.snaps.clone();
         let id = meta.snapshot_id.clone();
+        let label = self.flusher.label.clone();
         // Read it through once before anything is replaced: a truncated or corrupt file
         // fails here, leaving the shard's state as it was.
         let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, StoreError> {
             let io = |source| StoreError::Io { path: part.clone(), source };
+            let mut uncounted = false;
             let checked = std::fs::File::open(&part).map_err(io).and_then(|f| {
                 snapshot::RecordReader::new(std::io::BufReader::with_capacity(1 << 20, f))
-                    .try_for_each(|r| r.map(|_| ()))
+                    .try_for_each(|r| r.map(|(k, _)| uncounted |= k == keys::UNCOUNTED))
             });
             if let Err(e) = checked {
                 let _ = std::fs::remove_file(&part);
                 return Err(e);
+            }
+            // Labelled before the tree holds such events (`storage::FormatLabel`).
+            if uncounted {
+                label.uncounted_applied();
             }
             snaps.publish(&part, &id).map_err(io)
         })

@@ -287,7 +287,11 @@ fn an_idle_writer_does_not_wake() {
     });
     let wakeups = || lock(&wal.queue.0.pending).wakeups;
     // The mark's round, then one look a LAZY_DELAY later, then sleep.
-    std::thread::sleep(LAZY_DELAY * 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lock(&wal.queue.0.pending).idle {
+        assert!(std::time::Instant::now() < deadline, "the writer never went idle");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let before = wakeups();
     std::thread::sleep(LAZY_DELAY * 10);
     let idle = wakeups() - before;
