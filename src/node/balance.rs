@@ -202,6 +202,7 @@ impl Node {
         let answering: BTreeSet<NodeId> =
             futures::future::join_all(probes).await.into_iter().filter(|(_, ok)| *ok).map(|(p, _)| p).collect();
         let mut transfers = Vec::new();
+        let mut unreachable = Vec::new();
         for shard in self.local.shards() {
             let Some(group) = self.local.group(shard) else { continue };
             let m = group.raft.metrics().borrow().clone();
@@ -222,10 +223,10 @@ impl Node {
                 .collect();
             targets.sort_by_key(|v| (self.peers.suspect(*v), std::cmp::Reverse(matched(*v)), *v));
             if targets.is_empty() {
-                tracing::info!(
-                    shard,
-                    "shutdown: no other voter answers and is caught up; the shard's leadership is not handed off"
-                );
+                // A shard with no other voter (a single-node cluster) has nobody to hand to.
+                if m.membership_config.membership().voter_ids().any(|v| v != self.id) {
+                    unreachable.push(shard);
+                }
                 continue;
             }
             let node = self.clone();
@@ -243,6 +244,12 @@ impl Node {
                 }
                 (shard, Err(last.unwrap_or_default()))
             });
+        }
+        if !unreachable.is_empty() {
+            tracing::info!(
+                shards = ?unreachable,
+                "shutdown: no other voter answers and is caught up; these shards' leadership is not handed off"
+            );
         }
         let mut handed = 0;
         for (shard, r) in futures::future::join_all(transfers).await {
