@@ -73,9 +73,7 @@ impl Node {
         let lag = |group: &crate::raft::group::Group| {
             let m = group.raft.metrics().borrow().clone();
             let last = m.last_log_index.unwrap_or(0);
-            let matched =
-                m.replication.as_ref().and_then(|r| r.get(&to).copied().flatten()).map(|l| l.index).unwrap_or(0);
-            (matched, last)
+            (matched_index(&m, to), last)
         };
         // First close to caught up while writes go on (a far-behind target may take long)...
         loop {
@@ -209,9 +207,7 @@ impl Node {
             if m.current_leader != Some(self.id) {
                 continue;
             }
-            let matched = |p: NodeId| {
-                m.replication.as_ref().and_then(|r| r.get(&p).copied().flatten()).map(|l| l.index).unwrap_or(0)
-            };
+            let matched = |p: NodeId| matched_index(&m, p);
             // Voters that answer and are close to caught up, those not suspected first, then
             // those with the most of the log.
             let last = m.last_log_index.unwrap_or(0);
@@ -271,6 +267,11 @@ impl Node {
             .count();
         (handed, still)
     }
+}
+
+/// The last log index the leader knows `peer` holds (0 when it knows none).
+fn matched_index(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>, peer: NodeId) -> u64 {
+    m.replication.as_ref().and_then(|r| r.get(&peer).copied().flatten()).map(|l| l.index).unwrap_or(0)
 }
 
 /// The first voter set in which a transfer from `leader` to `to` would not have a majority
