@@ -197,8 +197,10 @@ pub struct Config {
 /// node that gives a shard away records it in its write-ahead log in a way older builds
 /// cannot read); 4: the replicated node table; 5: the placement lock (a peer op older builds
 /// cannot parse); 6: inbox events no longer keep the inbox counter that older builds read
-/// (`chat::command::UNCOUNTED_VERSION`).
-pub const CLUSTER_VERSION: u32 = 6;
+/// (`chat::command::UNCOUNTED_VERSION`); 7: a message within a minute of the timestamp in
+/// its recency-order key leaves the key in place, which older builds would misread
+/// (`chat::command::LAZY_ORDER_VERSION`).
+pub const CLUSTER_VERSION: u32 = 7;
 
 /// Whether a node with a fresh data folder starts a new cluster or joins a running one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +306,12 @@ impl Config {
     /// `chat::command::UNCOUNTED_VERSION`).
     pub fn uncounted_inbox(&self) -> bool {
         self.cluster_version >= crate::chat::command::UNCOUNTED_VERSION
+    }
+
+    /// Index updates are proposed `lazy_order` (`cluster_version` 7,
+    /// `chat::command::LAZY_ORDER_VERSION`).
+    pub fn lazy_order(&self) -> bool {
+        self.cluster_version >= crate::chat::command::LAZY_ORDER_VERSION
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {

@@ -62,7 +62,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         (Some(c), Some(k), Some(ca)) => Some(crate::tls::Tls::load(c, k, ca, cfg.tls_revoked_file.as_deref())?),
         _ => None,
     };
-    crate::storage::check_format(&cfg.data_dir, cfg.uncounted_inbox())?;
+    crate::storage::check_format(&cfg.data_dir, crate::storage::format_for(cfg.cluster_version))?;
     let storage = Storage::open(&cfg.data_dir, cfg.shards, cfg.sled_cache_bytes)?;
     let metrics = Metrics::new();
     let flusher = Flusher::start(storage.clone(), metrics.clone());

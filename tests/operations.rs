@@ -294,10 +294,17 @@ async fn a_data_folder_of_an_unknown_format_is_refused_with_a_clear_message() {
     run(a).await;
     let format = data.join("FORMAT");
     assert_eq!(std::fs::read_to_string(&format).unwrap().trim(), "raftchat-data 1");
-    // ...and is labelled 2 once the node runs with cluster_version 6 (the default): its inbox
-    // events no longer keep the counter older builds number them from.
-    run(args(&data)).await;
+    // ...and is labelled 2 once the node runs with cluster_version 6: its inbox events no
+    // longer keep the counter older builds number them from...
+    let config6 = dir.path().join("v6.toml");
+    std::fs::write(&config6, "cluster_version = 6\n").unwrap();
+    let mut a = args(&data);
+    a.extend(["--config".to_string(), config6.display().to_string()]);
+    run(a).await;
     assert_eq!(std::fs::read_to_string(&format).unwrap().trim(), "raftchat-data 2");
+    // ...and 3 with cluster_version 7 (the default): its recency keys may lag their entries.
+    run(args(&data)).await;
+    assert_eq!(std::fs::read_to_string(&format).unwrap().trim(), "raftchat-data 3");
     // ...and one of a format this build does not know is refused, untouched.
     std::fs::write(&format, "raftchat-data 99\n").unwrap();
     let out = Command::new(BIN).args(args(&data)).output().unwrap();

@@ -15,6 +15,13 @@ use serde::{Deserialize, Serialize};
 /// one (a rolling upgrade at `cluster_version` 5), every event keeps it up to date.
 pub const UNCOUNTED_VERSION: u32 = 6;
 
+/// The `cluster_version` from which index updates are proposed `lazy_order`: a message
+/// within [`crate::chat::types::ORDER_WINDOW_MS`] of the timestamp in its entry's recency
+/// key leaves the key in place (two sled writes fewer per user per message on every
+/// replica). Builds before it expect the key at the entry's `last_ts`, so the flag waits
+/// until every node runs a build that knows it.
+pub const LAZY_ORDER_VERSION: u32 = 7;
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -50,6 +57,9 @@ pub enum Command {
         /// [`UNCOUNTED_VERSION`]).
         #[serde(default, skip_serializing_if = "is_false")]
         uncounted: bool,
+        /// The entry's recency key may stay where it is (see [`LAZY_ORDER_VERSION`]).
+        #[serde(default, skip_serializing_if = "is_false")]
+        lazy_order: bool,
     },
     /// Move `user`'s read marker in `conversation` forward to `seq` (on the user's shard).
     MarkRead { user: UserId, conversation: ConversationId, seq: u64 },

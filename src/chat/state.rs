@@ -7,7 +7,7 @@
 use super::command::{AccountOutcome, Command, Reply, SweepKind};
 use super::types::{
     preview as make_preview, Account, ConvMeta, ConversationId, InboxEvent, IndexEntry, Message, NodeRecord, Pending,
-    ReceiptKind, Session, UserId, MAX_SESSIONS,
+    ReceiptKind, Session, UserId, MAX_SESSIONS, ORDER_WINDOW_MS,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -79,12 +79,13 @@ pub enum Change {
         ts: u64,
         attempt: u64,
     },
-    /// `previous_ts` is the entry's last_ts before this change (its recency key moves).
+    /// `previous_order` is the timestamp of the entry's recency key before this change
+    /// ([`IndexEntry::recency_key_ts`]): the key moves when the new entry's differs.
     PutIndex {
         user: UserId,
         conversation: ConversationId,
         entry: IndexEntry,
-        previous_ts: Option<u64>,
+        previous_order: Option<u64>,
     },
     PutPending(Pending),
     DeletePending {
@@ -187,7 +188,7 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             ];
             Ok((changes, Reply::Appended { seq, ts, duplicate: false }))
         }
-        Command::IndexUpdate { user, conversation, from, seq, ts, preview, uncounted } => {
+        Command::IndexUpdate { user, conversation, from, seq, ts, preview, uncounted, lazy_order } => {
             let Some(peer) = conversation.peer_of(user) else {
                 // Never proposed by the coordinator; ignore rather than corrupt the index.
                 return Ok((vec![], Reply::Indexed));
@@ -209,10 +210,14 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                     event,
                     counter: !*uncounted,
                 });
+                // The recency key stays put while the new last_ts is within the window of
+                // it (`lazy_order`), else it moves to the new last_ts.
+                let key_ts = entry.recency_key_ts().filter(|k| *lazy_order && *ts >= *k && *ts - *k < ORDER_WINDOW_MS);
                 entry.last_seq = *seq;
                 entry.last_ts = *ts;
                 entry.last_from = Some(from.clone());
                 entry.preview = preview.clone();
+                entry.order_ts = key_ts.filter(|k| k != ts);
             }
             if from == user {
                 entry.read_seq = entry.read_seq.max(*seq);
@@ -220,12 +225,12 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             if old.as_ref() == Some(&entry) {
                 return Ok((vec![], Reply::Indexed));
             }
-            let previous_ts = old.filter(|o| o.last_seq > 0).map(|o| o.last_ts);
+            let previous_order = old.and_then(|o| o.recency_key_ts());
             changes.push(Change::PutIndex {
                 user: user.clone(),
                 conversation: conversation.clone(),
                 entry,
-                previous_ts,
+                previous_order,
             });
             Ok((changes, Reply::Indexed))
         }
@@ -242,9 +247,14 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
             if old.as_ref() == Some(&entry) {
                 return Ok((vec![], reply));
             }
-            let previous_ts = old.filter(|o| o.last_seq > 0).map(|o| o.last_ts);
+            let previous_order = old.and_then(|o| o.recency_key_ts());
             Ok((
-                vec![Change::PutIndex { user: user.clone(), conversation: conversation.clone(), entry, previous_ts }],
+                vec![Change::PutIndex {
+                    user: user.clone(),
+                    conversation: conversation.clone(),
+                    entry,
+                    previous_order,
+                }],
                 reply,
             ))
         }
@@ -281,10 +291,15 @@ fn apply_single<S: Store>(cmd: &Command, store: &S) -> Result<(Vec<Change>, Repl
                 seq,
                 ts: *ts,
             };
-            let previous_ts = (entry.last_seq > 0).then_some(entry.last_ts);
+            let previous_order = entry.recency_key_ts();
             let changes = vec![
                 Change::PutInbox { user: user.clone(), n: store.inbox_last(user)? + 1, event, counter: !*uncounted },
-                Change::PutIndex { user: user.clone(), conversation: conversation.clone(), entry: next, previous_ts },
+                Change::PutIndex {
+                    user: user.clone(),
+                    conversation: conversation.clone(),
+                    entry: next,
+                    previous_order,
+                },
             ];
             Ok((changes, Reply::Done))
         }

@@ -193,7 +193,19 @@ pub struct IndexEntry {
     pub peer_delivered_seq: u64,
     #[serde(default)]
     pub peer_read_seq: u64,
+    /// The timestamp in the entry's recency key (`o/`), when it is not `last_ts`: a
+    /// message within [`ORDER_WINDOW_MS`] of that key leaves it where it is (see
+    /// [`IndexEntry::recency_ts`]). Absent in entries written before `cluster_version` 7.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_ts: Option<u64>,
 }
+
+/// How far an entry's `last_ts` may run ahead of the timestamp in its recency key
+/// (`cluster_version` 7, [`crate::chat::command::LAZY_ORDER_VERSION`]). Moving the key costs
+/// two writes per user per message (remove the old key, insert the new one) on every
+/// replica; within this window a message leaves it in place, and a listing of recent
+/// conversations reads this much further to put the entries in `last_ts` order.
+pub const ORDER_WINDOW_MS: u64 = 60_000;
 
 impl IndexEntry {
     pub fn new(peer: UserId) -> Self {
@@ -206,7 +218,19 @@ impl IndexEntry {
             read_seq: 0,
             peer_delivered_seq: 0,
             peer_read_seq: 0,
+            order_ts: None,
         }
+    }
+
+    /// The timestamp of this entry's recency key: `last_ts`, or up to [`ORDER_WINDOW_MS`]
+    /// before it. Meaningful once `last_seq > 0` (before that there is no key).
+    pub fn recency_ts(&self) -> u64 {
+        self.order_ts.unwrap_or(self.last_ts)
+    }
+
+    /// The timestamp of the recency key this entry has, if any.
+    pub fn recency_key_ts(&self) -> Option<u64> {
+        (self.last_seq > 0).then(|| self.recency_ts())
     }
     pub fn unread(&self) -> u64 {
         self.last_seq.saturating_sub(self.read_seq)

@@ -106,7 +106,7 @@ impl Node {
         preview: &str,
         deadline: Instant,
     ) -> Result<(), ShardError> {
-        let uncounted = self.cfg.uncounted_inbox();
+        let (uncounted, lazy_order) = (self.cfg.uncounted_inbox(), self.cfg.lazy_order());
         let update = |user: &UserId| {
             let cmd = Command::IndexUpdate {
                 user: user.clone(),
@@ -116,6 +116,7 @@ impl Node {
                 ts,
                 preview: preview.to_string(),
                 uncounted,
+                lazy_order,
             };
             self.call(self.placement.shard_of_user(user), ShardOp::Write(cmd), deadline)
         };

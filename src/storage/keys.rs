@@ -8,7 +8,7 @@
 //! | `d/<conv>\0<from>\0<client_msg_id>` | `(seq, ts)` of the first send with that key |
 //! | `x/<conv>\0<seq BE>` | outbox: index updates not yet confirmed |
 //! | `i/<user>\0<conv>` | recent-conversations entry |
-//! | `o/<user>\0<!last_ts BE><conv>` | recency order of a user's entries (newest first) |
+//! | `o/<user>\0<!ts BE><conv>` | recency order of a user's entries (newest first); `ts` is the entry's `last_ts` or, from cluster version 7, up to `ORDER_WINDOW_MS` before it (the entry's `order_ts`; see [`ShardView::recent`]) |
 //! | `u/<user>` | the user exists |
 //! | `e/<user>\0<n BE>` | inbox event number n of the user (the delivery stream) |
 //! | `n/<user>` | number of the user's last inbox event, kept only by events proposed below cluster version 6 (older builds read it; this one reads the last `e/` key) |
@@ -16,12 +16,13 @@
 //! | `\0applied`, `\0membership` | openraft's applied log id and membership |
 //! | `\0redo` | the writes of the last applied entry (see [`Writes`]); not in snapshots |
 //! | `\0uncounted` | the shard applied an inbox event without the counter (`storage::FormatLabel`) |
+//! | `\0lazyorder` | the shard wrote a recency key behind its entry's `last_ts` (format 3, `storage::FormatLabel`) |
 //!
 //! Ids never contain `\0`, so prefix scans cannot run into a neighbouring id.
 
 use super::{decode, encode, StoreError};
 use crate::chat::state::{Change, Store, SweepItem, SweepRecord};
-use crate::chat::types::{Account, ConvMeta, Pending};
+use crate::chat::types::{Account, ConvMeta, Pending, ORDER_WINDOW_MS};
 use crate::chat::SweepKind;
 use crate::chat::{ConversationId, InboxEvent, IndexEntry, Message, NodeRecord, UserId};
 
@@ -34,6 +35,18 @@ pub const REDO: &[u8] = b"\0redo";
 /// Present once the shard applied an inbox event without the counter (it travels in
 /// snapshots, so a replica that installs one knows too; `storage::FormatLabel`).
 pub const UNCOUNTED: &[u8] = b"\0uncounted";
+/// Present once the shard wrote a recency key that is not at its entry's `last_ts`
+/// (`chat::command::LAZY_ORDER_VERSION`); like [`UNCOUNTED`] it travels in snapshots.
+pub const LAZY_ORDER: &[u8] = b"\0lazyorder";
+
+/// The on-disk format (`storage::FORMAT_VERSION`) a tree holding `mark` needs.
+pub fn format_of_mark(mark: &[u8]) -> Option<u32> {
+    match mark {
+        UNCOUNTED => Some(2),
+        LAZY_ORDER => Some(3),
+        _ => None,
+    }
+}
 
 /// The writes of one applied entry, committed without sled's `apply_batch`.
 ///
@@ -184,7 +197,11 @@ pub fn order_prefix(u: &UserId) -> Vec<u8> {
     k(&[b"o/", u.as_str().as_bytes(), b"\0"])
 }
 pub fn order(u: &UserId, ts: u64, c: &ConversationId) -> Vec<u8> {
-    k(&[&order_prefix(u), &(!ts).to_be_bytes(), c.to_string().as_bytes()])
+    k(&[&order_prefix_at(u, ts), c.to_string().as_bytes()])
+}
+/// The first order key of `u` at `ts` (the newest first: later ones are older).
+pub fn order_prefix_at(u: &UserId, ts: u64) -> Vec<u8> {
+    k(&[&order_prefix(u), &(!ts).to_be_bytes()])
 }
 pub fn user(u: &UserId) -> Vec<u8> {
     k(&[b"u/", u.as_str().as_bytes()])
@@ -232,6 +249,22 @@ pub struct Staged {
     pub raw: bool,
     /// An inbox event was written without the counter.
     pub uncounted: bool,
+    /// A recency key was written behind its entry's `last_ts`.
+    pub lazy_order: bool,
+}
+
+impl Staged {
+    /// The on-disk format these writes need (`storage::FORMAT_VERSION`; 1: any) and the
+    /// tree's mark for it.
+    pub fn format(&self) -> (u32, Option<&'static [u8]>) {
+        if self.lazy_order {
+            (3, Some(LAZY_ORDER))
+        } else if self.uncounted {
+            (2, Some(UNCOUNTED))
+        } else {
+            (1, None)
+        }
+    }
 }
 
 /// The state of one shard as the state machine and readers see it.
@@ -264,13 +297,18 @@ impl ShardView {
                 Change::PutDedup { conversation, from, client_msg_id, seq, ts, attempt } => {
                     batch.insert(dedup(&conversation, &from, &client_msg_id), encode(&(seq, ts, attempt)))
                 }
-                Change::PutIndex { user, conversation, entry, previous_ts } => {
-                    if let Some(old) = previous_ts {
-                        batch.remove(order(&user, old, &conversation));
+                Change::PutIndex { user, conversation, entry, previous_order } => {
+                    // The recency key is written only when it moves.
+                    let order_ts = entry.recency_key_ts();
+                    if previous_order != order_ts {
+                        if let Some(old) = previous_order {
+                            batch.remove(order(&user, old, &conversation));
+                        }
+                        if let Some(ts) = order_ts {
+                            batch.insert(order(&user, ts, &conversation), []);
+                        }
                     }
-                    if entry.last_seq > 0 {
-                        batch.insert(order(&user, entry.last_ts, &conversation), []);
-                    }
+                    staged.lazy_order |= entry.order_ts.is_some();
                     batch.insert(index(&user, &conversation), encode(&entry));
                     staged.entries.push((user, conversation, entry));
                 }
@@ -292,6 +330,11 @@ impl ShardView {
                 // A backup of another cluster must not bring its node table along.
                 Change::PutRaw { key, .. } if key.starts_with(NODE_PREFIX) => {}
                 Change::PutRaw { key, value } => {
+                    // A restored entry whose recency key is behind its last_ts (a backup
+                    // of a cluster at version 7) needs format 3 like a live one.
+                    if key.starts_with(b"i/") {
+                        staged.lazy_order |= decode::<IndexEntry>(&key, &value).is_ok_and(|e| e.order_ts.is_some());
+                    }
                     batch.insert(key, value);
                     staged.raw = true;
                 }
@@ -349,8 +392,15 @@ impl ShardView {
         Ok(out)
     }
 
-    /// A user's entries, newest first, starting after `after` (an order key), at most `limit`.
-    /// Returns the entries and the order key of the last one.
+    /// A user's entries, newest first (by `last_ts`, then conversation id), starting after
+    /// `after` (the order key `order(u, last_ts, conv)` of the last entry of the previous
+    /// page), at most `limit`. Returns each entry with that key of it.
+    ///
+    /// A recency key's timestamp `k` is at most [`ORDER_WINDOW_MS`] behind its entry's
+    /// `last_ts` (`k <= last_ts < k + window`; before cluster version 7 always `k ==
+    /// last_ts`). So the keys are read newest first and their entries held back until no key
+    /// still to come can hold a newer one: once a key at `k` is read, every later key's entry
+    /// has `last_ts < k + window`. A page reads the keys of one window past its last entry.
     pub fn recent(
         &self,
         u: &UserId,
@@ -358,29 +408,62 @@ impl ShardView {
         limit: usize,
     ) -> Result<Vec<(ConversationId, IndexEntry, Vec<u8>)>, StoreError> {
         let prefix = order_prefix(u);
-        let iter = match after {
-            Some(a) => self.tree.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
-            None => self.tree.range(prefix.clone()..),
+        let ts_of = |key: &[u8]| -> Option<u64> {
+            let b = key.get(prefix.len()..prefix.len() + 8)?;
+            Some(!u64::from_be_bytes(b.try_into().ok()?))
+        };
+        // Entries at or before the cursor's last_ts have keys at or before it too.
+        let start = match after.as_deref().and_then(ts_of) {
+            Some(ts) => order_prefix_at(u, ts),
+            None => prefix.clone(),
         };
         let mut out = Vec::new();
-        for kv in iter {
+        // Entries read but not yet known to be next, by their order key.
+        let mut held = Held::new();
+        type Held = std::collections::BTreeMap<Vec<u8>, (ConversationId, IndexEntry)>;
+        // Moves the held entries that are next to `out`: all of them at the end (`below`
+        // None), else those no key at or below `below` can precede.
+        fn emit(
+            held: &mut Held,
+            below: Option<u64>,
+            out: &mut Vec<(ConversationId, IndexEntry, Vec<u8>)>,
+            limit: usize,
+        ) {
+            while out.len() < limit {
+                match held.first_key_value() {
+                    Some((_, (_, e))) if below.is_none_or(|k| e.last_ts >= k.saturating_add(ORDER_WINDOW_MS)) => {
+                        let Some((key, (c, e))) = held.pop_first() else { break };
+                        out.push((c, e, key));
+                    }
+                    _ => break,
+                }
+            }
+        }
+        for kv in self.tree.range(start..) {
             let (key, _) = kv?;
             if !key.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
             // A key shorter than prefix + timestamp is corrupt, not a reason to panic.
+            let corrupt =
+                |reason: &str| StoreError::Corrupt { key: String::from_utf8_lossy(&key).into(), reason: reason.into() };
+            let key_ts = ts_of(&key).ok_or_else(|| corrupt("short recency key"))?;
             let conv_bytes = key.get(prefix.len() + 8..).unwrap_or_default();
-            let conv =
-                std::str::from_utf8(conv_bytes).ok().and_then(|s| ConversationId::parse(s).ok()).ok_or_else(|| {
-                    StoreError::Corrupt {
-                        key: String::from_utf8_lossy(&key).into(),
-                        reason: "bad conversation id".into(),
-                    }
-                })?;
-            if let Some(e) = self.index_entry(u, &conv)? {
-                out.push((conv, e, key.to_vec()));
+            let conv = std::str::from_utf8(conv_bytes)
+                .ok()
+                .and_then(|s| ConversationId::parse(s).ok())
+                .ok_or_else(|| corrupt("bad conversation id"))?;
+            emit(&mut held, Some(key_ts), &mut out, limit);
+            // A key the entry no longer names (it moved meanwhile) is skipped: the entry
+            // is listed at its own key.
+            if let Some(e) = self.index_entry(u, &conv)?.filter(|e| e.recency_key_ts() == Some(key_ts)) {
+                let at = order(u, e.last_ts, &conv);
+                if after.as_ref().is_none_or(|a| at > *a) {
+                    held.insert(at, (conv, e));
+                }
             }
         }
+        emit(&mut held, None, &mut out, limit);
         Ok(out)
     }
 
@@ -619,6 +702,7 @@ mod tests {
             ts: 1_000 + seq,
             preview: String::new(),
             uncounted,
+            lazy_order: false,
         };
         let numbers = |u: &UserId| view.inbox_page(u, 0, 100).unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         let counter = |u: &UserId| view.tree.get(inbox_last(u)).unwrap().map(|v| v.to_vec());
@@ -643,6 +727,101 @@ mod tests {
         run(update(7, true));
         assert_eq!(numbers(&bob), vec![6, 7]);
         assert_eq!(view.inbox_last(&bob).unwrap(), 7);
+    }
+
+    /// Recency keys left up to a window behind their entries (cluster version 7), mixed with
+    /// keys at their entries' last_ts (below 7, or once the window passed): every listing,
+    /// whatever the page size, is every entry once, newest `last_ts` first (ties by
+    /// conversation id), pages follow on from their cursors, and no key is left behind. An
+    /// update within the window writes no recency key at all.
+    #[test]
+    fn recent_lists_entries_in_order_whatever_their_keys_lag() {
+        use crate::chat::state::apply;
+        use crate::chat::Command;
+        let view = ShardView { tree: tree() };
+        let me = UserId::parse("me").unwrap();
+        let peers: Vec<UserId> = (0..12).map(|i| UserId::parse(&format!("p{i:02}")).unwrap()).collect();
+        let mut rng = 0x9E3779B97F4A7C15u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut seqs = vec![0u64; peers.len()];
+        let mut now = 1_000_000u64;
+        let (mut lazy_kept, mut moved) = (0, 0);
+        for step in 0..3_000u64 {
+            // Mostly seconds apart, now and then past the window; sometimes the same ms.
+            now += match next(20) {
+                0 => ORDER_WINDOW_MS + next(ORDER_WINDOW_MS),
+                1 | 2 => 0,
+                _ => next(2_000),
+            };
+            let p = next(peers.len() as u64) as usize;
+            let conversation = ConversationId::between(&me, &peers[p]).unwrap();
+            let cmd = if next(8) == 0 {
+                Command::MarkRead { user: me.clone(), conversation, seq: seqs[p] }
+            } else {
+                seqs[p] += 1;
+                Command::IndexUpdate {
+                    user: me.clone(),
+                    conversation,
+                    from: peers[p].clone(),
+                    seq: seqs[p],
+                    ts: now,
+                    preview: String::new(),
+                    uncounted: true,
+                    lazy_order: next(4) != 0,
+                }
+            };
+            let (changes, _) = apply(&cmd, &view).unwrap();
+            let mut w = Writes::default();
+            let staged = view.stage(changes, &mut w);
+            let order_writes = w.0.iter().filter(|(k, _)| k.starts_with(&order_prefix(&me))).count();
+            if let (Command::IndexUpdate { lazy_order: true, .. }, Some((_, _, e))) = (&cmd, staged.entries.first()) {
+                if e.order_ts.is_some() {
+                    lazy_kept += 1;
+                    assert_eq!(order_writes, 0, "an update within the window leaves the key alone");
+                } else {
+                    moved += 1;
+                }
+            }
+            w.commit(&view.tree).unwrap();
+            if step % 150 != 149 {
+                continue;
+            }
+            let mut want: Vec<(Vec<u8>, ConversationId)> = Vec::new();
+            for kv in view.tree.scan_prefix(b"i/me\0") {
+                let (k, v) = kv.unwrap();
+                let e: IndexEntry = decode(&k, &v).unwrap();
+                let c = ConversationId::parse(std::str::from_utf8(&k[5..]).unwrap()).unwrap();
+                if e.last_seq > 0 {
+                    assert!(e.recency_ts() <= e.last_ts && e.last_ts - e.recency_ts() < ORDER_WINDOW_MS);
+                    assert!(view.tree.contains_key(order(&me, e.recency_ts(), &c)).unwrap(), "{c}: its key exists");
+                    want.push((order(&me, e.last_ts, &c), c));
+                }
+            }
+            want.sort();
+            assert_eq!(view.tree.scan_prefix(order_prefix(&me)).count(), want.len(), "no key left behind");
+            let want: Vec<ConversationId> = want.into_iter().map(|(_, c)| c).collect();
+            for limit in [1usize, 2, 5, 100] {
+                let (mut got, mut cursor) = (Vec::new(), None);
+                loop {
+                    let after = cursor.take().map(|c: Vec<u8>| [order_prefix(&me), c].concat());
+                    let mut rows = view.recent(&me, after, limit + 1).unwrap();
+                    let more = rows.len() > limit;
+                    rows.truncate(limit);
+                    cursor = rows.last().filter(|_| more).map(|(_, _, k)| k[order_prefix(&me).len()..].to_vec());
+                    got.extend(rows.into_iter().map(|(c, _, _)| c));
+                    if cursor.is_none() {
+                        break;
+                    }
+                }
+                assert_eq!(got, want, "step {step}, pages of {limit}");
+            }
+        }
+        assert!(lazy_kept > 1_000 && moved > 200, "both kinds of update ran: {lazy_kept} kept, {moved} moved");
     }
 
     /// Damaged keys read back from disk are reported as corrupt, never sliced past their end.

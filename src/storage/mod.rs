@@ -55,22 +55,37 @@ pub enum StoreError {
 /// 1: every inbox event keeps the user's inbox counter (`n/`). 2: inbox events may leave the
 /// counter behind (`cluster_version` 6, `chat::command::UNCOUNTED_VERSION`); a build that
 /// knows only 1 would number a user's next event from a stale counter and overwrite events.
-/// This build reads both. A folder is labelled 2 when its node starts with `cluster_version`
-/// 6 or more, and otherwise keeps (or, new, gets) 1, so that during a rolling upgrade a node
-/// can still be rolled back to the older build.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: a recency key (`o/`) may sit up to `chat::types::ORDER_WINDOW_MS` behind its entry's
+/// `last_ts` (`cluster_version` 7, `chat::command::LAZY_ORDER_VERSION`); a build that knows
+/// only 1 and 2 would leave the old key behind when it moves one (the conversation listed
+/// twice) and list such entries out of order.
+///
+/// This build reads all three. A folder is labelled with the format its node's
+/// `cluster_version` proposes ([`format_for`]: 3 from 7, 2 at 6, else 1), so that during a
+/// rolling upgrade a node can still be rolled back to the older build, and higher when it
+/// applies (or installs) writes of a newer format that a peer proposed ([`FormatLabel`]).
+pub const FORMAT_VERSION: u32 = 3;
 /// The label of a folder whose node runs below `cluster_version` 6 (see [`FORMAT_VERSION`]).
 pub const FORMAT_COUNTED: u32 = 1;
+
+/// The on-disk format a node at `cluster_version` writes (see [`FORMAT_VERSION`]).
+pub fn format_for(cluster_version: u32) -> u32 {
+    if cluster_version >= crate::chat::command::LAZY_ORDER_VERSION {
+        3
+    } else if cluster_version >= crate::chat::command::UNCOUNTED_VERSION {
+        2
+    } else {
+        FORMAT_COUNTED
+    }
+}
 const FORMAT_FILE: &str = "FORMAT";
 
-/// Checks (or, for a new folder, writes) `<dir>/FORMAT`, and labels a folder of format 1 as 2
-/// when `uncounted` (the node runs with `cluster_version` 6 or more, so it will propose or
-/// apply inbox events without the counter). A folder made before the file existed holds
-/// format 1 and is labelled so.
-pub fn check_format(dir: &Path, uncounted: bool) -> Result<(), StoreError> {
+/// Checks (or, for a new folder, writes) `<dir>/FORMAT`, and labels a folder of an older
+/// format with `want` (the format the node's `cluster_version` writes, [`format_for`]). A
+/// folder made before the file existed holds format 1 and is labelled so.
+pub fn check_format(dir: &Path, want: u32) -> Result<(), StoreError> {
     let path = dir.join(FORMAT_FILE);
     let io = |source| StoreError::Io { path: path.clone(), source };
-    let want = if uncounted { FORMAT_VERSION } else { FORMAT_COUNTED };
     let label = |v: u32| write_label(dir, v).map_err(io);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -78,7 +93,7 @@ pub fn check_format(dir: &Path, uncounted: bool) -> Result<(), StoreError> {
             match parse_label(found) {
                 Some(v) if (FORMAT_COUNTED..=FORMAT_VERSION).contains(&v) => {
                     if v < want {
-                        tracing::info!(from = v, to = want, "data folder labelled with the newer on-disk format (cluster_version 6: older builds refuse it from now on)");
+                        tracing::info!(from = v, to = want, "data folder labelled with the newer on-disk format of this cluster_version: older builds refuse it from now on");
                         label(want)?;
                     }
                     Ok(())
@@ -108,10 +123,11 @@ fn write_label(dir: &Path, v: u32) -> std::io::Result<()> {
 }
 
 /// The data folder's format label while the node runs. A node configured below
-/// `cluster_version` 6 keeps format 1 (it can be rolled back), but a peer at 6 may propose
-/// inbox events without the counter, which this node then applies (or receives in a
-/// snapshot): from then on an older build would misnumber them, so the folder is labelled
-/// 2 at that moment ([`FormatLabel::uncounted_applied`]).
+/// `cluster_version` 6 keeps format 1 (it can be rolled back), but a peer at a higher
+/// version may propose writes of a newer format (inbox events without the counter at 6,
+/// recency keys behind their entries at 7), which this node then applies (or receives in
+/// a snapshot): from then on an older build would misread them, so the folder is labelled
+/// at that moment ([`FormatLabel::needs`]).
 pub struct FormatLabel {
     dir: PathBuf,
     current: std::sync::Mutex<u32>,
@@ -123,25 +139,29 @@ impl FormatLabel {
         Self { dir: dir.to_path_buf(), current: std::sync::Mutex::new(current) }
     }
 
-    /// This node's state now holds inbox events without the counter: label the folder 2 if
-    /// it is not yet (once; later calls cost a lock). A failure is logged, not returned: the
+    /// This node's state now holds writes of on-disk format `format` (2: inbox events
+    /// without the counter; 3: recency keys behind their entries): label the folder so if it
+    /// is not yet (once; later calls cost a lock). A failure is logged, not returned: the
     /// write that was applied stays applied, and the next call tries again.
-    pub fn uncounted_applied(&self) {
+    pub fn needs(&self, format: u32) {
+        let format = format.min(FORMAT_VERSION);
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if *cur >= FORMAT_VERSION {
+        if *cur >= format {
             return;
         }
-        match write_label(&self.dir, FORMAT_VERSION) {
+        match write_label(&self.dir, format) {
             Ok(()) => {
                 tracing::info!(
                     from = *cur,
-                    to = FORMAT_VERSION,
-                    "data folder labelled with the newer on-disk format: this node applied inbox events a node at \
-                     cluster_version 6 proposed without the counter (older builds refuse the folder from now on)"
+                    to = format,
+                    "data folder labelled with a newer on-disk format: this node applied writes a node at a higher \
+                     cluster_version proposed (older builds refuse the folder from now on)"
                 );
-                *cur = FORMAT_VERSION;
+                *cur = format;
             }
-            Err(e) => tracing::error!(cause = %e, "could not label the data folder with on-disk format 2"),
+            Err(e) => {
+                tracing::error!(cause = %e, format, "could not label the data folder with a newer on-disk format")
+            }
         }
     }
 

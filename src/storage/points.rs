@@ -226,6 +226,7 @@ mod tests {
                     ts: 1_000 + i,
                     preview: format!("p{i}"),
                     uncounted: i % 3 == 0,
+                    lazy_order: i % 2 == 0,
                 });
             }
             if i % 5 == 0 {
@@ -359,6 +360,7 @@ mod tests {
                     ts: 1_700_000_000_000 + i,
                     preview: "x".repeat(60),
                     uncounted,
+                    lazy_order: uncounted,
                 };
                 vec![
                     Command::Append {

@@ -78,8 +78,9 @@ pub struct StateMachine {
     snaps: SnapshotDir,
     /// New inbox events of this shard's users, as they are applied (delivery reads these).
     pub inbox_tx: broadcast::Sender<InboxNotice>,
-    /// The tree holds [`keys::UNCOUNTED`] (the folder is then labelled format 2).
-    uncounted: Arc<std::sync::atomic::AtomicBool>,
+    /// The highest on-disk format whose mark the tree holds ([`keys::UNCOUNTED`]: 2,
+    /// [`keys::LAZY_ORDER`]: 3; 1: none); the folder is labelled at least that.
+    marked: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// What the state machine tells live inbox readers.
@@ -170,29 +171,33 @@ impl StateMachine {
             closed: Arc::default(),
             snaps,
             inbox_tx,
-            uncounted: Arc::default(),
+            marked: Arc::new(1.into()),
         };
-        sm.note_uncounted()?;
+        sm.note_marks()?;
         if let Some(m) = installing {
             // Crashed midway through an install: its file was complete and fsynced before
             // the tree was touched, so load it again. Made durable by the first sync after.
             let path = sm.snaps.file_of(&m.snapshot_id);
             let records = load_tree(&sm.view.tree, &path, &m)?;
-            sm.note_uncounted()?;
+            sm.note_marks()?;
             sm.finish_install(&m)?;
             tracing::info!(snapshot = %m.snapshot_id, records, "completed a snapshot install a restart cut short");
         }
         Ok(sm)
     }
 
-    /// Labels the data folder format 2 if the tree holds inbox events without the counter
-    /// (at open, and after a snapshot install; `storage::FormatLabel`).
-    fn note_uncounted(&self) -> Result<(), StoreError> {
-        let held = self.view.tree.contains_key(keys::UNCOUNTED)?;
-        self.uncounted.store(held, std::sync::atomic::Ordering::Relaxed);
-        if held {
-            self.flusher.label.uncounted_applied();
+    /// Labels the data folder with the format the tree's marks ask for: 2 if it holds inbox
+    /// events without the counter, 3 if it holds recency keys behind their entries (at open,
+    /// and after a snapshot install; `storage::FormatLabel`).
+    fn note_marks(&self) -> Result<(), StoreError> {
+        let mut format = 1;
+        for mark in [keys::UNCOUNTED, keys::LAZY_ORDER] {
+            if self.view.tree.contains_key(mark)? {
+                format = format.max(keys::format_of_mark(mark).unwrap_or(1));
+            }
         }
+        self.marked.store(format, std::sync::atomic::Ordering::Relaxed);
+        self.flusher.label.needs(format);
         Ok(())
     }
 
@@ -245,13 +250,17 @@ impl StateMachine {
                 Reply::Done
             }
         };
-        // The first event without the counter marks the tree, in the same entry's writes;
-        // the folder is labelled first (an early label is harmless, a late one is not: a
-        // crash in between would leave such events in a folder an older build accepts).
-        let first_uncounted = staged.uncounted && !self.uncounted.load(std::sync::atomic::Ordering::Relaxed);
-        if first_uncounted {
-            self.flusher.label.uncounted_applied();
-            batch.insert(keys::UNCOUNTED, []);
+        // The first write that needs a newer format (an event without the counter, a
+        // recency key left behind its entry) marks the tree, in the same entry's writes; the
+        // folder is labelled first (an early label is harmless, a late one is not: a crash
+        // in between would leave such writes in a folder an older build accepts).
+        let (format, mark) = staged.format();
+        let first_of_format = format > self.marked.load(std::sync::atomic::Ordering::Relaxed);
+        if first_of_format {
+            self.flusher.label.needs(format);
+            if let Some(mark) = mark {
+                batch.insert(mark, []);
+            }
         }
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
         let committed = batch.commit(&self.view.tree);
@@ -260,8 +269,8 @@ impl StateMachine {
             points.clear();
         }
         committed?;
-        if first_uncounted {
-            self.uncounted.store(true, std::sync::atomic::Ordering::Relaxed);
+        if first_of_format {
+            self.marked.fetch_max(format, std::sync::atomic::Ordering::Relaxed);
         }
         points.written(&staged);
         drop(points);
@@ -532,19 +541,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // fails here, leaving the shard's state as it was.
         let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, StoreError> {
             let io = |source| StoreError::Io { path: part.clone(), source };
-            let mut uncounted = false;
+            let mut format = 1;
             let checked = std::fs::File::open(&part).map_err(io).and_then(|f| {
                 snapshot::RecordReader::new(std::io::BufReader::with_capacity(1 << 20, f))
-                    .try_for_each(|r| r.map(|(k, _)| uncounted |= k == keys::UNCOUNTED))
+                    .try_for_each(|r| r.map(|(k, _)| format = format.max(keys::format_of_mark(&k).unwrap_or(1))))
             });
             if let Err(e) = checked {
                 let _ = std::fs::remove_file(&part);
                 return Err(e);
             }
             // Labelled before the tree holds such events (`storage::FormatLabel`).
-            if uncounted {
-                label.uncounted_applied();
-            }
+            label.needs(format);
             snaps.publish(&part, &id).map_err(io)
         })
         .await
@@ -563,7 +570,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(sm_err)?;
             self.cache.clear();
             let _ = self.inbox_tx.send(InboxNotice::Resync);
-            self.note_uncounted().map_err(sm_err)?;
+            self.note_marks().map_err(sm_err)?;
             records
         };
         self.finish_install(meta).map_err(sm_err)?;

@@ -194,6 +194,7 @@ fn index_update(i: u64) -> Entry<TypeConfig> {
         ts: 1_000_000 + i,
         preview: "hi".into(),
         uncounted: i % 2 == 1,
+        lazy_order: false,
     };
     Entry::<TypeConfig> {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1),
@@ -306,6 +307,7 @@ async fn a_list_read_under_the_read_lock_sees_whole_entries() {
             ts: 1_000_000 + i,
             preview: String::new(),
             uncounted: true,
+            lazy_order: true,
         };
         let log_id = LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1);
         Entry::<TypeConfig> { log_id, payload: EntryPayload::Normal(cmd) }
@@ -355,7 +357,7 @@ async fn applying_or_installing_uncounted_events_labels_the_folder() {
         e
     };
     let dir = tempfile::tempdir().unwrap();
-    crate::storage::check_format(dir.path(), false).unwrap();
+    crate::storage::check_format(dir.path(), 1).unwrap();
     let built = {
         let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
         let mut sm = StateMachine::open(tree.clone(), meta_t, flusher, cache, dir.path().join("snapshots/s0")).unwrap();
@@ -369,7 +371,7 @@ async fn applying_or_installing_uncounted_events_labels_the_folder() {
     };
     // A tree that holds the mark at open (a crash came between the apply and the label).
     let crashed = tempfile::tempdir().unwrap();
-    crate::storage::check_format(crashed.path(), false).unwrap();
+    crate::storage::check_format(crashed.path(), 1).unwrap();
     {
         let (_s, meta_t, tree, flusher, cache) = opened(crashed.path());
         tree.insert(keys::UNCOUNTED, b"").unwrap();
@@ -379,7 +381,7 @@ async fn applying_or_installing_uncounted_events_labels_the_folder() {
     }
     // Another replica, format 1, installs that snapshot.
     let other = tempfile::tempdir().unwrap();
-    crate::storage::check_format(other.path(), false).unwrap();
+    crate::storage::check_format(other.path(), 1).unwrap();
     let (_s, meta_t, tree, flusher, cache) = opened(other.path());
     let mut sm = StateMachine::open(tree, meta_t, flusher, cache, other.path().join("snapshots/s0")).unwrap();
     assert_eq!(label(other.path()), "raftchat-data 1");
@@ -388,4 +390,67 @@ async fn applying_or_installing_uncounted_events_labels_the_folder() {
     tokio::io::AsyncWriteExt::write_all(&mut *recv, &data).await.unwrap();
     sm.install_snapshot(&built.meta, recv).await.unwrap();
     assert_eq!(label(other.path()), "raftchat-data 2");
+}
+
+/// A node configured below `cluster_version` 7 labels its folder 3 when it applies an index
+/// update that leaves a recency key behind its entry (a peer at 7 proposed it), or installs
+/// a snapshot holding one; a lazy update that moves the key (the window passed) does not.
+#[tokio::test]
+async fn applying_or_installing_lazy_recency_keys_labels_the_folder() {
+    use crate::chat::{Command, ConversationId, UserId};
+    let label = |d: &Path| std::fs::read_to_string(d.join("FORMAT")).unwrap().trim().to_string();
+    let (me, peer) = (UserId::parse("me").unwrap(), UserId::parse("peer").unwrap());
+    let conversation = ConversationId::between(&me, &peer).unwrap();
+    let update = |i: u64, seq: u64, ts: u64| Entry::<TypeConfig> {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+        payload: EntryPayload::Normal(Command::IndexUpdate {
+            user: me.clone(),
+            conversation: conversation.clone(),
+            from: peer.clone(),
+            seq,
+            ts,
+            preview: String::new(),
+            uncounted: false,
+            lazy_order: true,
+        }),
+    };
+    let window = crate::chat::types::ORDER_WINDOW_MS;
+    let dir = tempfile::tempdir().unwrap();
+    crate::storage::check_format(dir.path(), 1).unwrap();
+    let built = {
+        let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+        let mut sm = StateMachine::open(tree.clone(), meta_t, flusher, cache, dir.path().join("snapshots/s0")).unwrap();
+        // The first message makes the key; the next, a window later, moves it.
+        sm.apply([update(1, 1, 1_000_000), update(2, 2, 1_000_000 + window)]).await.unwrap();
+        assert_eq!(label(dir.path()), "raftchat-data 1", "keys at their entries' last_ts");
+        assert!(tree.get(keys::LAZY_ORDER).unwrap().is_none());
+        // Within the window: the key stays behind.
+        sm.apply([update(3, 3, 1_000_001 + window)]).await.unwrap();
+        assert_eq!(label(dir.path()), "raftchat-data 3");
+        assert!(tree.get(keys::LAZY_ORDER).unwrap().is_some());
+        let listed = ShardView { tree: tree.clone() }.recent(&me, None, 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.order_ts, Some(1_000_000 + window));
+        sm.build_snapshot().await.unwrap()
+    };
+    // A tree that holds the mark at open (a crash came between the apply and the label).
+    let crashed = tempfile::tempdir().unwrap();
+    crate::storage::check_format(crashed.path(), 2).unwrap();
+    {
+        let (_s, meta_t, tree, flusher, cache) = opened(crashed.path());
+        tree.insert(keys::LAZY_ORDER, b"").unwrap();
+        assert_eq!(label(crashed.path()), "raftchat-data 2");
+        StateMachine::open(tree, meta_t, flusher, cache, crashed.path().join("snapshots/s0")).unwrap();
+        assert_eq!(label(crashed.path()), "raftchat-data 3");
+    }
+    // Another replica, format 1, installs that snapshot.
+    let other = tempfile::tempdir().unwrap();
+    crate::storage::check_format(other.path(), 1).unwrap();
+    let (_s, meta_t, tree, flusher, cache) = opened(other.path());
+    let mut sm = StateMachine::open(tree, meta_t, flusher, cache, other.path().join("snapshots/s0")).unwrap();
+    let data = std::fs::read(&built.snapshot.path).unwrap();
+    let mut recv = sm.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *recv, &data).await.unwrap();
+    sm.install_snapshot(&built.meta, recv).await.unwrap();
+    assert_eq!(label(other.path()), "raftchat-data 3");
 }
