@@ -4,12 +4,14 @@
 # used over the steady seconds and the CPU per acknowledged send.
 #   docs/bench/cpu-per-send.sh BIN RATE DURATION OUT_PREFIX
 # BIN must be a file named `raftchat` (cpusample.py finds the processes by name). Run it
-# from a scratch folder: the cluster's data goes under the current directory.
+# from a scratch folder: the cluster's data goes under the current directory. Extra bench
+# arguments come from BENCH_ARGS, e.g. BENCH_ARGS="--set cluster_version=6".
 set -euo pipefail
 BIN=$1; RATE=$2; DUR=$3; OUT=$4
 HERE=$(cd "$(dirname "$0")" && pwd)
 python3 "$HERE/cpusample.py" "$OUT.samples" & SP=$!
-"$BIN" bench --local --rates "$RATE" --duration "$DUR" --quiet --out "$OUT.json" > "$OUT.log" 2>&1 || true
+# shellcheck disable=SC2086
+"$BIN" bench --local --rates "$RATE" --duration "$DUR" --quiet --out "$OUT.json" ${BENCH_ARGS:-} > "$OUT.log" 2>&1 || true
 kill $SP
 python3 - "$OUT" <<'PY'
 import json, statistics, sys

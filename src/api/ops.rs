@@ -254,8 +254,9 @@ pub async fn conversations(
     }
 }
 
-/// A cursor is the opaque recency key of the last row: 8 bytes of inverted timestamp and a
-/// conversation id.
+/// A cursor is opaque to clients: the last row's position in the listing's order, 8 bytes of
+/// its inverted `last_ts` and its conversation id (`storage::keys::order`; the stored
+/// recency key may sit up to a minute behind it, see `ShardView::recent`).
 pub fn decode_cursor(c: &str) -> Result<Vec<u8>, ApiError> {
     let bad = || ApiError::bad_request("invalid_cursor", "cursor must be a next_cursor value returned by this API");
     let raw = B64.decode(c).map_err(|_| bad())?;

@@ -39,6 +39,9 @@ pub const UNCOUNTED: &[u8] = b"\0uncounted";
 /// (`chat::command::LAZY_ORDER_VERSION`); like [`UNCOUNTED`] it travels in snapshots.
 pub const LAZY_ORDER: &[u8] = b"\0lazyorder";
 
+/// The marks a tree may hold, each for writes that need a newer on-disk format.
+pub const MARKS: [&[u8]; 2] = [UNCOUNTED, LAZY_ORDER];
+
 /// The on-disk format (`storage::FORMAT_VERSION`) a tree holding `mark` needs.
 pub fn format_of_mark(mark: &[u8]) -> Option<u32> {
     match mark {
@@ -254,16 +257,9 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// The on-disk format these writes need (`storage::FORMAT_VERSION`; 1: any) and the
-    /// tree's mark for it.
-    pub fn format(&self) -> (u32, Option<&'static [u8]>) {
-        if self.lazy_order {
-            (3, Some(LAZY_ORDER))
-        } else if self.uncounted {
-            (2, Some(UNCOUNTED))
-        } else {
-            (1, None)
-        }
+    /// The marks ([`MARKS`]) these writes call for.
+    pub fn marks(&self) -> impl Iterator<Item = &'static [u8]> {
+        [(self.uncounted, UNCOUNTED), (self.lazy_order, LAZY_ORDER)].into_iter().filter(|(on, _)| *on).map(|(_, m)| m)
     }
 }
 
@@ -400,7 +396,9 @@ impl ShardView {
     /// `last_ts` (`k <= last_ts < k + window`; before cluster version 7 always `k ==
     /// last_ts`). So the keys are read newest first and their entries held back until no key
     /// still to come can hold a newer one: once a key at `k` is read, every later key's entry
-    /// has `last_ts < k + window`. A page reads the keys of one window past its last entry.
+    /// has `last_ts < k + window`. A page reads the keys of one window past its last entry:
+    /// for most users a few more than the page, for one who wrote to a thousand people in a
+    /// minute a thousand (index reads under the shard's read lock, as any page is).
     pub fn recent(
         &self,
         u: &UserId,

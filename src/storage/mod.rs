@@ -141,13 +141,14 @@ impl FormatLabel {
 
     /// This node's state now holds writes of on-disk format `format` (2: inbox events
     /// without the counter; 3: recency keys behind their entries): label the folder so if it
-    /// is not yet (once; later calls cost a lock). A failure is logged, not returned: the
-    /// write that was applied stays applied, and the next call tries again.
-    pub fn needs(&self, format: u32) {
+    /// is not yet (once; later calls cost a lock). Returns whether the folder is labelled so
+    /// now. A failure is logged, not returned as an error: the write that was applied stays
+    /// applied, and the next call tries again.
+    pub fn needs(&self, format: u32) -> bool {
         let format = format.min(FORMAT_VERSION);
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if *cur >= format {
-            return;
+            return true;
         }
         match write_label(&self.dir, format) {
             Ok(()) => {
@@ -158,9 +159,11 @@ impl FormatLabel {
                      cluster_version proposed (older builds refuse the folder from now on)"
                 );
                 *cur = format;
+                true
             }
             Err(e) => {
-                tracing::error!(cause = %e, format, "could not label the data folder with a newer on-disk format")
+                tracing::error!(cause = %e, format, "could not label the data folder with a newer on-disk format");
+                false
             }
         }
     }

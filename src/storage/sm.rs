@@ -78,8 +78,8 @@ pub struct StateMachine {
     snaps: SnapshotDir,
     /// New inbox events of this shard's users, as they are applied (delivery reads these).
     pub inbox_tx: broadcast::Sender<InboxNotice>,
-    /// The highest on-disk format whose mark the tree holds ([`keys::UNCOUNTED`]: 2,
-    /// [`keys::LAZY_ORDER`]: 3; 1: none); the folder is labelled at least that.
+    /// The marks ([`keys::MARKS`], bit i for mark i) the tree holds and the folder's label
+    /// covers.
     marked: Arc<std::sync::atomic::AtomicU32>,
 }
 
@@ -171,7 +171,7 @@ impl StateMachine {
             closed: Arc::default(),
             snaps,
             inbox_tx,
-            marked: Arc::new(1.into()),
+            marked: Arc::default(),
         };
         sm.note_marks()?;
         if let Some(m) = installing {
@@ -190,15 +190,19 @@ impl StateMachine {
     /// events without the counter, 3 if it holds recency keys behind their entries (at open,
     /// and after a snapshot install; `storage::FormatLabel`).
     fn note_marks(&self) -> Result<(), StoreError> {
-        let mut format = 1;
-        for mark in [keys::UNCOUNTED, keys::LAZY_ORDER] {
-            if self.view.tree.contains_key(mark)? {
-                format = format.max(keys::format_of_mark(mark).unwrap_or(1));
+        let mut marked = 0;
+        for (i, mark) in keys::MARKS.into_iter().enumerate() {
+            if self.view.tree.contains_key(mark)? && self.flusher.label.needs(keys::format_of_mark(mark).unwrap_or(1)) {
+                marked |= 1 << i;
             }
         }
-        self.marked.store(format, std::sync::atomic::Ordering::Relaxed);
-        self.flusher.label.needs(format);
+        self.marked.store(marked, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Bit of `mark` in `marked`.
+    fn mark_bit(mark: &[u8]) -> u32 {
+        keys::MARKS.iter().position(|m| *m == mark).map_or(0, |i| 1 << i)
     }
 
     /// Names `meta` the current snapshot and clears the install mark, in one batch.
@@ -254,13 +258,14 @@ impl StateMachine {
         // recency key left behind its entry) marks the tree, in the same entry's writes; the
         // folder is labelled first (an early label is harmless, a late one is not: a crash
         // in between would leave such writes in a folder an older build accepts).
-        let (format, mark) = staged.format();
-        let first_of_format = format > self.marked.load(std::sync::atomic::Ordering::Relaxed);
-        if first_of_format {
-            self.flusher.label.needs(format);
-            if let Some(mark) = mark {
-                batch.insert(mark, []);
+        // A label that could not be written is tried again by the next such entry.
+        let marked = self.marked.load(std::sync::atomic::Ordering::Relaxed);
+        let mut newly_marked = 0;
+        for mark in staged.marks().filter(|m| marked & Self::mark_bit(m) == 0) {
+            if self.flusher.label.needs(keys::format_of_mark(mark).unwrap_or(1)) {
+                newly_marked |= Self::mark_bit(mark);
             }
+            batch.insert(mark, []);
         }
         batch.insert(keys::APPLIED, encode(&Some(log_id)));
         let committed = batch.commit(&self.view.tree);
@@ -269,9 +274,7 @@ impl StateMachine {
             points.clear();
         }
         committed?;
-        if first_of_format {
-            self.marked.fetch_max(format, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.marked.fetch_or(newly_marked, std::sync::atomic::Ordering::Relaxed);
         points.written(&staged);
         drop(points);
         let now = now_ms();
@@ -550,8 +553,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let _ = std::fs::remove_file(&part);
                 return Err(e);
             }
-            // Labelled before the tree holds such events (`storage::FormatLabel`).
-            label.needs(format);
+            // Labelled before the tree holds such writes (`storage::FormatLabel`); a failure
+            // is logged, and tried again once the tree is loaded (`note_marks`).
+            if format > 1 {
+                label.needs(format);
+            }
             snaps.publish(&part, &id).map_err(io)
         })
         .await

@@ -307,7 +307,8 @@ async fn a_list_read_under_the_read_lock_sees_whole_entries() {
             ts: 1_000_000 + i,
             preview: String::new(),
             uncounted: true,
-            lazy_order: true,
+            // Every update moves its key (the half-applied state this test looks for).
+            lazy_order: false,
         };
         let log_id = LogId::new(openraft::CommittedLeaderId::new(1, 1), i + 1);
         Entry::<TypeConfig> { log_id, payload: EntryPayload::Normal(cmd) }
@@ -453,4 +454,27 @@ async fn applying_or_installing_lazy_recency_keys_labels_the_folder() {
     tokio::io::AsyncWriteExt::write_all(&mut *recv, &data).await.unwrap();
     sm.install_snapshot(&built.meta, recv).await.unwrap();
     assert_eq!(label(other.path()), "raftchat-data 3");
+    // A restore (`Ingest`) of an entry whose key lags, into a folder of format 2.
+    let restored = tempfile::tempdir().unwrap();
+    crate::storage::check_format(restored.path(), 2).unwrap();
+    let (_s, meta_t, tree, flusher, cache) = opened(restored.path());
+    let mut sm =
+        StateMachine::open(tree.clone(), meta_t, flusher, cache, restored.path().join("snapshots/s0")).unwrap();
+    let mut entry = crate::chat::IndexEntry::new(peer.clone());
+    (entry.last_seq, entry.last_ts, entry.order_ts) = (3, 1_000_001 + window, Some(1_000_000 + window));
+    let records = vec![
+        (keys::index(&me, &conversation), crate::storage::encode(&entry)),
+        (keys::order(&me, 1_000_000 + window, &conversation), Vec::new()),
+    ];
+    let ingest = |i: u64, records: Vec<(Vec<u8>, Vec<u8>)>| Entry::<TypeConfig> {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+        payload: EntryPayload::Normal(Command::Ingest { records, first: i == 1 }),
+    };
+    entry.order_ts = None;
+    let exact = vec![(keys::index(&peer, &conversation), crate::storage::encode(&entry))];
+    sm.apply([ingest(1, exact)]).await.unwrap();
+    assert_eq!(label(restored.path()), "raftchat-data 2", "entries at their keys");
+    sm.apply([ingest(2, records)]).await.unwrap();
+    assert_eq!(label(restored.path()), "raftchat-data 3");
+    assert!(tree.get(keys::LAZY_ORDER).unwrap().is_some());
 }
