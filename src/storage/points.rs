@@ -328,8 +328,10 @@ mod tests {
             .unwrap_or(0)
     }
 
-    /// Not a test: what applying a send costs one replica, before (the counter written and
-    /// read, no cache) and after, on real sled trees. A send is the `raftchat bench` load: a
+    /// Not a test: what applying a send costs one replica on real sled trees, by path: "old"
+    /// (the counter written and read, no cache, the recency keys moved by every message),
+    /// "v6" (no counter, this cache, keys moved: `cluster_version` 6) and "v7" (recency keys
+    /// left in place within `ORDER_WINDOW_MS`: 7). A send is the `raftchat bench` load: a
     /// message between two of 200 users, its two index updates and its outbox confirmation,
     /// proposed in batches of `b` commands. Prints microseconds per send; asserts nothing.
     /// `cargo test --release --lib storage::points::tests::apply_cost -- --ignored --nocapture`
@@ -360,7 +362,7 @@ mod tests {
                     ts: 1_700_000_000_000 + i,
                     preview: "x".repeat(60),
                     uncounted,
-                    lazy_order: uncounted,
+                    lazy_order: false,
                 };
                 vec![
                     Command::Append {
@@ -378,7 +380,8 @@ mod tests {
             })
             .collect();
         for batch in [1usize, 16] {
-            for new in [true, false, true, false, true, false] {
+            for path in ["v7", "v6", "old", "v7", "v6", "old", "v7", "v6", "old"] {
+                let new = path != "old";
                 // A node's sled, as `serve` opens it (256 MiB page cache).
                 let dir = tempfile::tempdir().unwrap();
                 let storage = crate::storage::Storage::open(dir.path(), 1, 256 << 20).unwrap();
@@ -419,9 +422,10 @@ mod tests {
                         let Command::Append { conversation, .. } = &send[0] else { unreachable!() };
                         for u in &send[1..] {
                             let mut u = u.clone();
-                            if let Command::IndexUpdate { seq: s, uncounted, .. } = &mut u {
+                            if let Command::IndexUpdate { seq: s, uncounted, lazy_order, .. } = &mut u {
                                 *s = seq;
                                 *uncounted = new;
+                                *lazy_order = path == "v7";
                             }
                             updates.push(u);
                         }
@@ -433,7 +437,7 @@ mod tests {
                 let (wall, cpu) = timed_from.unwrap();
                 println!(
                     "apply_cost batch {batch:>2} {}: {:.1} us on CPU per send ({:.1} us wall; last 20,000 of 30,000; all {:.1} s)",
-                    if new { "new (uncounted, cached)" } else { "old (counter, sled reads)" },
+                    path,
                     (on_cpu_ns() - cpu) as f64 / 1e3 / 20_000.0,
                     wall.elapsed().as_secs_f64() * 1e6 / 20_000.0,
                     started.elapsed().as_secs_f64()
