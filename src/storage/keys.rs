@@ -822,6 +822,55 @@ mod tests {
         assert!(lazy_kept > 1_000 && moved > 200, "both kinds of update ran: {lazy_kept} kept, {moved} moved");
     }
 
+    /// Not a test: what a first page of 20 recent conversations costs to read, for a user
+    /// with `n` conversations whose last messages are `gap` ms apart, with the keys moved by
+    /// every message (cluster version 6) and left within the window (7). Each conversation
+    /// gets 5 messages, the rounds `gap * n` apart. Prints microseconds per page.
+    /// `cargo test --release --lib storage::keys::tests::recent_page_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn recent_page_cost() {
+        use crate::chat::state::apply;
+        use crate::chat::Command;
+        for (n, gap) in [(200u64, 1_000u64), (200, 10), (2_000, 10)] {
+            for lazy in [false, true] {
+                let dir = tempfile::tempdir().unwrap();
+                let storage = crate::storage::Storage::open(dir.path(), 1, 256 << 20).unwrap();
+                let view = ShardView { tree: storage.shard_trees(0).unwrap().1 };
+                let me = UserId::parse("me").unwrap();
+                for round in 0..5u64 {
+                    for i in 0..n {
+                        let peer = UserId::parse(&format!("p{i}")).unwrap();
+                        let cmd = Command::IndexUpdate {
+                            user: me.clone(),
+                            conversation: ConversationId::between(&me, &peer).unwrap(),
+                            from: peer,
+                            seq: round + 1,
+                            ts: 1_000_000 + (round * n + i) * gap,
+                            preview: "x".repeat(60),
+                            uncounted: true,
+                            lazy_order: lazy,
+                        };
+                        let (changes, _) = apply(&cmd, &view).unwrap();
+                        let mut w = Writes::default();
+                        view.stage(changes, &mut w);
+                        w.commit(&view.tree).unwrap();
+                    }
+                }
+                let pages = 2_000;
+                let started = std::time::Instant::now();
+                for _ in 0..pages {
+                    assert_eq!(view.recent(&me, None, 21).unwrap().len(), 21);
+                }
+                println!(
+                    "recent_page_cost {n} conversations, last messages {gap} ms apart, keys {}: {:.1} us per page of 20",
+                    if lazy { "left within the window (7)" } else { "moved (6)" },
+                    started.elapsed().as_secs_f64() * 1e6 / pages as f64
+                );
+            }
+        }
+    }
+
     /// Damaged keys read back from disk are reported as corrupt, never sliced past their end.
     #[test]
     fn short_stored_keys_are_corrupt_not_a_panic() {
