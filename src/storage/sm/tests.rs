@@ -343,13 +343,43 @@ async fn a_list_read_under_the_read_lock_sees_whole_entries() {
     assert!(reads > 100, "the reader ran alongside the applies ({reads} reads)");
 }
 
+/// The FORMAT label of `dir`.
+fn label(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("FORMAT")).unwrap().trim().to_string()
+}
+
+/// A folder labelled `format` whose tree holds `mark` (a crash came between the apply that
+/// wrote it and the label): its label before and after the state machine opens.
+fn labels_opening_a_tree_with(format: u32, mark: &[u8]) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    crate::storage::check_format(dir.path(), format).unwrap();
+    let (_s, meta_t, tree, flusher, cache) = opened(dir.path());
+    tree.insert(mark, b"").unwrap();
+    let before = label(dir.path());
+    StateMachine::open(tree, meta_t, flusher, cache, dir.path().join("snapshots/s0")).unwrap();
+    (before, label(dir.path()))
+}
+
+/// Another replica, format 1, installs `built`: its label before and after.
+async fn labels_installing(built: &Snapshot<TypeConfig>) -> (String, String) {
+    let other = tempfile::tempdir().unwrap();
+    crate::storage::check_format(other.path(), 1).unwrap();
+    let (_s, meta_t, tree, flusher, cache) = opened(other.path());
+    let mut sm = StateMachine::open(tree, meta_t, flusher, cache, other.path().join("snapshots/s0")).unwrap();
+    let before = label(other.path());
+    let data = std::fs::read(&built.snapshot.path).unwrap();
+    let mut recv = sm.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *recv, &data).await.unwrap();
+    sm.install_snapshot(&built.meta, recv).await.unwrap();
+    (before, label(other.path()))
+}
+
 /// A node configured below `cluster_version` 6 keeps format 1 until it applies an inbox
 /// event a node at 6 proposed without the counter, or installs a snapshot holding one: the
 /// folder is then labelled 2 (older builds would misnumber such events), and stays so
 /// across a restart. Events with the counter leave it at 1.
 #[tokio::test]
 async fn applying_or_installing_uncounted_events_labels_the_folder() {
-    let label = |d: &Path| std::fs::read_to_string(d.join("FORMAT")).unwrap().trim().to_string();
     let counted = |i: u64| {
         let mut e = index_update(i * 2);
         if let EntryPayload::Normal(crate::chat::Command::IndexUpdate { uncounted, .. }) = &mut e.payload {
@@ -371,26 +401,13 @@ async fn applying_or_installing_uncounted_events_labels_the_folder() {
         sm.build_snapshot().await.unwrap()
     };
     // A tree that holds the mark at open (a crash came between the apply and the label).
-    let crashed = tempfile::tempdir().unwrap();
-    crate::storage::check_format(crashed.path(), 1).unwrap();
-    {
-        let (_s, meta_t, tree, flusher, cache) = opened(crashed.path());
-        tree.insert(keys::UNCOUNTED, b"").unwrap();
-        assert_eq!(label(crashed.path()), "raftchat-data 1");
-        StateMachine::open(tree, meta_t, flusher, cache, crashed.path().join("snapshots/s0")).unwrap();
-        assert_eq!(label(crashed.path()), "raftchat-data 2");
-    }
+    let (before, after) = labels_opening_a_tree_with(1, keys::UNCOUNTED);
+    assert_eq!(before, "raftchat-data 1");
+    assert_eq!(after, "raftchat-data 2");
     // Another replica, format 1, installs that snapshot.
-    let other = tempfile::tempdir().unwrap();
-    crate::storage::check_format(other.path(), 1).unwrap();
-    let (_s, meta_t, tree, flusher, cache) = opened(other.path());
-    let mut sm = StateMachine::open(tree, meta_t, flusher, cache, other.path().join("snapshots/s0")).unwrap();
-    assert_eq!(label(other.path()), "raftchat-data 1");
-    let data = std::fs::read(&built.snapshot.path).unwrap();
-    let mut recv = sm.begin_receiving_snapshot().await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut *recv, &data).await.unwrap();
-    sm.install_snapshot(&built.meta, recv).await.unwrap();
-    assert_eq!(label(other.path()), "raftchat-data 2");
+    let (before, after) = labels_installing(&built).await;
+    assert_eq!(before, "raftchat-data 1");
+    assert_eq!(after, "raftchat-data 2");
 }
 
 /// A node configured below `cluster_version` 7 labels its folder 3 when it applies an index
@@ -399,7 +416,6 @@ async fn applying_or_installing_uncounted_events_labels_the_folder() {
 #[tokio::test]
 async fn applying_or_installing_lazy_recency_keys_labels_the_folder() {
     use crate::chat::{Command, ConversationId, UserId};
-    let label = |d: &Path| std::fs::read_to_string(d.join("FORMAT")).unwrap().trim().to_string();
     let (me, peer) = (UserId::parse("me").unwrap(), UserId::parse("peer").unwrap());
     let conversation = ConversationId::between(&me, &peer).unwrap();
     let update = |i: u64, seq: u64, ts: u64| Entry::<TypeConfig> {
@@ -435,25 +451,11 @@ async fn applying_or_installing_lazy_recency_keys_labels_the_folder() {
         sm.build_snapshot().await.unwrap()
     };
     // A tree that holds the mark at open (a crash came between the apply and the label).
-    let crashed = tempfile::tempdir().unwrap();
-    crate::storage::check_format(crashed.path(), 2).unwrap();
-    {
-        let (_s, meta_t, tree, flusher, cache) = opened(crashed.path());
-        tree.insert(keys::LAZY_ORDER, b"").unwrap();
-        assert_eq!(label(crashed.path()), "raftchat-data 2");
-        StateMachine::open(tree, meta_t, flusher, cache, crashed.path().join("snapshots/s0")).unwrap();
-        assert_eq!(label(crashed.path()), "raftchat-data 3");
-    }
+    let (before, after) = labels_opening_a_tree_with(2, keys::LAZY_ORDER);
+    assert_eq!(before, "raftchat-data 2");
+    assert_eq!(after, "raftchat-data 3");
     // Another replica, format 1, installs that snapshot.
-    let other = tempfile::tempdir().unwrap();
-    crate::storage::check_format(other.path(), 1).unwrap();
-    let (_s, meta_t, tree, flusher, cache) = opened(other.path());
-    let mut sm = StateMachine::open(tree, meta_t, flusher, cache, other.path().join("snapshots/s0")).unwrap();
-    let data = std::fs::read(&built.snapshot.path).unwrap();
-    let mut recv = sm.begin_receiving_snapshot().await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut *recv, &data).await.unwrap();
-    sm.install_snapshot(&built.meta, recv).await.unwrap();
-    assert_eq!(label(other.path()), "raftchat-data 3");
+    assert_eq!(labels_installing(&built).await.1, "raftchat-data 3");
     // A restore (`Ingest`) of an entry whose key lags, into a folder of format 2.
     let restored = tempfile::tempdir().unwrap();
     crate::storage::check_format(restored.path(), 2).unwrap();
