@@ -40,16 +40,13 @@ pub const UNCOUNTED: &[u8] = b"\0uncounted";
 /// (`chat::command::LAZY_ORDER_VERSION`); like [`UNCOUNTED`] it travels in snapshots.
 pub const LAZY_ORDER: &[u8] = b"\0lazyorder";
 
-/// The marks a tree may hold, each for writes that need a newer on-disk format.
-pub const MARKS: [&[u8]; 2] = [UNCOUNTED, LAZY_ORDER];
+/// The marks a tree may hold, each with the on-disk format (`storage::FORMAT_VERSION`) the
+/// writes it stands for need.
+pub const MARKS: [(&[u8], u32); 2] = [(UNCOUNTED, 2), (LAZY_ORDER, 3)];
 
-/// The on-disk format (`storage::FORMAT_VERSION`) a tree holding `mark` needs.
+/// The on-disk format a tree holding `mark` needs, if it is a mark.
 pub fn format_of_mark(mark: &[u8]) -> Option<u32> {
-    match mark {
-        UNCOUNTED => Some(2),
-        LAZY_ORDER => Some(3),
-        _ => None,
-    }
+    MARKS.iter().find(|(m, _)| *m == mark).map(|(_, f)| *f)
 }
 
 /// The writes of one applied entry, committed without sled's `apply_batch`.

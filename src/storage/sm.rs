@@ -191,8 +191,8 @@ impl StateMachine {
     /// and after a snapshot install; `storage::FormatLabel`).
     fn note_marks(&self) -> Result<(), StoreError> {
         let mut marked = 0;
-        for (i, mark) in keys::MARKS.into_iter().enumerate() {
-            if self.view.tree.contains_key(mark)? && self.flusher.label.needs(keys::format_of_mark(mark).unwrap_or(1)) {
+        for (i, (mark, format)) in keys::MARKS.into_iter().enumerate() {
+            if self.view.tree.contains_key(mark)? && self.flusher.label.needs(format) {
                 marked |= 1 << i;
             }
         }
@@ -202,7 +202,7 @@ impl StateMachine {
 
     /// Bit of `mark` in `marked`.
     fn mark_bit(mark: &[u8]) -> u32 {
-        keys::MARKS.iter().position(|m| *m == mark).map_or(0, |i| 1 << i)
+        keys::MARKS.iter().position(|(m, _)| *m == mark).map_or(0, |i| 1 << i)
     }
 
     /// Names `meta` the current snapshot and clears the install mark, in one batch.
