@@ -37,6 +37,10 @@ pub struct Spec {
     /// Per node, a binary other than the cluster's (mixed builds: the harness's `upgrade`
     /// nemesis); missing or `None` is the cluster's.
     pub bins: Vec<Option<PathBuf>>,
+    /// The nodes share this machine's cores (`raftchat local`, `raftchat bench --local`):
+    /// each node's runtime gets [`shared_worker_threads`] worker threads instead of one per
+    /// core, unless `TOKIO_WORKER_THREADS` is set already.
+    pub share_cores: bool,
 }
 
 impl std::fmt::Debug for Spec {
@@ -63,8 +67,18 @@ impl Spec {
             tls: false,
             set: Vec::new(),
             bins: Vec::new(),
+            share_cores: false,
         }
     }
+}
+
+/// Worker threads per node when `nodes` node processes share this machine: its cores
+/// divided among them, at least one. Three nodes with a thread per core each on a 2-core
+/// machine ran six workers that woke, searched for work and went back to sleep in turn
+/// (`docs/performance.md`, tenth session).
+pub fn shared_worker_threads(nodes: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / nodes.max(1)).max(1)
 }
 
 /// A free loopback port (bound once, then released).
@@ -226,6 +240,12 @@ impl Cluster {
             env: vec![vec![]; n],
             keys,
         };
+        if spec.share_cores && std::env::var_os(crate::cli::WORKER_THREADS_ENV).is_none() {
+            let threads = shared_worker_threads(n).to_string();
+            for env in &mut cl.env {
+                env.push((crate::cli::WORKER_THREADS_ENV.to_string(), threads.clone()));
+            }
+        }
         for i in 0..n {
             cl.spawn(i)?;
         }

@@ -197,7 +197,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     if let Some(f) = &node.fault {
         tracing::warn!(fault = %f, "FAULT INJECTION ENABLED: this node will misbehave on purpose");
     }
-    tracing::info!(node = node.id, shards = ?local, http = %node.cfg.http_addr, grpc = %node.cfg.grpc_addr, peer = %node.cfg.peer_addr, "raftchat node starting");
+    tracing::info!(node = node.id, shards = ?local, http = %node.cfg.http_addr, grpc = %node.cfg.grpc_addr, peer = %node.cfg.peer_addr, worker_threads = tokio::runtime::Handle::current().metrics().num_workers(), "raftchat node starting");
 
     let (stop_peers_tx, stop_peers_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -369,3 +369,37 @@ async fn admin_status_shows_every_shard_its_leader_and_who_is_down() {
     let text = String::from_utf8_lossy(&members.stdout).to_string();
     assert!(text.lines().any(|l| l.starts_with('3') && l.contains("down")), "{text}");
 }
+
+/// Nodes that share a machine (`raftchat local`, `raftchat bench --local`) divide its cores
+/// among their runtimes; `TOKIO_WORKER_THREADS` sets a node's worker threads, and a bad
+/// value is refused with a clear message instead of a panic inside tokio.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_sharing_a_machine_divide_its_cores_and_a_bad_thread_count_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["serve", "--data-dir", "/nonexistent/never-created"])
+        .env("TOKIO_WORKER_THREADS", "lots")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad thread count must stop the node: {err}");
+    assert!(err.contains("TOKIO_WORKER_THREADS") && err.contains("from 1 to 1024"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let workers = |dir: &Path, i: usize| -> Option<usize> {
+        let log = std::fs::read_to_string(dir.join(format!("node{i}.log"))).ok()?;
+        let at = log.find("worker_threads=")? + "worker_threads=".len();
+        log[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (share, want) in [(true, raftchat::fixture::shared_worker_threads(3)), (false, cores)] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = raftchat::fixture::Spec { share_cores: share, ..raftchat::fixture::Spec::new(3, dir.path()) };
+        let c = raftchat::fixture::Cluster::start(Path::new(BIN), &spec).unwrap();
+        c.wait_all_ready(Duration::from_secs(60)).await.unwrap();
+        for i in 1..=3 {
+            assert_eq!(workers(dir.path(), i), Some(want), "node {i}, sharing cores: {share}");
+        }
+    }
+    assert_eq!(raftchat::fixture::shared_worker_threads(3), (cores / 3).max(1));
+    assert_eq!(raftchat::fixture::shared_worker_threads(1), cores);
+}

@@ -109,7 +109,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     // raftchat
     let (cluster, urls, keys, data_dirs, ca) = match &plan.nodes {
         Nodes::Local { bin, nodes, shards, dir, tls, set } => {
-            let mut spec = Spec { shards: *shards, tls: *tls, set: set.clone(), ..Spec::new(*nodes, dir) };
+            let mut spec =
+                Spec { shards: *shards, tls: *tls, set: set.clone(), share_cores: true, ..Spec::new(*nodes, dir) };
             // Load generation is not a person typing: no per-user send limit, and every
             // connection comes from one address.
             spec.base = |c| {

@@ -42,7 +42,8 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<()> {
     let stop = super::terminated();
     let bin = std::env::current_exe()?;
     let ports = (0..a.nodes as u16).map(|i| (a.http_port + i, a.grpc_port + i, a.peer_port + i)).collect();
-    let spec = Spec { shards: a.shards, ports: Some(ports), tls: a.tls, ..Spec::new(a.nodes, &a.dir) };
+    let spec =
+        Spec { shards: a.shards, ports: Some(ports), tls: a.tls, share_cores: true, ..Spec::new(a.nodes, &a.dir) };
     let mut cluster = Cluster::start(&bin, &spec)?;
     eprintln!("raftchat local: starting {} nodes, data and logs in {}", a.nodes, a.dir.display());
     match cluster.wait_all_ready(Duration::from_secs(60)).await {

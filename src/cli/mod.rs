@@ -161,8 +161,25 @@ pub fn terminated() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Worker threads of the process's runtime (tokio's own variable; default one per core).
+pub const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// The worker-thread count `TOKIO_WORKER_THREADS` asks for, checked here so that a bad
+/// value is a clear error instead of a panic inside tokio.
+fn worker_threads() -> anyhow::Result<Option<usize>> {
+    let Some(v) = std::env::var_os(WORKER_THREADS_ENV) else { return Ok(None) };
+    match v.to_str().and_then(|s| s.trim().parse::<usize>().ok()) {
+        Some(n @ 1..=1024) => Ok(Some(n)),
+        _ => anyhow::bail!("{WORKER_THREADS_ENV}={v:?}: expected a whole number of threads from 1 to 1024"),
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads()? {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build().context("starting the tokio runtime")?;
     rt.block_on(async move {
         match cli.command {
             Command::Serve(a) => {
