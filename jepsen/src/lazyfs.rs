@@ -7,8 +7,7 @@
 //! the page cache. Reads see pending writes, so a running node notices nothing.
 //!
 //! Truncation is lazy too: a file truncated and rewritten but not fsynced keeps its old
-//! contents after a power loss, and so is `fallocate` (a preallocated size not yet fsynced
-//! is forgotten). Simplification (in favour of the system under test, so it
+//! contents after a power loss. Simplification (in favour of the system under test, so it
 //! hides no bug of its own): directory operations (create, mkdir, rename, unlink) reach the
 //! backing folder at once, as if the directory were synced after each. Files are opened with
 //! `direct_io` and attributes are never cached, so the kernel's page cache cannot keep
@@ -437,35 +436,6 @@ impl Filesystem for Fuse {
         p.size = p.size.max(offset + data.len() as u64);
         p.writes.push((offset, data.to_vec()));
         reply.written(data.len() as u32);
-    }
-
-    /// Plain `fallocate` (mode 0: the file grows to `offset + length`, the new bytes read as
-    /// zeros) is lazy like a write: the size reaches the backing file at the next fsync. The
-    /// write-ahead log preallocates its segments this way. Other modes are not supported.
-    fn fallocate(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        length: i64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        if mode != 0 || offset < 0 || length <= 0 {
-            return reply.error(libc::EOPNOTSUPP);
-        }
-        let mut st = lock(&self.0.state);
-        let real_len = match st.pending.contains_key(&ino) {
-            true => 0,
-            false => match self.path_of(&st, ino).map(|r| std::fs::metadata(self.0.real(&r))) {
-                Some(Ok(m)) => m.len(),
-                _ => return reply.error(libc::ENOENT),
-            },
-        };
-        let p = st.pending.entry(ino).or_insert_with(|| Pending { writes: Vec::new(), size: real_len, cut: None });
-        p.size = p.size.max(offset as u64 + length as u64);
-        reply.ok();
     }
 
     fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
