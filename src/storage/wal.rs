@@ -26,22 +26,8 @@
 //! that found nothing queued for a whole `LAZY_DELAY` sleeps until the next record of
 //! either kind, so an idle node's writer does not wake at all.
 //!
-//! Segments are preallocated: a new one is given its full [`SEGMENT_BYTES`] with `fallocate`
-//! (extents that read as zeros), so an append does not change the file's size and its
-//! `fdatasync` writes the data alone. An append that grows the file also makes `fdatasync`
-//! write the inode (`ext4_write_inode` in a profile at 250 sends/s): on this machine a
-//! 600-byte append plus `fdatasync` took 0.26-0.31 ms and 113-148 µs of CPU growing the
-//! file, 0.19-0.21 ms and 84-98 µs within a preallocated one. A filesystem without
-//! `fallocate` (the harness's FUSE filesystem) keeps growing the file as it is written. A
-//! segment is cut to its data when the next one starts, so only the last segment has a
-//! zero tail; builds before this one read that tail as a torn write and cut it.
-//!
 //! Recovery replays the segments in order. A torn or corrupt frame at the end of the last
-//! segment (a crash mid-write) is cut off, and so is everything after the last whole frame
-//! (zeros included: a frame header of zeros is the preallocated space); the space is then
-//! preallocated again, so stale bytes a crash left past the end can never be read as frames
-//! once new ones are written up to them. A bad frame anywhere else refuses the start
-//! ([`replay`]).
+//! segment (a crash mid-write) is cut off; one anywhere else refuses the start ([`replay`]).
 
 use crate::metrics::Metrics;
 use crate::shard::ShardId;
@@ -77,21 +63,6 @@ pub enum WalError {
     Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("the write-ahead log writer has stopped")]
     Stopped,
-}
-
-/// Gives `file` the bytes `from..to` as allocated space that reads as zeros, without
-/// writing them (module docs). Best effort: where the filesystem cannot, the file grows as
-/// it is written, as it did before.
-pub(crate) fn preallocate(file: &File, from: u64, to: u64) {
-    use std::os::fd::AsRawFd;
-    if to <= from {
-        return;
-    }
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(from), libc::off_t::try_from(to - from)) else { return };
-    // SAFETY: fallocate on a descriptor this `File` owns and keeps open for the call.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) } != 0 {
-        tracing::debug!(cause = %io::Error::last_os_error(), "cannot preallocate a write-ahead log segment; it grows as written");
-    }
 }
 
 /// Per-shard metadata that must survive restarts.
@@ -385,7 +356,7 @@ impl Wal {
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".wal")?.parse().ok())
             .collect();
         seqs.sort_unstable();
-        let (shards, segments, tail) = replay::segments(dir, &seqs, segment_bytes)?;
+        let (shards, segments, tail) = replay::segments(dir, &seqs)?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             shards: Mutex::new(shards.into_iter().map(|(s, l)| (s, Arc::new(Mutex::new(l)))).collect()),
@@ -403,7 +374,6 @@ impl Wal {
                     .truncate(true)
                     .open(&path)
                     .map_err(io(&path))?;
-                preallocate(&file, 0, segment_bytes);
                 File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
                 lock(&shared.segments).insert(seq, Segment { file: Arc::new(file), path, max_index: HashMap::new() });
                 (seq, 0)

@@ -1,10 +1,8 @@
 //! Recovery: reading the segments back at open, frame by frame, into every shard's log.
-//! A torn or corrupt frame at the end of the last segment (a crash mid-write) is cut off,
-//! with everything after it, and a header of zeros there is the preallocated space; either
-//! anywhere else refuses the start. The last segment's space past its data is then
-//! preallocated afresh (zeros), so no stale byte a crash left there can later pass for a frame.
+//! A torn or corrupt frame at the end of the last segment (a crash mid-write) is cut off;
+//! one anywhere else refuses the start.
 
-use super::{preallocate, segment_path, Loc, Record, Segment, ShardLog, WalError, FRAME_HEADER, MAX_FRAME};
+use super::{segment_path, Loc, Record, Segment, ShardLog, WalError, FRAME_HEADER, MAX_FRAME};
 use crate::shard::ShardId;
 use openraft::RaftLogId;
 use std::collections::{BTreeMap, HashMap};
@@ -14,13 +12,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// What replaying the segments `seqs` (in order) under `dir` found: every shard's log, the
-/// segments, and the last one's number and length (where appends go on), if any. The last
-/// segment is preallocated up to `segment_bytes`.
+/// segments, and the last one's number and length (where appends go on), if any.
 #[allow(clippy::type_complexity)]
 pub(super) fn segments(
     dir: &Path,
     seqs: &[u64],
-    segment_bytes: u64,
 ) -> Result<(BTreeMap<ShardId, ShardLog>, BTreeMap<u64, Segment>, Option<(u64, u64)>), WalError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -61,31 +57,23 @@ pub(super) fn segments(
                     offset += flen as u64;
                 }
                 Err(reason) if last => {
-                    if reason != ZEROS {
-                        tracing::warn!(path = %path.display(), offset, %reason, "cutting a torn write off the log's tail");
-                    }
+                    tracing::warn!(path = %path.display(), offset, %reason, "cutting a torn write off the log's tail");
                     break;
                 }
                 Err(reason) => return Err(WalError::Corrupt { path, offset, reason }),
             }
         }
         if last {
-            // Whatever lies past the last whole frame (a torn write, stale bytes, zeros) is
-            // dropped, and the space is given back as zeros.
             if offset < len {
                 file.set_len(offset).map_err(io(&path))?;
+                file.sync_all().map_err(io(&path))?;
             }
-            preallocate(&file, offset, segment_bytes);
-            file.sync_all().map_err(io(&path))?;
             tail = Some((*seq, offset));
         }
         segments.insert(*seq, Segment { file: Arc::new(file), path, max_index });
     }
     Ok((shards, segments, tail))
 }
-
-/// What [`read_frame`] says at a header of zeros.
-const ZEROS: &str = "zeros where a frame should begin (preallocated space)";
 
 /// Reads the frame at `offset`; `Ok(None)` at a clean end of file.
 fn read_frame(file: &File, offset: u64, file_len: u64) -> Result<Option<(Vec<u8>, u32)>, String> {
@@ -97,11 +85,6 @@ fn read_frame(file: &File, offset: u64, file_len: u64) -> Result<Option<(Vec<u8>
     }
     let mut head = [0u8; FRAME_HEADER];
     file.read_exact_at(&mut head, offset).map_err(|e| e.to_string())?;
-    if head == [0u8; FRAME_HEADER] {
-        // Preallocated space: the end of what was written (an error outside the last segment,
-        // where the caller refuses it).
-        return Err(ZEROS.into());
-    }
     let len = u32::from_le_bytes(head[..4].try_into().unwrap_or_default());
     let crc = u32::from_le_bytes(head[4..].try_into().unwrap_or_default());
     if len > MAX_FRAME || offset + FRAME_HEADER as u64 + len as u64 > file_len {

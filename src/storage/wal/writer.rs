@@ -111,10 +111,8 @@ impl Writer {
     fn rotate(&mut self) -> io::Result<()> {
         // Lazy records at the old segment's end must not be lost behind synced ones in the
         // new segment (a truncation would come undone under newer entries).
-        // Its preallocated tail goes: only the last segment may end in zeros (module docs).
         if let Some(old) = lock(&self.shared.segments).get(&self.active) {
-            old.file.set_len(self.size)?;
-            old.file.sync_all()?;
+            old.file.sync_data()?;
         }
         let seq = self.active + 1;
         let path = segment_path(&self.shared.dir, seq);
@@ -123,8 +121,7 @@ impl Writer {
             lock(&self.shared.shards).iter().map(|(s, l)| (*s, lock(l).meta.clone())).collect();
         let cp = encode(&Record::Checkpoint { shards: metas })?;
         file.write_all_at(&cp, 0)?;
-        super::preallocate(&file, cp.len() as u64, self.segment_bytes);
-        file.sync_all()?;
+        file.sync_data()?;
         File::open(&self.shared.dir)?.sync_all()?;
         lock(&self.shared.segments).insert(seq, Segment { file: Arc::new(file), path, max_index: HashMap::new() });
         self.active = seq;
