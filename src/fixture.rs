@@ -204,6 +204,23 @@ pub fn config_toml(c: &Config) -> anyhow::Result<String> {
     Ok(toml::to_string(&v)?)
 }
 
+/// Every panic message in a node's log with the two lines after it (a backtrace that follows
+/// pushes them out of the log's tail, and the folder is gone after a failed test).
+fn panics_in(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut out = String::new();
+    for (k, l) in lines.iter().enumerate() {
+        if l.contains("panicked at") {
+            out.push_str("panic in the log:\n");
+            for m in &lines[k..(k + 3).min(lines.len())] {
+                out.push_str(m);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// A running cluster of node processes. Dropping it kills every node.
 pub struct Cluster {
     /// The binary each node runs (restarts included).
@@ -482,9 +499,10 @@ impl Cluster {
                 let status =
                     self.status(i).await.map(|s| s.to_string()).unwrap_or_else(|e| format!("no /status: {e:#}"));
                 bail!(
-                    "node {} not ready within {timeout:?} (see {}); /status: {status}\nlast log lines:\n{}",
+                    "node {} not ready within {timeout:?} (see {}); /status: {status}\n{}last log lines:\n{}",
                     i + 1,
                     log.display(),
+                    panics_in(&text),
                     tail.join("\n")
                 );
             }
@@ -559,6 +577,18 @@ pub fn latency_report(label: &str, mut ms: Vec<f64>) -> String {
 #[cfg(test)]
 mod set_tests {
     use super::*;
+
+    #[test]
+    fn a_panic_in_a_node_log_is_quoted_whatever_follows_it() {
+        let mut log =
+            String::from("start\nthread 'tokio-rt-worker' panicked at src/x.rs:1:2:\nthe reason\nstack backtrace:\n");
+        for k in 0..100 {
+            log.push_str(&format!("  {k}: frame\n"));
+        }
+        let p = panics_in(&log);
+        assert!(p.contains("panicked at src/x.rs:1:2") && p.contains("the reason"), "{p}");
+        assert_eq!(panics_in("all fine\n"), "");
+    }
 
     #[test]
     fn set_keys_are_typed_and_unknown_or_mistyped_ones_are_named() {
