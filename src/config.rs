@@ -407,8 +407,8 @@ impl Config {
         if self.max_batch == 0 || self.batches_in_flight == 0 {
             return bad("max_batch and batches_in_flight must be > 0".into());
         }
-        if self.shard_max_queued == 0 || self.node_max_inflight_sends < 8 {
-            return bad("shard_max_queued must be > 0 and node_max_inflight_sends >= 8".into());
+        if self.shard_max_queued == 0 || self.node_max_inflight_sends == 0 {
+            return bad("shard_max_queued and node_max_inflight_sends must be > 0".into());
         }
         if self.admission_target_ms == 0 || self.admission_target_ms > self.request_timeout_ms {
             return bad("admission_target_ms must be in 1..=request_timeout_ms".into());

@@ -175,7 +175,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         ),
         admission: crate::node::admission::Limiter::new(
             64,
-            8,
+            8.min(cfg.node_max_inflight_sends),
             cfg.node_max_inflight_sends,
             Duration::from_millis(cfg.admission_target_ms),
         ),
@@ -285,7 +285,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         let limits = crate::api::listener::Limits::from_config(&node.cfg);
         let metrics = node.metrics.clone();
         let acceptor = tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.client_facing.clone()));
-        tokio::spawn(crate::api::listener::serve(http_listener, app, limits, metrics, acceptor, stop))
+        let gate = crate::api::http::front_gate(node.clone());
+        crate::api::listener::start(http_listener, app, limits, metrics, acceptor, stop, gate)
+            .map_err(|e| NodeError::Serve(format!("cannot start the client listener's thread: {e}")))?
     };
 
     let mut removed = node.directory.on_removed();
@@ -298,7 +300,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let _ = stop_tx.send(true);
     // In-flight client requests finish (or fail cleanly) before Raft stops under them.
     let drain = Duration::from_millis(node.cfg.request_timeout_ms + 1_000);
-    if tokio::time::timeout(drain, http).await.is_err() {
+    let mut http = http;
+    if tokio::time::timeout(drain, http.finished()).await.is_err() {
         tracing::warn!(after = ?drain, "shutdown: HTTP requests still running; stopping anyway");
     }
     if tokio::time::timeout(Duration::from_secs(5), grpc).await.is_err() {

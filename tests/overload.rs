@@ -120,3 +120,80 @@ async fn a_websocket_burst_gets_overloaded_error_frames() {
     let h: HistoryResponse = c.full_history(2, "alice", "alice~bob").await;
     assert_eq!(h.messages.len(), 1 + sent, "warm-up plus every sent frame, nothing refused");
 }
+
+/// The node-wide admission limit is held on the client listener's front thread: a send past
+/// it is refused without waiting for the node's runtime. The node runs one worker thread and
+/// admits one send at a time; a send carrying the stall marker takes that one permit and
+/// blocks the worker (`RAFTCHAT_FAULT=stall-runtime`) until the test releases it. A send
+/// made meanwhile must be answered `503 overloaded` with `Retry-After` *before* the release:
+/// were the refusal decided on the node's runtime, it could not be answered at all until
+/// then. Afterwards the stalled send completes and the refused one can be retried.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_past_the_limit_is_refused_while_the_node_runtime_is_stalled() {
+    fn one_at_a_time(c: &mut raftchat::config::Config) {
+        c.node_max_inflight_sends = 1;
+    }
+    let env = vec![
+        (0, "RAFTCHAT_FAULT".to_string(), "stall-runtime".to_string()),
+        (0, "TOKIO_WORKER_THREADS".to_string(), "1".to_string()),
+    ];
+    let c = start_with_env(1, one_at_a_time, env).await;
+    c.register(0, "bob").await;
+    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+
+    let (http, url, token) = (c.http.clone(), format!("{}/v1/messages", c.url(0)), c.token("alice"));
+    let stalled = {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"to": "bob", "client_msg_id": "stalled", "text": "[stall-runtime] wait"}))
+                .send()
+                .await
+                .expect("the node answers the stalled send");
+            r.status().as_u16()
+        })
+    };
+    // The stall has begun once the node says so in its log.
+    let log = c.dir.join("node1.log");
+    eventually(Duration::from_secs(20), "the stall to begin", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log).ok().filter(|t| t.contains("fault injection: blocking this runtime thread"))
+        }
+    })
+    .await;
+
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        http.post(url.clone())
+            .bearer_auth(token.clone())
+            .json(&json!({"to": "bob", "client_msg_id": "second", "text": "while stalled"}))
+            .send(),
+    )
+    .await
+    .expect("a send past the limit is answered while the node's runtime is stalled")
+    .expect("an answer");
+    assert_eq!(refused.status().as_u16(), 503);
+    let secs: u64 = refused
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .expect("Retry-After on a 503")
+        .parse()
+        .expect("whole seconds");
+    assert!(secs >= 1, "Retry-After {secs}");
+    let body: serde_json::Value = refused.json().await.expect("JSON body");
+    assert_eq!(body["code"], "overloaded", "{body}");
+    assert!(!stalled.is_finished(), "the stalled send was still held when the refusal came");
+
+    std::fs::write(c.dir.join("node1").join(raftchat::api::ops::STALL_RELEASE), b"").unwrap();
+    assert_eq!(stalled.await.unwrap(), 200, "the stalled send completes once released");
+    let r = c.send_ok(0, "alice", "bob", "second", "retried after 503").await;
+    assert!(!r.duplicate, "nothing of the refused send was written");
+    assert!(c.metric(0, "raftchat_shed_total{bound=\"node\"}").await >= 1.0, "the refusal is counted");
+    let h: HistoryResponse = c.full_history(0, "bob", "alice~bob").await;
+    let ids: Vec<&str> = h.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(ids, ["warm-up", "stalled", "second"]);
+}

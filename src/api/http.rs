@@ -1,6 +1,7 @@
 //! HTTP/JSON client API (axum). Every `/v1` call needs `Authorization: Bearer <token>`.
 //! See `docs/api.md` for the calls with curl examples.
 
+use super::listener::{Gate, Place};
 use super::ops::{self, MarkReadRequest, RegisterRequest, SendRequest};
 use super::ApiError;
 use crate::node::Node;
@@ -10,6 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -107,7 +109,8 @@ pub(crate) fn respond<T: Serialize>(node: &Node, op: &str, r: Result<T, ApiError
         }
         Err(e) => {
             node.metrics.count_request("http", op, e.code);
-            if e.status.is_server_error() {
+            // An overloaded node refuses many requests a second; they are counted, not logged.
+            if e.status.is_server_error() && e.code != "overloaded" {
                 tracing::warn!(op, error = %e, "request failed");
             }
             e.into_response()
@@ -115,8 +118,41 @@ pub(crate) fn respond<T: Serialize>(node: &Node, op: &str, r: Result<T, ApiError
     }
 }
 
+/// Marks a send that the listener's front thread found past the node's admission limit.
+#[derive(Clone, Copy)]
+struct RefusedAtFront;
+
+/// Node-wide admission of HTTP sends, looked at on the listener's front thread as soon as a
+/// request is read (`api::listener`): while the node already has as many sends in flight as
+/// its limit allows, a send is answered `503 overloaded` there, before authentication and
+/// without waiting for a turn on the node's runtime, which is what is busy when the node is
+/// overloaded. The gate only looks: an admitted send takes its permit in [`ops::send`] as
+/// before (so a send that fails authentication or validation never holds one), and is still
+/// refused there if the limit filled up meanwhile. Every other request runs on the node's
+/// runtime.
+pub fn front_gate(node: Arc<Node>) -> Gate {
+    Arc::new(move |req: &mut axum::http::Request<hyper::body::Incoming>| {
+        if req.method() != axum::http::Method::POST || req.uri().path() != "/v1/messages" {
+            return Place::Node;
+        }
+        if node.admission.inflight() < node.admission.limit() {
+            return Place::Node;
+        }
+        req.extensions_mut().insert(RefusedAtFront);
+        Place::Front
+    })
+}
+
 #[tracing::instrument(skip_all)]
-async fn send(State(node): St, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn send(
+    State(node): St,
+    refused: Option<Extension<RefusedAtFront>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if refused.is_some() {
+        return respond::<ops::SendResponse>(&node, "send", Err(ops::node_overloaded(&node)));
+    }
     let r = async {
         let who = ops::authenticate(&node, auth_header(&headers)).await?;
         let req: SendRequest = json_body(body)?;

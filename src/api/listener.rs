@@ -9,6 +9,17 @@
 //!
 //! Shutdown: the accept loop stops, connections finish their requests (hyper's graceful
 //! shutdown), upgraded WebSockets are closed by their sessions.
+//!
+//! The front runtime. The listener runs on a small runtime of its own ([`start`]; threads
+//! named `raftchat-front`, one for a node of up to four cores): it accepts connections, reads
+//! requests, writes answers and does TLS, and hands each request to the node's runtime to be
+//! handled. Before that, a [`Gate`] may place a request on the front runtime itself; the HTTP
+//! API uses it to refuse sends past the node's admission limit (`api::http::front_gate`).
+//! Why: when a node is overloaded its runtime is what is busy (applying batches of hundreds
+//! of commands, replicating), and a refusal that waits for a turn there is not "at once".
+//! The front threads are idle most of the time, so the kernel runs them soon after a request
+//! arrives. A handler on the node's runtime is aborted when its connection drops the answer,
+//! as it was when it ran in the connection's task.
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -167,8 +178,96 @@ async fn refuse(mut sock: TcpStream, which: &str) {
     .await;
 }
 
+/// Where a request is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// On the listener's front runtime (cheap answers that must not wait for the node).
+    Front,
+    /// On the node's runtime (everything else).
+    Node,
+}
+
+/// Looks at a request as soon as its head is read, on the front runtime; may add extensions.
+pub type Gate = Arc<dyn Fn(&mut hyper::Request<hyper::body::Incoming>) -> Place + Send + Sync>;
+
+/// The listener running on its front runtime.
+pub struct Running {
+    done: Option<tokio::task::JoinHandle<()>>,
+    /// Lives until the node has stopped: the sockets of upgraded WebSockets belong to it.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Running {
+    /// Completes when the listener has stopped accepting and its connections have finished.
+    pub async fn finished(&mut self) {
+        if let Some(done) = self.done.as_mut() {
+            let _ = done.await;
+            self.done = None;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            // Dropped from async code, where a runtime may not block to stop.
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Threads of the front runtime for a node runtime of `node_workers`: one for up to four,
+/// a quarter of them beyond (TLS and HTTP parsing for a large node's clients).
+pub fn front_threads(node_workers: usize) -> usize {
+    (node_workers / 4).max(1)
+}
+
+/// Starts [`serve`] on a runtime of its own (threads `raftchat-front`); requests are handled
+/// on the runtime of the caller.
+pub fn start(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: Limits,
+    metrics: Metrics,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: impl Future<Output = ()> + Send + 'static,
+    gate: Gate,
+) -> io::Result<Running> {
+    let node_rt = tokio::runtime::Handle::current();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(front_threads(node_rt.metrics().num_workers()))
+        .thread_name("raftchat-front")
+        .enable_all()
+        .build()?;
+    // The socket moves to the front runtime's reactor.
+    let moved = {
+        let _in = rt.enter();
+        listener.into_std().and_then(TcpListener::from_std)
+    };
+    let listener = match moved {
+        Ok(l) => l,
+        Err(e) => {
+            rt.shutdown_background();
+            return Err(e);
+        }
+    };
+    let done = rt.spawn(serve(listener, app, limits, metrics, tls, stop, gate, node_rt));
+    Ok(Running { done: Some(done), rt: Some(rt) })
+}
+
+/// Aborts a request's handler on the node's runtime when its connection drops the answer
+/// (the client went away, the connection idled out), as if it ran in the connection's task.
+struct Handling(tokio::task::JoinHandle<Result<axum::response::Response, std::convert::Infallible>>);
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Serves `app` on `listener` under `limits` until `stop` completes, then lets open
-/// connections finish.
+/// connections finish. Requests run on `node_rt` unless `gate` places them on this runtime.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
@@ -176,6 +275,8 @@ pub async fn serve(
     metrics: Metrics,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: impl Future<Output = ()> + Send + 'static,
+    gate: Gate,
+    node_rt: tokio::runtime::Handle,
 ) {
     let counts = Arc::new(Mutex::new(Counts::default()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -212,10 +313,31 @@ pub async fn serve(
         let start = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
         // Handlers see the client's address as axum's `ConnectInfo` (login limits use it).
-        let routes = app.clone();
+        let (routes, gate, node_rt) = (app.clone(), gate.clone(), node_rt.clone());
         let svc = TowerToHyperService::new(tower::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
-            tower::ServiceExt::oneshot(routes.clone(), req)
+            let place = gate(&mut req);
+            let answer = tower::ServiceExt::oneshot(routes.clone(), req);
+            match place {
+                Place::Front => answer.boxed(),
+                Place::Node => {
+                    let mut handling = Handling(node_rt.spawn(answer));
+                    async move {
+                        match (&mut handling.0).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::error!(cause = %e, "a request's handler failed");
+                                Ok(axum::response::IntoResponse::into_response(super::ApiError::new(
+                                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                    "internal",
+                                    "the request's handler failed",
+                                )))
+                            }
+                        }
+                    }
+                    .boxed()
+                }
+            }
         }));
         let idle = limits.idle_timeout;
         let conn = match &tls {

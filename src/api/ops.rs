@@ -132,6 +132,33 @@ fn unexpected(r: ShardReply) -> ApiError {
     ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected shard reply {r:?}"))
 }
 
+/// Fault injection for tests (`RAFTCHAT_FAULT=stall-runtime`): an admitted send whose text
+/// contains [`STALL_MARKER`] blocks the thread running it (with one worker thread, the node's
+/// whole runtime) while it holds its admission permit, until a file [`STALL_RELEASE`]
+/// appears in the data folder or [`STALL_AT_MOST`] has passed. Off unless the variable is set.
+pub const STALL_RUNTIME: &str = "stall-runtime";
+pub const STALL_MARKER: &str = "[stall-runtime]";
+pub const STALL_RELEASE: &str = "release-stall";
+pub const STALL_AT_MOST: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn stall_runtime(node: &Node) {
+    let release = node.cfg.data_dir.join(STALL_RELEASE);
+    tracing::error!(release = %release.display(), "fault injection: blocking this runtime thread");
+    let start = std::time::Instant::now();
+    while !release.exists() && start.elapsed() < STALL_AT_MOST {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The refusal of a send past the node's admission limit (`503 overloaded`), counted.
+pub fn node_overloaded(node: &Node) -> ApiError {
+    node.metrics.shed.with_label_values(&["node"]).inc();
+    ApiError::overloaded(
+        format!("this node is at its limit of {} sends in flight; nothing was written", node.admission.limit()),
+        node.cfg.overload_retry_after_ms,
+    )
+}
+
 pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result<SendResponse, ApiError> {
     let to = UserId::parse(&req.to)?;
     validate_client_msg_id(&req.client_msg_id)?;
@@ -149,11 +176,7 @@ pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result
     }
     // Node-wide admission: refuse at once rather than queue without bound.
     let Some(permit) = node.admission.try_acquire() else {
-        node.metrics.shed.with_label_values(&["node"]).inc();
-        return Err(ApiError::overloaded(
-            format!("this node is at its limit of {} sends in flight; nothing was written", node.admission.limit()),
-            node.cfg.overload_retry_after_ms,
-        ));
+        return Err(node_overloaded(node));
     };
     let res = send_admitted(node, who, req, to, conversation).await;
     permit.finish(matches!(&res, Err(e) if e.code == "timeout"));
@@ -167,6 +190,9 @@ async fn send_admitted(
     to: UserId,
     conversation: ConversationId,
 ) -> Result<SendResponse, ApiError> {
+    if node.fault.as_deref() == Some(STALL_RUNTIME) && req.text.contains(STALL_MARKER) {
+        stall_runtime(node);
+    }
     let deadline = node.request_deadline();
     if !node.user_exists(&to, deadline).await? {
         return Err(ApiError::not_found("unknown_user", format!("no user {to}")));
