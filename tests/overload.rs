@@ -197,3 +197,52 @@ async fn a_send_past_the_limit_is_refused_while_the_node_runtime_is_stalled() {
     let ids: Vec<&str> = h.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
     assert_eq!(ids, ["warm-up", "stalled", "second"]);
 }
+
+/// The front runtime reads a send's body before the send takes an admission permit: a body
+/// that never arrives is answered `400 invalid_body` once `header_read_timeout_ms` has
+/// passed, and holds no permit meanwhile (the node admits one send at a time here, and a
+/// whole send goes through while the other one's body is still missing).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_whose_body_never_arrives_holds_no_permit_and_gets_a_clear_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn one_at_a_time(c: &mut raftchat::config::Config) {
+        c.node_max_inflight_sends = 1;
+        c.header_read_timeout_ms = 2_000;
+    }
+    let c = start(1, one_at_a_time).await;
+    c.register(0, "bob").await;
+    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+
+    let addr = c.url(0).trim_start_matches("http://").to_string();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"to\":",
+        c.token("alice")
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    // Meanwhile another send is admitted and stored.
+    c.send_ok(0, "alice", "bob", "whole", "arrives whole").await;
+
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&answer).contains("invalid_body") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to the unfinished body");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("invalid_body"), "{text}");
+    let h: HistoryResponse = c.full_history(0, "bob", "alice~bob").await;
+    let ids: Vec<&str> = h.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(ids, ["warm-up", "whole"]);
+}

@@ -42,9 +42,13 @@ impl pb::chat_server::Chat for ChatService {
         let r = async {
             let who = self.who(&req).await?;
             let r = req.into_inner();
-            let out =
-                ops::send(&self.node, &who, SendRequest { to: r.to, client_msg_id: r.client_msg_id, text: r.text })
-                    .await?;
+            let out = ops::send(
+                &self.node,
+                &who,
+                SendRequest { to: r.to, client_msg_id: r.client_msg_id, text: r.text },
+                None,
+            )
+            .await?;
             Ok(pb::SendReply {
                 conversation_id: out.conversation_id,
                 seq: out.seq,

@@ -4,6 +4,7 @@
 use super::listener::{Gate, Place};
 use super::ops::{self, MarkReadRequest, RegisterRequest, SendRequest};
 use super::ApiError;
+use crate::node::admission::Permit;
 use crate::node::Node;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -13,9 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
+use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 type St = State<Arc<Node>>;
 
@@ -118,45 +120,90 @@ pub(crate) fn respond<T: Serialize>(node: &Node, op: &str, r: Result<T, ApiError
     }
 }
 
-/// Marks a send that the listener's front thread found past the node's admission limit.
-#[derive(Clone, Copy)]
-struct RefusedAtFront;
+/// What the listener's front runtime decided about a send (see [`front_gate`]).
+#[derive(Clone)]
+enum FrontVerdict {
+    /// Admitted: the node-wide permit, for the handler to take.
+    Admitted(Arc<Mutex<Option<Permit>>>),
+    /// Past the node's admission limit: answered `503 overloaded` on the front runtime.
+    Overloaded,
+    /// The body did not arrive within `header_read_timeout_ms` (or the connection broke).
+    BodyUnread,
+}
 
-/// Node-wide admission of HTTP sends, looked at on the listener's front thread as soon as a
-/// request is read (`api::listener`): while the node already has as many sends in flight as
-/// its limit allows, a send is answered `503 overloaded` there, before authentication and
-/// without waiting for a turn on the node's runtime, which is what is busy when the node is
-/// overloaded. The gate only looks: an admitted send takes its permit in [`ops::send`] as
-/// before (so a send that fails authentication or validation never holds one), and is still
-/// refused there if the limit filled up meanwhile. Every other request runs on the node's
-/// runtime.
+/// Node-wide admission of HTTP sends, on the listener's front runtime (`api::listener`), so
+/// that a send past the limit is refused at once instead of waiting for a turn on the node's
+/// runtime, which is what is busy when the node is overloaded. For `POST /v1/messages` with
+/// a token whose signature and expiry check out (revocation is checked later, on the node's
+/// runtime) and a `Content-Length` within `max_body_bytes`: the body is read there (within
+/// `header_read_timeout_ms`), then the send takes its admission permit, or is answered `503
+/// overloaded` on the spot. The permit goes with the request to its handler, so nothing can
+/// take it in between, and the adaptive limit measures the send from there (time queued
+/// for the node's runtime counts). Any other request, and a send without a valid token or a
+/// length, runs on the node's runtime as before (a send then takes its permit there).
 pub fn front_gate(node: Arc<Node>) -> Gate {
-    Arc::new(move |req: &mut axum::http::Request<hyper::body::Incoming>| {
-        if req.method() != axum::http::Method::POST || req.uri().path() != "/v1/messages" {
-            return Place::Node;
+    Arc::new(move |req: axum::http::Request<hyper::body::Incoming>| {
+        let node = node.clone();
+        async move {
+            let limit = node.cfg.max_body_bytes;
+            let is_send = req.method() == axum::http::Method::POST && req.uri().path() == "/v1/messages";
+            let length = req
+                .headers()
+                .get(axum::http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            if !is_send
+                || length.is_none_or(|n| n > limit)
+                || node.keys.verify_header(auth_header(req.headers())).is_err()
+            {
+                return (Place::Node, req.map(axum::body::Body::new));
+            }
+            let (parts, body) = req.into_parts();
+            let wait = std::time::Duration::from_millis(node.cfg.header_read_timeout_ms);
+            let read = tokio::time::timeout(wait, axum::body::to_bytes(axum::body::Body::new(body), limit)).await;
+            let Ok(Ok(bytes)) = read else {
+                let mut req = axum::http::Request::from_parts(parts, axum::body::Body::empty());
+                req.extensions_mut().insert(FrontVerdict::BodyUnread);
+                return (Place::Front, req);
+            };
+            let mut req = axum::http::Request::from_parts(parts, axum::body::Body::from(bytes));
+            match node.admission.try_acquire() {
+                Some(p) => {
+                    req.extensions_mut().insert(FrontVerdict::Admitted(Arc::new(Mutex::new(Some(p)))));
+                    (Place::Node, req)
+                }
+                None => {
+                    req.extensions_mut().insert(FrontVerdict::Overloaded);
+                    (Place::Front, req)
+                }
+            }
         }
-        if node.admission.inflight() < node.admission.limit() {
-            return Place::Node;
-        }
-        req.extensions_mut().insert(RefusedAtFront);
-        Place::Front
+        .boxed()
     })
 }
 
 #[tracing::instrument(skip_all)]
 async fn send(
     State(node): St,
-    refused: Option<Extension<RefusedAtFront>>,
+    front: Option<Extension<FrontVerdict>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if refused.is_some() {
-        return respond::<ops::SendResponse>(&node, "send", Err(ops::node_overloaded(&node)));
-    }
+    let admitted = match front {
+        None => None,
+        Some(Extension(FrontVerdict::Admitted(p))) => p.lock().unwrap_or_else(|p| p.into_inner()).take(),
+        Some(Extension(FrontVerdict::Overloaded)) => {
+            return respond::<ops::SendResponse>(&node, "send", Err(ops::node_overloaded(&node)))
+        }
+        Some(Extension(FrontVerdict::BodyUnread)) => {
+            let e = ApiError::bad_request("invalid_body", "the request body did not arrive in time");
+            return respond::<ops::SendResponse>(&node, "send", Err(e));
+        }
+    };
     let r = async {
         let who = ops::authenticate(&node, auth_header(&headers)).await?;
         let req: SendRequest = json_body(body)?;
-        ops::send(&node, &who, req).await
+        ops::send(&node, &who, req, admitted).await
     }
     .await;
     respond(&node, "send", r)

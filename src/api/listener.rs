@@ -187,8 +187,15 @@ pub enum Place {
     Node,
 }
 
-/// Looks at a request as soon as its head is read, on the front runtime; may add extensions.
-pub type Gate = Arc<dyn Fn(&mut hyper::Request<hyper::body::Incoming>) -> Place + Send + Sync>;
+/// Looks at a request as soon as its head is read, on the front runtime, and says where it
+/// is handled; may read the body and add extensions.
+pub type Gate = Arc<
+    dyn Fn(
+            hyper::Request<hyper::body::Incoming>,
+        ) -> futures::future::BoxFuture<'static, (Place, hyper::Request<axum::body::Body>)>
+        + Send
+        + Sync,
+>;
 
 /// The listener running on its front runtime.
 pub struct Running {
@@ -316,26 +323,24 @@ pub async fn serve(
         let (routes, gate, node_rt) = (app.clone(), gate.clone(), node_rt.clone());
         let svc = TowerToHyperService::new(tower::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
-            let place = gate(&mut req);
-            let answer = tower::ServiceExt::oneshot(routes.clone(), req);
-            match place {
-                Place::Front => answer.boxed(),
-                Place::Node => {
-                    let mut handling = Handling(node_rt.spawn(answer));
-                    async move {
-                        match (&mut handling.0).await {
-                            Ok(r) => r,
-                            Err(e) => {
-                                tracing::error!(cause = %e, "a request's handler failed");
-                                Ok(axum::response::IntoResponse::into_response(super::ApiError::new(
-                                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                                    "internal",
-                                    "the request's handler failed",
-                                )))
-                            }
-                        }
+            let (routes, gate, node_rt) = (routes.clone(), gate.clone(), node_rt.clone());
+            async move {
+                let (place, req) = gate(req).await;
+                let answer = tower::ServiceExt::oneshot(routes, req);
+                if place == Place::Front {
+                    return answer.await;
+                }
+                let mut handling = Handling(node_rt.spawn(answer));
+                match (&mut handling.0).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(cause = %e, "a request's handler failed");
+                        Ok(axum::response::IntoResponse::into_response(super::ApiError::new(
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            "the request's handler failed",
+                        )))
                     }
-                    .boxed()
                 }
             }
         }));

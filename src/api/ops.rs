@@ -6,6 +6,7 @@ use super::ApiError;
 use crate::auth::Principal;
 use crate::chat::types::{validate_client_msg_id, validate_text};
 use crate::chat::{ConversationId, Message, ReceiptKind, UserId};
+use crate::node::admission::Permit;
 use crate::node::router::{ShardOp, ShardReply};
 use crate::node::Node;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -159,7 +160,15 @@ pub fn node_overloaded(node: &Node) -> ApiError {
     )
 }
 
-pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result<SendResponse, ApiError> {
+/// A send. `admitted` is the node-wide admission permit when the caller already took one
+/// (the HTTP listener's front runtime does, `api::http::front_gate`); otherwise one is taken
+/// here, or the send is refused with `503 overloaded`.
+pub async fn send(
+    node: &Arc<Node>,
+    who: &Principal,
+    req: SendRequest,
+    admitted: Option<Permit>,
+) -> Result<SendResponse, ApiError> {
     let to = UserId::parse(&req.to)?;
     validate_client_msg_id(&req.client_msg_id)?;
     validate_text(&req.text, node.cfg.max_text_bytes)?;
@@ -175,7 +184,7 @@ pub async fn send(node: &Arc<Node>, who: &Principal, req: SendRequest) -> Result
         ));
     }
     // Node-wide admission: refuse at once rather than queue without bound.
-    let Some(permit) = node.admission.try_acquire() else {
+    let Some(permit) = admitted.or_else(|| node.admission.try_acquire()) else {
         return Err(node_overloaded(node));
     };
     let res = send_admitted(node, who, req, to, conversation).await;

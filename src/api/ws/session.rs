@@ -330,7 +330,7 @@ async fn handle_text(
         };
         let text = match frame {
             ClientFrame::Send { id, to, client_msg_id, text } => {
-                ops::send(node, &p, ops::SendRequest { to, client_msg_id, text })
+                ops::send(node, &p, ops::SendRequest { to, client_msg_id, text }, None)
                     .await
                     .map(|r| protocol::reply("sent", id, r))
             }
