@@ -246,3 +246,54 @@ async fn a_send_whose_body_never_arrives_holds_no_permit_and_gets_a_clear_error(
     let ids: Vec<&str> = h.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
     assert_eq!(ids, ["warm-up", "whole"]);
 }
+
+/// WebSocket sends are admitted by the session's reader, which runs on the listener's front
+/// runtime: with the node's runtime stalled by one admitted send (as above, over one
+/// connection), a send over another connection gets its `overloaded` error frame with
+/// `retry_after_ms` before the stall is released; then the stalled send is acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_send_past_the_limit_gets_its_error_frame_while_the_node_runtime_is_stalled() {
+    fn one_at_a_time(c: &mut raftchat::config::Config) {
+        c.node_max_inflight_sends = 1;
+    }
+    let env = vec![
+        (0, "RAFTCHAT_FAULT".to_string(), "stall-runtime".to_string()),
+        (0, "TOKIO_WORKER_THREADS".to_string(), "1".to_string()),
+    ];
+    let c = start_with_env(1, one_at_a_time, env).await;
+    c.register(0, "bob").await;
+    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+    let mut first = Ws::connect(&c.url(0), Some(&c.token("alice")), None).await.unwrap();
+    let mut second = Ws::connect(&c.url(0), Some(&c.token("alice")), None).await.unwrap();
+
+    first
+        .send(json!({"type": "send", "id": "s1", "to": "bob", "client_msg_id": "stalled", "text": "[stall-runtime] wait"}))
+        .await;
+    let log = c.dir.join("node1.log");
+    eventually(Duration::from_secs(20), "the stall to begin", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log).ok().filter(|t| t.contains("fault injection: blocking this runtime thread"))
+        }
+    })
+    .await;
+
+    second
+        .send(json!({"type": "send", "id": "s2", "to": "bob", "client_msg_id": "second", "text": "while stalled"}))
+        .await;
+    let v = second.reply(Duration::from_secs(20)).await;
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["code"], "overloaded", "{v}");
+    assert_eq!(v["id"], "s2", "{v}");
+    assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}");
+
+    std::fs::write(c.dir.join("node1").join(raftchat::api::ops::STALL_RELEASE), b"").unwrap();
+    let v = first.reply(Duration::from_secs(30)).await;
+    assert_eq!(v["type"], "sent", "{v}");
+    second.send(json!({"type": "send", "id": "s3", "to": "bob", "client_msg_id": "second", "text": "retried"})).await;
+    let v = second.reply(Duration::from_secs(30)).await;
+    assert_eq!(v["type"], "sent", "{v}");
+    let h: HistoryResponse = c.full_history(0, "bob", "alice~bob").await;
+    let ids: Vec<&str> = h.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(ids, ["warm-up", "stalled", "second"]);
+}

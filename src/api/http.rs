@@ -127,6 +127,9 @@ enum FrontVerdict {
     Admitted(Arc<Mutex<Option<Permit>>>),
     /// Past the node's admission limit: answered `503 overloaded` on the front runtime.
     Overloaded,
+    /// The user has no send left in their rate: `429 rate_limited` on the front runtime
+    /// (with the wait), so that one user's flood cannot hold the node's permits.
+    RateLimited(crate::chat::UserId, std::time::Duration),
     /// The body did not arrive within `header_read_timeout_ms` (or the connection broke).
     BodyUnread,
 }
@@ -136,7 +139,8 @@ enum FrontVerdict {
 /// runtime, which is what is busy when the node is overloaded. For `POST /v1/messages` with
 /// a token whose signature and expiry check out (revocation is checked later, on the node's
 /// runtime) and a `Content-Length` within `max_body_bytes`: the body is read there (within
-/// `header_read_timeout_ms`), then the send takes its admission permit, or is answered `503
+/// `header_read_timeout_ms`); a user with no send left in their rate is answered `429
+/// rate_limited` there; then the send takes its admission permit, or is answered `503
 /// overloaded` on the spot. The permit goes with the request to its handler, so nothing can
 /// take it in between, and the adaptive limit measures the send from there (time queued
 /// for the node's runtime counts). Any other request, and a send without a valid token or a
@@ -152,12 +156,10 @@ pub fn front_gate(node: Arc<Node>) -> Gate {
                 .get(axum::http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok());
-            if !is_send
-                || length.is_none_or(|n| n > limit)
-                || node.keys.verify_header(auth_header(req.headers())).is_err()
-            {
-                return (Place::Node, req.map(axum::body::Body::new));
-            }
+            let who = match node.keys.verify_header(auth_header(req.headers())) {
+                Ok(who) if is_send && length.is_some_and(|n| n <= limit) => who,
+                _ => return (Place::Node, req.map(axum::body::Body::new)),
+            };
             let (parts, body) = req.into_parts();
             let wait = std::time::Duration::from_millis(node.cfg.header_read_timeout_ms);
             let read = tokio::time::timeout(wait, axum::body::to_bytes(axum::body::Body::new(body), limit)).await;
@@ -167,6 +169,11 @@ pub fn front_gate(node: Arc<Node>) -> Gate {
                 return (Place::Front, req);
             };
             let mut req = axum::http::Request::from_parts(parts, axum::body::Body::from(bytes));
+            // Looked at, not taken: the handler takes the user's token as before.
+            if let Err(wait) = node.send_rate.check(&who.user) {
+                req.extensions_mut().insert(FrontVerdict::RateLimited(who.user, wait));
+                return (Place::Front, req);
+            }
             match node.admission.try_acquire() {
                 Some(p) => {
                     req.extensions_mut().insert(FrontVerdict::Admitted(Arc::new(Mutex::new(Some(p)))));
@@ -194,6 +201,9 @@ async fn send(
         Some(Extension(FrontVerdict::Admitted(p))) => p.lock().unwrap_or_else(|p| p.into_inner()).take(),
         Some(Extension(FrontVerdict::Overloaded)) => {
             return respond::<ops::SendResponse>(&node, "send", Err(ops::node_overloaded(&node)))
+        }
+        Some(Extension(FrontVerdict::RateLimited(user, wait))) => {
+            return respond::<ops::SendResponse>(&node, "send", Err(ops::user_rate_limited(&node, &user, wait)))
         }
         Some(Extension(FrontVerdict::BodyUnread)) => {
             let e = ApiError::bad_request("invalid_body", "the request body did not arrive in time");

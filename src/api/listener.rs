@@ -197,6 +197,11 @@ pub type Gate = Arc<
         + Sync,
 >;
 
+/// The listener's front runtime, in every request's extensions (the WebSocket sessions run
+/// their reader and writer on it, `api::ws::session`).
+#[derive(Clone)]
+pub struct FrontRuntime(pub tokio::runtime::Handle);
+
 /// The listener running on its front runtime.
 pub struct Running {
     done: Option<tokio::task::JoinHandle<()>>,
@@ -285,6 +290,7 @@ pub async fn serve(
     gate: Gate,
     node_rt: tokio::runtime::Handle,
 ) {
+    let front = FrontRuntime(tokio::runtime::Handle::current());
     let counts = Arc::new(Mutex::new(Counts::default()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
@@ -320,9 +326,10 @@ pub async fn serve(
         let start = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
         // Handlers see the client's address as axum's `ConnectInfo` (login limits use it).
-        let (routes, gate, node_rt) = (app.clone(), gate.clone(), node_rt.clone());
+        let (routes, gate, node_rt, front) = (app.clone(), gate.clone(), node_rt.clone(), front.clone());
         let svc = TowerToHyperService::new(tower::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+            req.extensions_mut().insert(front.clone());
             let (routes, gate, node_rt) = (routes.clone(), gate.clone(), node_rt.clone());
             async move {
                 let (place, req) = gate(req).await;

@@ -151,6 +151,18 @@ fn stall_runtime(node: &Node) {
     }
 }
 
+/// The refusal of a send past its user's send rate (`429 rate_limited`), counted.
+pub fn user_rate_limited(node: &Node, user: &UserId, wait: std::time::Duration) -> ApiError {
+    node.metrics.shed.with_label_values(&["user_rate"]).inc();
+    ApiError::rate_limited(
+        format!(
+            "{user} may send {} messages a second (bursts of {}); nothing was written",
+            node.cfg.user_send_rate, node.cfg.user_send_burst
+        ),
+        wait.as_millis() as u64 + 1,
+    )
+}
+
 /// The refusal of a send past the node's admission limit (`503 overloaded`), counted.
 pub fn node_overloaded(node: &Node) -> ApiError {
     node.metrics.shed.with_label_values(&["node"]).inc();
@@ -174,14 +186,7 @@ pub async fn send(
     validate_text(&req.text, node.cfg.max_text_bytes)?;
     let conversation = ConversationId::between(&who.user, &to)?;
     if let Err(wait) = node.send_rate.take(&who.user) {
-        node.metrics.shed.with_label_values(&["user_rate"]).inc();
-        return Err(ApiError::rate_limited(
-            format!(
-                "{} may send {} messages a second (bursts of {}); nothing was written",
-                who.user, node.cfg.user_send_rate, node.cfg.user_send_burst
-            ),
-            wait.as_millis() as u64 + 1,
-        ));
+        return Err(user_rate_limited(node, &who.user, wait));
     }
     // Node-wide admission: refuse at once rather than queue without bound.
     let Some(permit) = admitted.or_else(|| node.admission.try_acquire()) else {

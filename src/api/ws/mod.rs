@@ -11,12 +11,14 @@ pub mod protocol;
 pub mod push;
 pub mod session;
 
+use super::listener::FrontRuntime;
 use super::ApiError;
 use crate::node::Node;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -37,6 +39,7 @@ pub async fn upgrade(
     headers: HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    front: Option<Extension<FrontRuntime>>,
 ) -> Response {
     let r = async {
         let ws = ws.map_err(|e| ApiError::bad_request("not_websocket", e.body_text()))?;
@@ -54,7 +57,15 @@ pub async fn upgrade(
     match r {
         Ok((ws, who, cursor)) => ws
             .max_message_size(HARD_FRAME_LIMIT)
-            .on_upgrade(move |socket| session::run(node, socket, who, cursor))
+            .on_upgrade(move |socket| async move {
+                // The session's reader and writer go to the listener's front runtime; its node
+                // work stays on this one (`session`).
+                let work = tokio::runtime::Handle::current();
+                match front {
+                    Some(Extension(FrontRuntime(f))) => drop(f.spawn(session::run(node, socket, who, cursor, work))),
+                    None => session::run(node, socket, who, cursor, work).await,
+                }
+            })
             .into_response(),
         Err(e) => e.into_response(),
     }

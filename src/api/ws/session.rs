@@ -6,6 +6,12 @@
 //! as tasks (at most `ws_max_in_flight` at once) and reply through the same queue. A frame
 //! that cannot be queued within `ws_slow_consumer_ms` closes the connection with 4008: the
 //! queue never grows past `ws_queue_frames`.
+//!
+//! Runtimes. Under the client listener (`api::listener`) the reader and the writer run on
+//! the listener's front runtime, and everything that does node work (request tasks, the
+//! pusher, token checks) on the node's runtime (`work`). So a send past the node's
+//! admission limit is answered with its `overloaded` error frame by the reader at once,
+//! without waiting for a turn on the busy node runtime.
 
 use super::protocol::{self, close, ClientFrame, Cursor};
 use crate::api::{ops, ApiError};
@@ -14,8 +20,10 @@ use crate::node::Node;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -79,7 +87,13 @@ impl Drop for ConnectionGauge {
     }
 }
 
-pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>, cursor: Option<Cursor>) {
+/// Runs `f` on the node's runtime and waits for it (`None` if it panicked or was cancelled).
+async fn on_node<T: Send + 'static>(work: &Handle, f: impl Future<Output = T> + Send + 'static) -> Option<T> {
+    work.spawn(f).await.ok()
+}
+
+/// Serves one connection; node work runs on `work` (see the module docs).
+pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>, cursor: Option<Cursor>, work: Handle) {
     node.metrics.ws_connections.inc();
     let _gauge = ConnectionGauge(node.clone());
     let cfg = node.cfg.clone();
@@ -122,10 +136,13 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
     let permits = Arc::new(Semaphore::new(cfg.ws_max_in_flight));
     if let Some(w) = &who {
         let (c, u) = (conn.clone(), w.user.clone());
-        tasks.spawn(async move {
-            super::push::run(c, u, cursor).await;
-            false
-        });
+        tasks.spawn_on(
+            async move {
+                super::push::run(c, u, cursor).await;
+                false
+            },
+            &work,
+        );
     }
     let opened = Instant::now();
     let mut last_seen = Instant::now();
@@ -165,7 +182,7 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
                             conn.error(None, &e).await;
                             continue;
                         }
-                        handle_text(&conn, &mut who, &mut tasks, &mut requests_held, &permits, t.as_str()).await;
+                        handle_text(&conn, &work, &mut who, &mut tasks, &mut requests_held, &permits, t.as_str()).await;
                     }
                     Message::Binary(_) => {
                         let e = ApiError::bad_request("binary_not_supported", "raftchat carries text only: send JSON text frames");
@@ -188,8 +205,13 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
                 if close_asked.is_none() && revocation_checked.elapsed() >= revocation_every {
                     revocation_checked = Instant::now();
                     if let Some(w) = who.clone() {
-                        let check = tokio::time::timeout(Duration::from_secs(2), node.token_revoked(&w)).await;
-                        if matches!(check, Ok(Ok(true))) {
+                        let n = node.clone();
+                        let check = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            on_node(&work, async move { n.token_revoked(&w).await }),
+                        )
+                        .await;
+                        if let (Ok(Some(Ok(true))), Some(w)) = (check, who.as_ref()) {
                             conn.error(None, &super::super::ops::token_revoked()).await;
                             conn.close(close::UNAUTHORIZED, "token_revoked: log in again");
                             close_asked.get_or_insert_with(Instant::now);
@@ -243,6 +265,7 @@ pub async fn run(node: Arc<Node>, socket: WebSocket, mut who: Option<Principal>,
 
 async fn handle_text(
     conn: &Conn,
+    work: &Handle,
     who: &mut Option<Principal>,
     tasks: &mut JoinSet<bool>,
     requests_held: &mut i64,
@@ -258,7 +281,13 @@ async fn handle_text(
             // A fresh token for the same user extends the connection past the old one's expiry.
             let verified = conn.node.keys.verify(&token).map_err(ApiError::from);
             let verified = match verified {
-                Ok(p) if conn.node.token_revoked(&p).await.unwrap_or(false) => Err(super::super::ops::token_revoked()),
+                Ok(p) => {
+                    let (node, q) = (conn.node.clone(), p.clone());
+                    match on_node(work, async move { node.token_revoked(&q).await }).await {
+                        Some(Ok(true)) => Err(super::super::ops::token_revoked()),
+                        _ => Ok(p),
+                    }
+                }
                 other => other,
             };
             return match verified {
@@ -284,14 +313,24 @@ async fn handle_text(
                 return conn.close(close::INVALID_CURSOR, "invalid cursor");
             }
         };
-        match ops::authenticate(&conn.node, Some(&format!("Bearer {token}"))).await {
+        let node = conn.node.clone();
+        let authenticated =
+            on_node(work, async move { ops::authenticate(&node, Some(&format!("Bearer {token}"))).await })
+                .await
+                .unwrap_or_else(|| {
+                    Err(ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again"))
+                });
+        match authenticated {
             Ok(p) => {
                 conn.send(protocol::reply("authenticated", id, json!({ "user": p.user, "exp": p.exp }))).await;
                 let (c, u) = (conn.clone(), p.user.clone());
-                tasks.spawn(async move {
-                    super::push::run(c, u, cursor).await;
-                    false
-                });
+                tasks.spawn_on(
+                    async move {
+                        super::push::run(c, u, cursor).await;
+                        false
+                    },
+                    work,
+                );
                 *who = Some(p);
             }
             Err(e) => {
@@ -313,55 +352,77 @@ async fn handle_text(
         );
         return conn.error(frame_id(&frame), &e).await;
     };
+    // Node-wide admission, here on the reader, so that a refusal does not wait for the node.
+    let mut admitted = None;
+    if matches!(frame, ClientFrame::Send { .. }) {
+        // The user's rate is looked at here too (the request task takes the token), so that
+        // one user's flood cannot hold the node's permits.
+        if let Err(wait) = conn.node.send_rate.check(&p.user) {
+            conn.node.metrics.count_request("ws", "send", "rate_limited");
+            return conn.error(frame_id(&frame), &ops::user_rate_limited(&conn.node, &p.user, wait)).await;
+        }
+        match conn.node.admission.try_acquire() {
+            Some(p) => admitted = Some(p),
+            None => {
+                conn.node.metrics.count_request("ws", "send", "overloaded");
+                return conn.error(frame_id(&frame), &ops::node_overloaded(&conn.node)).await;
+            }
+        }
+    }
     let conn = conn.clone();
     conn.node.metrics.ws_request_tasks.inc();
     *requests_held += 1;
-    tasks.spawn(async move {
-        let _permit = permit;
-        let id = frame_id(&frame);
-        let node = &conn.node;
-        let op = match &frame {
-            ClientFrame::Send { .. } => "send",
-            ClientFrame::History { .. } => "history",
-            ClientFrame::Conversations { .. } => "conversations",
-            ClientFrame::MarkRead { .. } => "mark_read",
-            ClientFrame::Ack { .. } => "ack",
-            ClientFrame::Auth { .. } => "auth",
-        };
-        let text = match frame {
-            ClientFrame::Send { id, to, client_msg_id, text } => {
-                ops::send(node, &p, ops::SendRequest { to, client_msg_id, text }, None)
+    tasks.spawn_on(
+        async move {
+            let _permit = permit;
+            let id = frame_id(&frame);
+            let node = &conn.node;
+            let op = match &frame {
+                ClientFrame::Send { .. } => "send",
+                ClientFrame::History { .. } => "history",
+                ClientFrame::Conversations { .. } => "conversations",
+                ClientFrame::MarkRead { .. } => "mark_read",
+                ClientFrame::Ack { .. } => "ack",
+                ClientFrame::Auth { .. } => "auth",
+            };
+            let text = match frame {
+                ClientFrame::Send { id, to, client_msg_id, text } => {
+                    ops::send(node, &p, ops::SendRequest { to, client_msg_id, text }, admitted)
+                        .await
+                        .map(|r| protocol::reply("sent", id, r))
+                }
+                ClientFrame::History { id, conversation_id, before, after, limit } => {
+                    ops::history(node, &p, &conversation_id, before, after, limit)
+                        .await
+                        .map(|r| protocol::reply("history", id, r))
+                }
+                ClientFrame::Conversations { id, limit, cursor } => {
+                    ops::conversations(node, &p, limit, cursor.as_deref())
+                        .await
+                        .map(|r| protocol::reply("conversations", id, r))
+                }
+                ClientFrame::MarkRead { id, conversation_id, seq } => {
+                    ops::mark_read(node, &p, &conversation_id, seq).await.map(|r| protocol::reply("marked_read", id, r))
+                }
+                ClientFrame::Ack { id, conversation_id, seq } => ops::ack_delivered(node, &p, &conversation_id, seq)
                     .await
-                    .map(|r| protocol::reply("sent", id, r))
+                    .map(|()| protocol::reply("acked", id, json!({ "conversation_id": conversation_id, "seq": seq }))),
+                ClientFrame::Auth { .. } => unreachable!("handled above"),
+            };
+            match text {
+                Ok(t) => {
+                    node.metrics.count_request("ws", op, "ok");
+                    conn.send(t).await;
+                }
+                Err(e) => {
+                    node.metrics.count_request("ws", op, e.code);
+                    conn.error(id, &e).await
+                }
             }
-            ClientFrame::History { id, conversation_id, before, after, limit } => {
-                ops::history(node, &p, &conversation_id, before, after, limit)
-                    .await
-                    .map(|r| protocol::reply("history", id, r))
-            }
-            ClientFrame::Conversations { id, limit, cursor } => ops::conversations(node, &p, limit, cursor.as_deref())
-                .await
-                .map(|r| protocol::reply("conversations", id, r)),
-            ClientFrame::MarkRead { id, conversation_id, seq } => {
-                ops::mark_read(node, &p, &conversation_id, seq).await.map(|r| protocol::reply("marked_read", id, r))
-            }
-            ClientFrame::Ack { id, conversation_id, seq } => ops::ack_delivered(node, &p, &conversation_id, seq)
-                .await
-                .map(|()| protocol::reply("acked", id, json!({ "conversation_id": conversation_id, "seq": seq }))),
-            ClientFrame::Auth { .. } => unreachable!("handled above"),
-        };
-        match text {
-            Ok(t) => {
-                node.metrics.count_request("ws", op, "ok");
-                conn.send(t).await;
-            }
-            Err(e) => {
-                node.metrics.count_request("ws", op, e.code);
-                conn.error(id, &e).await
-            }
-        }
-        true
-    });
+            true
+        },
+        work,
+    );
 }
 
 fn frame_id(f: &ClientFrame) -> Option<Value> {
