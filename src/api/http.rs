@@ -142,8 +142,8 @@ enum FrontVerdict {
 /// `header_read_timeout_ms`); a user with no send left in their rate is answered `429
 /// rate_limited` there; then the send takes its admission permit, or is answered `503
 /// overloaded` on the spot. The permit goes with the request to its handler, so nothing can
-/// take it in between, and the adaptive limit measures the send from there (time queued
-/// for the node's runtime counts). Any other request, and a send without a valid token or a
+/// take it in between; the adaptive limit times the send from when its handler starts, as
+/// before. Any other request, and a send without a valid token or a
 /// length, runs on the node's runtime as before (a send then takes its permit there).
 pub fn front_gate(node: Arc<Node>) -> Gate {
     Arc::new(move |req: axum::http::Request<hyper::body::Incoming>| {

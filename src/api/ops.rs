@@ -189,9 +189,10 @@ pub async fn send(
         return Err(user_rate_limited(node, &who.user, wait));
     }
     // Node-wide admission: refuse at once rather than queue without bound.
-    let Some(permit) = admitted.or_else(|| node.admission.try_acquire()) else {
+    let Some(mut permit) = admitted.or_else(|| node.admission.try_acquire()) else {
         return Err(node_overloaded(node));
     };
+    permit.start_now();
     let res = send_admitted(node, who, req, to, conversation).await;
     permit.finish(matches!(&res, Err(e) if e.code == "timeout"));
     res

@@ -82,6 +82,14 @@ impl Limiter {
 }
 
 impl Permit {
+    /// Starts the send's clock again: a permit taken on the listener's front runtime
+    /// (`api::listener`) is timed from when the node starts on the send, as one taken there
+    /// is, so that the limit keeps measuring the node's service time, not the queue in
+    /// front of its runtime.
+    pub fn start_now(&mut self) {
+        self.start = Instant::now();
+    }
+
     /// Reports the send's outcome: `timed_out` for a send that hit its deadline.
     pub fn finish(self, timed_out: bool) {
         let took = self.start.elapsed();
