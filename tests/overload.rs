@@ -220,6 +220,9 @@ async fn a_send_whose_body_never_arrives_holds_no_permit_and_gets_a_clear_error(
         c.token("alice")
     );
     sock.write_all(head.as_bytes()).await.unwrap();
+    // Give the node the time to read the head and start on the body (an aid to ordering, not
+    // a bound: were the permit taken before the body, the send below would be refused).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // Meanwhile another send is admitted and stored.
     c.send_ok(0, "alice", "bob", "whole", "arrives whole").await;
 

@@ -139,11 +139,11 @@ enum FrontVerdict {
 /// runtime, which is what is busy when the node is overloaded. For `POST /v1/messages` with
 /// a token whose signature and expiry check out (revocation is checked later, on the node's
 /// runtime) and a `Content-Length` within `max_body_bytes`: the body is read there (within
-/// `header_read_timeout_ms`); a user with no send left in their rate is answered `429
-/// rate_limited` there; then the send takes its admission permit, or is answered `503
-/// overloaded` on the spot. The permit goes with the request to its handler, so nothing can
-/// take it in between; the adaptive limit times the send from when its handler starts, as
-/// before. Any other request, and a send without a valid token or a
+/// `header_read_timeout_ms`); the send takes its user's send-rate token (or is answered `429
+/// rate_limited` there), then its admission permit, or is answered `503 overloaded` on the
+/// spot. The permit goes with the request to its handler, so nothing can take it in
+/// between; the adaptive limit times the send from when its handler starts (authentication
+/// included). Any other request, and a send without a valid token or a
 /// length, runs on the node's runtime as before (a send then takes its permit there).
 pub fn front_gate(node: Arc<Node>) -> Gate {
     Arc::new(move |req: axum::http::Request<hyper::body::Incoming>| {
@@ -156,9 +156,11 @@ pub fn front_gate(node: Arc<Node>) -> Gate {
                 .get(axum::http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok());
-            let who = match node.keys.verify_header(auth_header(req.headers())) {
-                Ok(who) if is_send && length.is_some_and(|n| n <= limit) => who,
-                _ => return (Place::Node, req.map(axum::body::Body::new)),
+            if !is_send || length.is_none_or(|n| n > limit) {
+                return (Place::Node, req.map(axum::body::Body::new));
+            }
+            let Ok(who) = node.keys.verify_header(auth_header(req.headers())) else {
+                return (Place::Node, req.map(axum::body::Body::new));
             };
             let (parts, body) = req.into_parts();
             let wait = std::time::Duration::from_millis(node.cfg.header_read_timeout_ms);
@@ -169,8 +171,9 @@ pub fn front_gate(node: Arc<Node>) -> Gate {
                 return (Place::Front, req);
             };
             let mut req = axum::http::Request::from_parts(parts, axum::body::Body::from(bytes));
-            // Looked at, not taken: the handler takes the user's token as before.
-            if let Err(wait) = node.send_rate.check(&who.user) {
+            // The user's token is taken here with the permit (before any await), so one
+            // user's flood holds at most their burst of the node's permits.
+            if let Err(wait) = node.send_rate.take(&who.user) {
                 req.extensions_mut().insert(FrontVerdict::RateLimited(who.user, wait));
                 return (Place::Front, req);
             }
@@ -198,7 +201,13 @@ async fn send(
 ) -> Response {
     let admitted = match front {
         None => None,
-        Some(Extension(FrontVerdict::Admitted(p))) => p.lock().unwrap_or_else(|p| p.into_inner()).take(),
+        Some(Extension(FrontVerdict::Admitted(p))) => {
+            let mut permit = p.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(p) = permit.as_mut() {
+                p.start_now();
+            }
+            permit
+        }
         Some(Extension(FrontVerdict::Overloaded)) => {
             return respond::<ops::SendResponse>(&node, "send", Err(ops::node_overloaded(&node)))
         }

@@ -340,6 +340,15 @@ pub async fn serve(
                 let mut handling = Handling(node_rt.spawn(answer));
                 match (&mut handling.0).await {
                     Ok(r) => r,
+                    // The node's runtime is shutting down under the request.
+                    Err(e) if e.is_cancelled() => {
+                        tracing::debug!("a request's handler was cancelled");
+                        Ok(axum::response::IntoResponse::into_response(super::ApiError::new(
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "unavailable",
+                            "the node is stopping; retry on another node",
+                        )))
+                    }
                     Err(e) => {
                         tracing::error!(cause = %e, "a request's handler failed");
                         Ok(axum::response::IntoResponse::into_response(super::ApiError::new(

@@ -172,9 +172,10 @@ pub fn node_overloaded(node: &Node) -> ApiError {
     )
 }
 
-/// A send. `admitted` is the node-wide admission permit when the caller already took one
-/// (the HTTP listener's front runtime does, `api::http::front_gate`); otherwise one is taken
-/// here, or the send is refused with `503 overloaded`.
+/// A send. `admitted` is the node-wide admission permit when the caller already took it,
+/// and with it the user's send-rate token (the HTTP listener's front runtime does,
+/// `api::http::front_gate`, and so does a WebSocket session's reader); otherwise both are
+/// taken here, or the send is refused with `429 rate_limited` or `503 overloaded`.
 pub async fn send(
     node: &Arc<Node>,
     who: &Principal,
@@ -185,14 +186,15 @@ pub async fn send(
     validate_client_msg_id(&req.client_msg_id)?;
     validate_text(&req.text, node.cfg.max_text_bytes)?;
     let conversation = ConversationId::between(&who.user, &to)?;
-    if let Err(wait) = node.send_rate.take(&who.user) {
-        return Err(user_rate_limited(node, &who.user, wait));
+    if admitted.is_none() {
+        if let Err(wait) = node.send_rate.take(&who.user) {
+            return Err(user_rate_limited(node, &who.user, wait));
+        }
     }
     // Node-wide admission: refuse at once rather than queue without bound.
-    let Some(mut permit) = admitted.or_else(|| node.admission.try_acquire()) else {
+    let Some(permit) = admitted.or_else(|| node.admission.try_acquire()) else {
         return Err(node_overloaded(node));
     };
-    permit.start_now();
     let res = send_admitted(node, who, req, to, conversation).await;
     permit.finish(matches!(&res, Err(e) if e.code == "timeout"));
     res

@@ -355,9 +355,9 @@ async fn handle_text(
     // Node-wide admission, here on the reader, so that a refusal does not wait for the node.
     let mut admitted = None;
     if matches!(frame, ClientFrame::Send { .. }) {
-        // The user's rate is looked at here too (the request task takes the token), so that
-        // one user's flood cannot hold the node's permits.
-        if let Err(wait) = conn.node.send_rate.check(&p.user) {
+        // The user's token is taken here with the permit, so that one user's flood holds at
+        // most their burst of the node's permits.
+        if let Err(wait) = conn.node.send_rate.take(&p.user) {
             conn.node.metrics.count_request("ws", "send", "rate_limited");
             return conn.error(frame_id(&frame), &ops::user_rate_limited(&conn.node, &p.user, wait)).await;
         }
@@ -375,6 +375,10 @@ async fn handle_text(
     tasks.spawn_on(
         async move {
             let _permit = permit;
+            // The node's admission limit times the send from here, where the node starts on it.
+            if let Some(p) = admitted.as_mut() {
+                p.start_now();
+            }
             let id = frame_id(&frame);
             let node = &conn.node;
             let op = match &frame {
