@@ -130,16 +130,7 @@ async fn a_websocket_burst_gets_overloaded_error_frames() {
 /// then. Afterwards the stalled send completes and the refused one can be retried.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_send_past_the_limit_is_refused_while_the_node_runtime_is_stalled() {
-    fn one_at_a_time(c: &mut raftchat::config::Config) {
-        c.node_max_inflight_sends = 1;
-    }
-    let env = vec![
-        (0, "RAFTCHAT_FAULT".to_string(), "stall-runtime".to_string()),
-        (0, "TOKIO_WORKER_THREADS".to_string(), "1".to_string()),
-    ];
-    let c = start_with_env(1, one_at_a_time, env).await;
-    c.register(0, "bob").await;
-    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+    let c = stallable_node().await;
 
     let (http, url, token) = (c.http.clone(), format!("{}/v1/messages", c.url(0)), c.token("alice"));
     let stalled = {
@@ -156,14 +147,7 @@ async fn a_send_past_the_limit_is_refused_while_the_node_runtime_is_stalled() {
         })
     };
     // The stall has begun once the node says so in its log.
-    let log = c.dir.join("node1.log");
-    eventually(Duration::from_secs(20), "the stall to begin", || {
-        let log = log.clone();
-        async move {
-            std::fs::read_to_string(&log).ok().filter(|t| t.contains("fault injection: blocking this runtime thread"))
-        }
-    })
-    .await;
+    stall_begun(&c).await;
 
     let refused = tokio::time::timeout(
         Duration::from_secs(20),
@@ -256,30 +240,14 @@ async fn a_send_whose_body_never_arrives_holds_no_permit_and_gets_a_clear_error(
 /// `retry_after_ms` before the stall is released; then the stalled send is acknowledged.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_websocket_send_past_the_limit_gets_its_error_frame_while_the_node_runtime_is_stalled() {
-    fn one_at_a_time(c: &mut raftchat::config::Config) {
-        c.node_max_inflight_sends = 1;
-    }
-    let env = vec![
-        (0, "RAFTCHAT_FAULT".to_string(), "stall-runtime".to_string()),
-        (0, "TOKIO_WORKER_THREADS".to_string(), "1".to_string()),
-    ];
-    let c = start_with_env(1, one_at_a_time, env).await;
-    c.register(0, "bob").await;
-    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+    let c = stallable_node().await;
     let mut first = Ws::connect(&c.url(0), Some(&c.token("alice")), None).await.unwrap();
     let mut second = Ws::connect(&c.url(0), Some(&c.token("alice")), None).await.unwrap();
 
     first
         .send(json!({"type": "send", "id": "s1", "to": "bob", "client_msg_id": "stalled", "text": "[stall-runtime] wait"}))
         .await;
-    let log = c.dir.join("node1.log");
-    eventually(Duration::from_secs(20), "the stall to begin", || {
-        let log = log.clone();
-        async move {
-            std::fs::read_to_string(&log).ok().filter(|t| t.contains("fault injection: blocking this runtime thread"))
-        }
-    })
-    .await;
+    stall_begun(&c).await;
 
     second
         .send(json!({"type": "send", "id": "s2", "to": "bob", "client_msg_id": "second", "text": "while stalled"}))
@@ -299,4 +267,32 @@ async fn a_websocket_send_past_the_limit_gets_its_error_frame_while_the_node_run
     let h: HistoryResponse = c.full_history(0, "bob", "alice~bob").await;
     let ids: Vec<&str> = h.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
     assert_eq!(ids, ["warm-up", "stalled", "second"]);
+}
+
+/// One node with one worker thread, admitting one send at a time, run with
+/// `RAFTCHAT_FAULT=stall-runtime`; alice and bob have a conversation.
+async fn stallable_node() -> TestCluster {
+    fn one_at_a_time(c: &mut raftchat::config::Config) {
+        c.node_max_inflight_sends = 1;
+    }
+    let env = vec![
+        (0, "RAFTCHAT_FAULT".to_string(), "stall-runtime".to_string()),
+        (0, "TOKIO_WORKER_THREADS".to_string(), "1".to_string()),
+    ];
+    let c = start_with_env(1, one_at_a_time, env).await;
+    c.register(0, "bob").await;
+    c.send_ok(0, "alice", "bob", "warm-up", "hello").await;
+    c
+}
+
+/// Waits until the node says in its log that a send has stalled its runtime.
+async fn stall_begun(c: &TestCluster) {
+    let log = c.dir.join("node1.log");
+    eventually(Duration::from_secs(20), "the stall to begin", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log).ok().filter(|t| t.contains("fault injection: blocking this runtime thread"))
+        }
+    })
+    .await;
 }

@@ -280,7 +280,7 @@ impl Drop for Handling {
 /// Serves `app` on `listener` under `limits` until `stop` completes, then lets open
 /// connections finish. Requests run on `node_rt` unless `gate` places them on this runtime.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
