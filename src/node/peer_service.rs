@@ -158,7 +158,17 @@ impl pb::peer_server::Peer for PeerService {
                 }
             }
         });
+        // Coalescing: the first answer found makes the stream yield once (wake itself and
+        // say pending), so that answers finishing in the tasks already runnable leave in
+        // the same message (see `raft::pipe`).
+        let mut yielded = false;
         let out = futures::stream::poll_fn(move |cx| {
+            if !yielded && !rx.is_empty() {
+                yielded = true;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            yielded = false;
             let mut frames = Vec::new();
             loop {
                 match rx.poll_recv(cx) {
