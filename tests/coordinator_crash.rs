@@ -59,3 +59,41 @@ async fn coordinator_killed_between_message_and_index_updates_converges() {
     c.spawn(coordinator).unwrap();
     c.wait_ready(coordinator, READY).await.unwrap();
 }
+
+/// A graceful stop confirms the outbox entries of the sends it acknowledged last before it
+/// hands its leaderships off, so the conversation shard's next leader finds nothing to
+/// re-drive. `slow-confirm` stretches the confirmer's gathering window to 30 s, so only
+/// that flush can confirm them before the node is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_confirms_its_last_sends_so_nothing_is_re_driven() {
+    let fault = |i| (i, "RAFTCHAT_FAULT".to_string(), "slow-confirm".to_string());
+    let mut c = start_with_env(3, |_| {}, vec![fault(0), fault(1), fault(2)]).await;
+    c.register(0, "bob").await;
+    c.send_ok(0, "alice", "bob", "m1", "first").await;
+    let conv = ConversationId::between(&UserId::parse("alice").unwrap(), &UserId::parse("bob").unwrap()).unwrap();
+    let shard = Placement::new(8, vec![1, 2, 3]).shard_of_conversation(&conv);
+    let coordinator = c.leader_of(shard).await.unwrap();
+    for n in 2..=4 {
+        let r = c.send_ok(coordinator, "alice", "bob", &format!("m{n}"), "just before the stop").await;
+        assert_eq!((r.seq, r.duplicate), (n, false));
+    }
+    let status = c.stop(coordinator, Duration::from_secs(30)).expect("graceful stop");
+    assert!(status.success(), "the coordinator stopped cleanly: {status:?}");
+
+    // Three re-drive rounds of the shard's next leader: an entry still pending would have
+    // been re-driven by now.
+    let other = c.other_than(&[coordinator]);
+    let h = c.full_history(other, "bob", "alice~bob").await;
+    assert_eq!(h.messages.len(), 4);
+    tokio::time::sleep(raftchat::node::send::REDRIVE_EVERY * 3).await;
+    let mut redriven = 0.0;
+    for i in 0..3 {
+        if c.is_running(i) {
+            redriven += c.metric(i, "raftchat_outbox_redriven_total").await;
+        }
+    }
+    assert_eq!(redriven, 0.0, "the next leader re-drove sends the stopped node had acknowledged\n{}", c.log_tails(40));
+    let row =
+        c.conversations_ok(other, "bob").await.conversations.into_iter().find(|x| x.conversation_id == "alice~bob");
+    assert_eq!(row.map(|r| r.last_seq), Some(4));
+}
