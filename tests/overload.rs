@@ -296,3 +296,56 @@ async fn stall_begun(c: &TestCluster) {
     })
     .await;
 }
+
+/// A node already at its admission limit refuses a send before checking its token (the
+/// cheapest refusal): even a send with a token that is not one gets `503 overloaded` at once
+/// while the node's runtime is stalled, where a token check failing would have sent it to
+/// the stalled runtime for its 401.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_arriving_while_the_node_is_full_is_refused_before_its_token_is_checked() {
+    let c = stallable_node().await;
+    let (http, url, token) = (c.http.clone(), format!("{}/v1/messages", c.url(0)), c.token("alice"));
+    let stalled = {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"to": "bob", "client_msg_id": "stalled", "text": "[stall-runtime] wait"}))
+                .send()
+                .await
+                .expect("the node answers the stalled send");
+            r.status().as_u16()
+        })
+    };
+    stall_begun(&c).await;
+
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        http.post(url.clone())
+            .bearer_auth("not-a-token")
+            .json(&json!({"to": "bob", "client_msg_id": "forged", "text": "while full"}))
+            .send(),
+    )
+    .await
+    .expect("a send arriving while the node is full is answered before its token is checked")
+    .expect("an answer");
+    assert_eq!(refused.status().as_u16(), 503);
+    let body: serde_json::Value = refused.json().await.expect("JSON body");
+    assert_eq!(body["code"], "overloaded", "{body}");
+
+    std::fs::write(c.dir.join("node1").join(raftchat::api::ops::STALL_RELEASE), b"").unwrap();
+    assert_eq!(stalled.await.unwrap(), 200, "the stalled send completes once released");
+    // With room again, the same bad token gets its 401.
+    let r = http
+        .post(url)
+        .bearer_auth("not-a-token")
+        .json(&json!({"to": "bob", "client_msg_id": "forged", "text": "with room"}))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(r.status().as_u16(), 401);
+    let h: HistoryResponse = c.full_history(0, "bob", "alice~bob").await;
+    let ids: Vec<&str> = h.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(ids, ["warm-up", "stalled"]);
+}

@@ -53,6 +53,12 @@ impl Limiter {
         self.inflight.load(Ordering::Acquire)
     }
 
+    /// True while `limit` sends or more are in flight: a send arriving now would be refused
+    /// (a look, not a reservation; [`Limiter::try_acquire`] decides).
+    pub fn is_full(&self) -> bool {
+        self.inflight() >= self.limit()
+    }
+
     /// A permit if fewer than `limit` sends are in flight.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let limit = self.limit();
