@@ -16,9 +16,7 @@ async fn coordinator_killed_between_message_and_index_updates_converges() {
     let mut c = start_with_env(3, |_| {}, vec![fault(0), fault(1), fault(2)]).await;
     c.register(0, "bob").await;
     c.send_ok(0, "alice", "bob", "m1", "before the crash").await;
-    let conv = ConversationId::between(&UserId::parse("alice").unwrap(), &UserId::parse("bob").unwrap()).unwrap();
-    let shard = Placement::new(8, vec![1, 2, 3]).shard_of_conversation(&conv);
-    let coordinator = c.leader_of(shard).await.unwrap();
+    let coordinator = alice_and_bobs_coordinator(&c).await;
 
     // Sent straight to the coordinator, so no forwarding node retries on the client's behalf.
     let r = c.send(coordinator, "alice", "bob", "m2", "boom [crash-after-append]").await;
@@ -70,9 +68,7 @@ async fn a_graceful_stop_confirms_its_last_sends_so_nothing_is_re_driven() {
     let mut c = start_with_env(3, |_| {}, vec![fault(0), fault(1), fault(2)]).await;
     c.register(0, "bob").await;
     c.send_ok(0, "alice", "bob", "m1", "first").await;
-    let conv = ConversationId::between(&UserId::parse("alice").unwrap(), &UserId::parse("bob").unwrap()).unwrap();
-    let shard = Placement::new(8, vec![1, 2, 3]).shard_of_conversation(&conv);
-    let coordinator = c.leader_of(shard).await.unwrap();
+    let coordinator = alice_and_bobs_coordinator(&c).await;
     for n in 2..=4 {
         let r = c.send_ok(coordinator, "alice", "bob", &format!("m{n}"), "just before the stop").await;
         assert_eq!((r.seq, r.duplicate), (n, false));
@@ -96,4 +92,11 @@ async fn a_graceful_stop_confirms_its_last_sends_so_nothing_is_re_driven() {
     let row =
         c.conversations_ok(other, "bob").await.conversations.into_iter().find(|x| x.conversation_id == "alice~bob");
     assert_eq!(row.map(|r| r.last_seq), Some(4));
+}
+
+/// The node leading alice~bob's conversation shard: the one that coordinates its sends.
+async fn alice_and_bobs_coordinator(c: &TestCluster) -> usize {
+    let conv = ConversationId::between(&UserId::parse("alice").unwrap(), &UserId::parse("bob").unwrap()).unwrap();
+    let shard = Placement::new(8, vec![1, 2, 3]).shard_of_conversation(&conv);
+    c.leader_of(shard).await.unwrap()
 }

@@ -133,21 +133,7 @@ async fn a_send_past_the_limit_is_refused_while_the_node_runtime_is_stalled() {
     let c = stallable_node().await;
 
     let (http, url, token) = (c.http.clone(), format!("{}/v1/messages", c.url(0)), c.token("alice"));
-    let stalled = {
-        let (http, url, token) = (http.clone(), url.clone(), token.clone());
-        tokio::spawn(async move {
-            let r = http
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"to": "bob", "client_msg_id": "stalled", "text": "[stall-runtime] wait"}))
-                .send()
-                .await
-                .expect("the node answers the stalled send");
-            r.status().as_u16()
-        })
-    };
-    // The stall has begun once the node says so in its log.
-    stall_begun(&c).await;
+    let stalled = stall_over_http(&c).await;
 
     let refused = tokio::time::timeout(
         Duration::from_secs(20),
@@ -172,7 +158,7 @@ async fn a_send_past_the_limit_is_refused_while_the_node_runtime_is_stalled() {
     assert_eq!(body["code"], "overloaded", "{body}");
     assert!(!stalled.is_finished(), "the stalled send was still held when the refusal came");
 
-    std::fs::write(c.dir.join("node1").join(raftchat::api::ops::STALL_RELEASE), b"").unwrap();
+    release_stall(&c);
     assert_eq!(stalled.await.unwrap(), 200, "the stalled send completes once released");
     let r = c.send_ok(0, "alice", "bob", "second", "retried after 503").await;
     assert!(!r.duplicate, "nothing of the refused send was written");
@@ -258,7 +244,7 @@ async fn a_websocket_send_past_the_limit_gets_its_error_frame_while_the_node_run
     assert_eq!(v["id"], "s2", "{v}");
     assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}");
 
-    std::fs::write(c.dir.join("node1").join(raftchat::api::ops::STALL_RELEASE), b"").unwrap();
+    release_stall(&c);
     let v = first.reply(Duration::from_secs(30)).await;
     assert_eq!(v["type"], "sent", "{v}");
     second.send(json!({"type": "send", "id": "s3", "to": "bob", "client_msg_id": "second", "text": "retried"})).await;
@@ -285,6 +271,29 @@ async fn stallable_node() -> TestCluster {
     c
 }
 
+/// Sends, over HTTP, a send that stalls the node's runtime once admitted, and waits until
+/// the stall has begun; the task answers the send's status once the stall is released.
+async fn stall_over_http(c: &TestCluster) -> tokio::task::JoinHandle<u16> {
+    let (http, url, token) = (c.http.clone(), format!("{}/v1/messages", c.url(0)), c.token("alice"));
+    let stalled = tokio::spawn(async move {
+        let r = http
+            .post(url)
+            .bearer_auth(token)
+            .json(&json!({"to": "bob", "client_msg_id": "stalled", "text": "[stall-runtime] wait"}))
+            .send()
+            .await
+            .expect("the node answers the stalled send");
+        r.status().as_u16()
+    });
+    stall_begun(c).await;
+    stalled
+}
+
+/// Lets the stalled send go on.
+fn release_stall(c: &TestCluster) {
+    std::fs::write(c.dir.join("node1").join(raftchat::api::ops::STALL_RELEASE), b"").unwrap();
+}
+
 /// Waits until the node says in its log that a send has stalled its runtime.
 async fn stall_begun(c: &TestCluster) {
     let log = c.dir.join("node1.log");
@@ -304,21 +313,8 @@ async fn stall_begun(c: &TestCluster) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_send_arriving_while_the_node_is_full_is_refused_before_its_token_is_checked() {
     let c = stallable_node().await;
-    let (http, url, token) = (c.http.clone(), format!("{}/v1/messages", c.url(0)), c.token("alice"));
-    let stalled = {
-        let (http, url, token) = (http.clone(), url.clone(), token.clone());
-        tokio::spawn(async move {
-            let r = http
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"to": "bob", "client_msg_id": "stalled", "text": "[stall-runtime] wait"}))
-                .send()
-                .await
-                .expect("the node answers the stalled send");
-            r.status().as_u16()
-        })
-    };
-    stall_begun(&c).await;
+    let (http, url) = (c.http.clone(), format!("{}/v1/messages", c.url(0)));
+    let stalled = stall_over_http(&c).await;
 
     let refused = tokio::time::timeout(
         Duration::from_secs(20),
@@ -334,7 +330,7 @@ async fn a_send_arriving_while_the_node_is_full_is_refused_before_its_token_is_c
     let body: serde_json::Value = refused.json().await.expect("JSON body");
     assert_eq!(body["code"], "overloaded", "{body}");
 
-    std::fs::write(c.dir.join("node1").join(raftchat::api::ops::STALL_RELEASE), b"").unwrap();
+    release_stall(&c);
     assert_eq!(stalled.await.unwrap(), 200, "the stalled send completes once released");
     // With room again, the same bad token gets its 401.
     let r = http

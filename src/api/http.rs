@@ -139,8 +139,9 @@ enum FrontVerdict {
 /// runtime, which is what is busy when the node is overloaded. While the node is at its
 /// limit, a `POST /v1/messages` with a `Content-Length` within `max_body_bytes` is answered
 /// `503 overloaded` after its body is read, before its token is looked at. Otherwise, for
-/// `POST /v1/messages` with a token whose signature and expiry check out (revocation is checked later, on the node's
-/// runtime) and a `Content-Length` within `max_body_bytes`: the body is read there (within
+/// `POST /v1/messages` with a token whose signature and expiry check out (revocation is
+/// checked later, on the node's runtime) and a `Content-Length` within `max_body_bytes`:
+/// the body is read there (within
 /// `header_read_timeout_ms`); the send takes its user's send-rate token (or is answered `429
 /// rate_limited` there), then its admission permit, or is answered `503 overloaded` on the
 /// spot. The permit goes with the request to its handler, so nothing can take it in
@@ -217,11 +218,10 @@ async fn send(
     let admitted = match front {
         None => None,
         Some(Extension(FrontVerdict::Admitted(p))) => {
-            let mut permit = p.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(p) = permit.as_mut() {
+            p.lock().unwrap_or_else(|p| p.into_inner()).take().map(|mut p| {
                 p.start_now();
-            }
-            permit
+                p
+            })
         }
         Some(Extension(FrontVerdict::Overloaded)) => {
             return respond::<ops::SendResponse>(&node, "send", Err(ops::node_overloaded(&node)))
